@@ -1,0 +1,40 @@
+"""What train.py and eval.py share: error reporting, run naming, and writing result tables."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+from epi.errors import UserError
+from epi.evaluate import format_table
+
+
+def exit_on_user_error(fn: Callable) -> Callable:
+    """A `UserError` becomes one line on stderr and exit code 2; anything else keeps its traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper
+
+
+def run_name(overrides: list[str], drop: tuple[str, ...] = ()) -> str:
+    """Readable W&B name from the command-line overrides, e.g. "strategy=epi,seed=1"."""
+    keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in drop]
+    return ",".join(keep) or "default"
+
+
+def write_results(out_dir: Path, split: str, results: dict[str, dict[str, float]], title: str) -> str:
+    """Writes eval_<split>.json and .md next to each other; returns the markdown table."""
+    table = format_table(results, title)
+    (out_dir / f"eval_{split}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / f"eval_{split}.md").write_text(table + "\n")
+    return table

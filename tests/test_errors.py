@@ -1,0 +1,71 @@
+"""Bad input: one readable message naming the key and the fix, a non-zero exit, nothing lost."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from epi import checkpoint
+from epi.config import validate
+from epi.data.load import known_tasks
+from epi.errors import UserError
+from epi.models import build_model
+from tests.conftest import TINY, make_cfg, run_script
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("schedule.lr=-1", "schedule.lr=-1"),
+        ("schedule.steps=0", "schedule.steps=0"),
+        ("schedule.decay=exp", "schedule.decay='exp'"),
+        ("schedule.clip_norm=-2", "schedule.clip_norm=-2"),
+        ("data.tasks=[math,poetry]", "unknown task 'poetry'"),
+        ("data.tasks=[]", "data.tasks=[]"),
+        ("+data.weights.math=-1", "data.weights.math=-1"),
+        ("eval.split=dev", "eval.split='dev'"),
+        ("logger.mode=sometimes", "logger.mode='sometimes'"),
+    ],
+)
+def test_bad_config_value_names_the_key(override: str, needle: str) -> None:
+    cfg = make_cfg(override)
+    with pytest.raises(UserError, match=None) as err:
+        validate(cfg, known_tasks(cfg.data))
+    assert needle in str(err.value)
+
+
+def test_unknown_model_id_fails_fast_with_the_fix() -> None:
+    cfg = make_cfg("model=hf", "model.name_or_path=no-such-org/no-such-model")
+    with pytest.raises(UserError, match="not a local directory.*HF_HUB_OFFLINE=1.*model=smollm2_135m"):
+        build_model(cfg.model)
+
+
+def test_cli_exits_non_zero_with_one_line(tmp_path: Path) -> None:
+    proc = run_script("train.py", *TINY, "schedule.lr=-1", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: schedule.lr=-1: must be > 0")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_corrupt_checkpoint_is_reported_and_left_intact(tmp_path: Path) -> None:
+    bad = tmp_path / "old" / checkpoint.FILENAME
+    bad.parent.mkdir()
+    bad.write_bytes(b"not a checkpoint")
+    proc = run_script("train.py", *TINY, f"resume={bad.parent}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "is corrupt or unreadable" in proc.stderr and "left untouched" in proc.stderr
+    assert bad.read_bytes() == b"not a checkpoint"
+
+
+def test_missing_checkpoint_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="no checkpoint at"):
+        checkpoint.load(str(tmp_path))
+
+
+def test_unknown_strategy_key_is_named() -> None:
+    from epi.strategies import build_strategy
+
+    cfg = make_cfg("+strategy.omega=0.5")
+    with pytest.raises(UserError, match="strategy=none: .*omega"):
+        build_strategy(cfg.strategy)
