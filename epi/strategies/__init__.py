@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
@@ -16,7 +18,17 @@ def build_strategy(cfg: DictConfig) -> Strategy:
     target = params.pop("_target_")
     name = params.pop("name", target)
     cls = get_class(target)
-    try:
-        return cls(**params)
-    except TypeError as e:  # unknown or missing key
-        raise UserError(f"strategy={name}: {e}. Valid keys are those of conf/strategy/{name}.yaml.") from e
+    valid = _keys(cls)
+    unknown = sorted(set(params) - valid)
+    if unknown:
+        raise UserError(f"strategy={name}: unknown key(s) {unknown}; valid keys: {sorted(valid)}")
+    return cls(**params)
+
+
+def _keys(cls: type) -> set[str]:
+    """Constructor keywords along the class hierarchy (subclasses pass **kwargs up)."""
+    keys: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass):
+            keys |= {p.name for p in inspect.signature(klass.__init__).parameters.values() if p.kind == p.KEYWORD_ONLY or p.kind == p.POSITIONAL_OR_KEYWORD} - {"self"}
+    return keys

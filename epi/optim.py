@@ -1,0 +1,142 @@
+"""The masked optimizer step: isolated coordinates do not move, bit for bit.
+
+Zeroing a gradient does not freeze a weight under AdamW (decoupled weight
+decay and stale momentum still move it), so the wrapper holds the parameter
+VALUES: it copies the isolated values out before the inner step and writes
+them back after it. Gradients are only hidden so that frozen coordinates do
+not inflate the gradient-clipping norm.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from epi.masks import Masks, churn, pack, unpack
+
+MOMENT_POLICIES = ("track", "reset")
+# State entries that carry momentum, zeroed on release under "reset".
+_MOMENTUM_KEYS = ("exp_avg", "momentum_buffer")
+
+
+def clip_coefficient(total_norm: Tensor | float, max_norm: float) -> Tensor | float:
+    """The factor `torch.nn.utils.clip_grad_norm_` scaled the gradients by."""
+    coef = max_norm / (total_norm + 1e-6)
+    return coef.clamp(max=1.0) if isinstance(coef, Tensor) else min(coef, 1.0)
+
+
+class IsolatedOptimizer:
+    """Applies the inner optimizer's update only where the mask allows.
+
+    Per step: backward → `hide_isolated_grads()` → clip → `step(clip_coef)` →
+    `zero_grad()`. `moments` says what isolated coordinates' optimizer state does:
+    "track" keeps integrating their real (clipped) gradients, so a released
+    coordinate resumes exactly as if it had been training and AdamW's
+    exp_avg_sq stays a valid EMA of g² everywhere; "reset" feeds them zero
+    gradients and zeroes their momentum when they are released.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, named_params: dict[str, torch.nn.Parameter],
+                 moments: str = "track") -> None:
+        if moments not in MOMENT_POLICIES:
+            raise ValueError(f"moments={moments!r} is not valid; expected one of {list(MOMENT_POLICIES)}")
+        self.optimizer = optimizer
+        self.named_params = dict(named_params)
+        self.moments = moments
+        self.masks: Masks = {}
+        self._stash: dict[str, Tensor] = {}  # isolated grads, compact, between hide and step
+        self._hidden = False
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def set_masks(self, masks: Masks) -> dict[str, int]:
+        """Replace the isolation; returns churn counts.
+
+        Keeps references to the given tensors (no copy): do not modify them in
+        place afterwards. Call between steps, not between hide and step.
+        """
+        if self._hidden:
+            raise RuntimeError("set_masks between hide_isolated_grads and step would mismatch the stashed grads")
+        new: Masks = {}
+        for name, mask in masks.items():
+            if name not in self.named_params:
+                raise ValueError(f"mask for unknown parameter {name!r}")
+            param = self.named_params[name]
+            if mask.shape != param.shape:
+                raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, parameter {tuple(param.shape)}")
+            mask = mask.to(device=param.device, dtype=torch.bool)
+            if mask.any():
+                new[name] = mask
+        counts = churn(self.masks, new)
+        if self.moments == "reset":
+            for name, old in self.masks.items():
+                released = old & ~new[name] if name in new else old
+                self._zero_momentum(self.named_params[name], released)
+        self.masks = new
+        return counts
+
+    def _zero_momentum(self, param: torch.nn.Parameter, released: Tensor) -> None:
+        # Only the first moment is zeroed. Zeroing exp_avg_sq too would kick the
+        # coordinate: Adam's bias correction uses the per-tensor step count, so a
+        # fresh v = (1-β2)·g² is not corrected back up and the first update is
+        # lr·(1-β1)/sqrt(1-β2) ≈ 3.2·lr. The kept v is the (decayed) EMA of this
+        # coordinate's own g², which keeps the step size at ≲ lr.
+        state = self.optimizer.state.get(param, {})
+        for key in _MOMENTUM_KEYS:
+            value = state.get(key)
+            if isinstance(value, Tensor) and value.shape == param.shape:
+                value.masked_fill_(released, 0)
+
+    def hide_isolated_grads(self) -> None:
+        """Zero grads at isolated coordinates; call after backward, before clipping.
+
+        Under "track" a compact copy of them is kept for `step`. Idempotent
+        until the next `step`/`zero_grad`.
+        """
+        if self._hidden:
+            return
+        for name, mask in self.masks.items():
+            grad = self.named_params[name].grad
+            if grad is None:
+                continue
+            if self.moments == "track":
+                self._stash[name] = grad.masked_select(mask)
+            grad.masked_fill_(mask, 0)
+        self._hidden = True
+
+    @torch.no_grad()
+    def step(self, clip_coef: Tensor | float = 1.0) -> None:
+        """Inner step with isolated values held bit-exactly.
+
+        `clip_coef` is the factor the clipped grads were scaled by (see
+        `clip_coefficient`); under "track" the stashed grads get the same.
+        """
+        self.hide_isolated_grads()
+        for name, values in self._stash.items():
+            self.named_params[name].grad.masked_scatter_(self.masks[name], values * clip_coef)
+        held = {name: self.named_params[name].masked_select(mask) for name, mask in self.masks.items()}
+        self.optimizer.step()
+        for name, values in held.items():
+            self.named_params[name].masked_scatter_(self.masks[name], values)
+        self._stash.clear()
+        self._hidden = False
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+        self._stash.clear()
+        self._hidden = False
+
+    def state_dict(self) -> dict:
+        """Inner optimizer state, bit-packed masks and the moment policy."""
+        return {"optimizer": self.optimizer.state_dict(), "masks": pack(self.masks), "moments": self.moments}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["moments"] != self.moments:
+            raise ValueError(f"checkpoint has moments={state['moments']!r}, this optimizer {self.moments!r}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._stash.clear()
+        self._hidden = False
+        self.masks = {}  # masks are restored as they were, no release policy applies
+        self.set_masks(unpack(state["masks"]))
