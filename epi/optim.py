@@ -43,7 +43,7 @@ class IsolatedOptimizer:
         self.optimizer = optimizer
         self.named_params = dict(named_params)
         self.moments = moments
-        self.masks: Masks = {}
+        self.index: dict[str, Tensor] = {}  # flat indices of isolated elements, per parameter with any
         self._stash: dict[str, Tensor] = {}  # isolated grads, compact, between hide and step
         self._hidden = False
 
@@ -51,11 +51,21 @@ class IsolatedOptimizer:
     def param_groups(self) -> list[dict]:
         return self.optimizer.param_groups
 
+    @property
+    def masks(self) -> Masks:
+        """The isolation as bool masks, rebuilt on demand (it is stored as flat indices)."""
+        out: Masks = {}
+        for name, idx in self.index.items():
+            mask = torch.zeros(self.named_params[name].numel(), dtype=torch.bool, device=idx.device)
+            out[name] = mask.index_fill_(0, idx, True).view(self.named_params[name].shape)
+        return out
+
     def set_masks(self, masks: Masks) -> dict[str, int]:
         """Replace the isolation; returns churn counts.
 
-        Keeps references to the given tensors (no copy): do not modify them in
-        place afterwards. Call between steps, not between hide and step.
+        Stored as flat int64 indices: 8·p bytes per parameter (0.08 at p = 1%)
+        instead of a 1-byte bool per element, and the hot path gathers only the
+        isolated elements. Call between steps, not between hide and step.
         """
         if self._hidden:
             raise RuntimeError("set_masks between hide_isolated_grads and step would mismatch the stashed grads")
@@ -69,12 +79,13 @@ class IsolatedOptimizer:
             mask = mask.to(device=param.device, dtype=torch.bool)
             if mask.any():
                 new[name] = mask
-        counts = churn(self.masks, new)
+        old_masks = self.masks
+        counts = churn(old_masks, new)
         if self.moments == "reset":
-            for name, old in self.masks.items():
+            for name, old in old_masks.items():
                 released = old & ~new[name] if name in new else old
                 self._zero_momentum(self.named_params[name], released)
-        self.masks = new
+        self.index = {name: mask.reshape(-1).nonzero().squeeze(1) for name, mask in new.items()}
         return counts
 
     def _zero_momentum(self, param: torch.nn.Parameter, released: Tensor) -> None:
@@ -97,13 +108,14 @@ class IsolatedOptimizer:
         """
         if self._hidden:
             return
-        for name, mask in self.masks.items():
+        for name, idx in self.index.items():
             grad = self.named_params[name].grad
             if grad is None:
                 continue
+            flat = grad.view(-1)
             if self.moments == "track":
-                self._stash[name] = grad.masked_select(mask)
-            grad.masked_fill_(mask, 0)
+                self._stash[name] = flat[idx]
+            flat.index_fill_(0, idx, 0)
         self._hidden = True
 
     @torch.no_grad()
@@ -115,11 +127,11 @@ class IsolatedOptimizer:
         """
         self.hide_isolated_grads()
         for name, values in self._stash.items():
-            self.named_params[name].grad.masked_scatter_(self.masks[name], values * clip_coef)
-        held = {name: self.named_params[name].masked_select(mask) for name, mask in self.masks.items()}
+            self.named_params[name].grad.view(-1).index_copy_(0, self.index[name], values * clip_coef)
+        held = {name: self.named_params[name].view(-1)[idx] for name, idx in self.index.items()}
         self.optimizer.step()
         for name, values in held.items():
-            self.named_params[name].masked_scatter_(self.masks[name], values)
+            self.named_params[name].view(-1).index_copy_(0, self.index[name], values)
         self._stash.clear()
         self._hidden = False
 
@@ -138,5 +150,5 @@ class IsolatedOptimizer:
         self.optimizer.load_state_dict(state["optimizer"])
         self._stash.clear()
         self._hidden = False
-        self.masks = {}  # masks are restored as they were, no release policy applies
+        self.index = {}  # masks are restored as they were, no release policy applies
         self.set_masks(unpack(state["masks"]))

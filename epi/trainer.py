@@ -1,4 +1,4 @@
-"""The training loop. `Trainer.__init__` builds what a run needs; `Trainer.fit` is the loop, top to bottom.
+"""The training loop. `Trainer.__init__` builds what a run needs; `fit` runs the stages, `train_step` is one step.
 
 Order inside every step (the strategy hooks are the only extension points):
 forward/backward per micro-batch -> strategy.after_backward -> clip -> optimizer.step
@@ -26,7 +26,7 @@ from epi.data.mixture import MixtureSampler
 from epi.evaluate import average, evaluate
 from epi.logging import RunLogger
 from epi.models import build_model
-from epi.optim import IsolatedOptimizer
+from epi.optim import IsolatedOptimizer, clip_coefficient
 from epi.strategies import Stage, build_strategy
 
 
@@ -116,7 +116,6 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
     def fit(self) -> dict[str, dict[str, float]]:
         cfg, s = self.cfg, self.cfg.schedule
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if s.precision == "bf16" else nullcontext()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
         stage_end = 0
         for index, stage in enumerate(self.stages):
@@ -129,30 +128,14 @@ class Trainer:
             while self.step < stage_end:
                 self.step += 1
                 step, tic = self.step, time.perf_counter()
-                self.model.train()
-                loss_sum, tokens = 0.0, 0
-                for _ in range(s.grad_accum):
-                    batch = self._next_batch()
-                    with autocast:
-                        loss = self.model(**batch).loss / s.grad_accum
-                    loss.backward()
-                    loss_sum += loss.item()
-                    tokens += int(batch["attention_mask"].sum())
-                self.strategy.after_backward(step)
-                self.optimizer.hide_isolated_grads()
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.named_params.values(), s.clip_norm or math.inf)
-                clip_coef = min(1.0, s.clip_norm / (grad_norm.item() + 1e-6)) if s.clip_norm else 1.0
-                self.optimizer.step(clip_coef)
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.strategy.after_step(step)
+                loss, grad_norm, tokens = self.train_step(step)
 
                 tokens_per_s = tokens / (time.perf_counter() - tic)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_per_s:.0f}", stage=stage.name)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:.0f}", stage=stage.name)
                 if s.log_every and step % s.log_every == 0:
                     lr = self.scheduler.get_last_lr()[0]
-                    self.logger.log(step, "train", {"loss": loss_sum, "grad_norm": grad_norm.item(), "lr": lr, "tokens_per_s": tokens_per_s})
+                    self.logger.log(step, "train", {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens_per_s": tokens_per_s})
                 if s.eval_every and step % s.eval_every == 0 and step < self.total_steps:
                     self.evaluate(step, cfg.eval.split)
                 if s.checkpoint_every and step % s.checkpoint_every == 0:
@@ -166,6 +149,28 @@ class Trainer:
         self.save_model(self.run_dir / "model")
         self.logger.close()
         return results
+
+    def train_step(self, step: int) -> tuple[float, float, int]:
+        """One optimizer step with the strategy hooks at their fixed points; returns (loss, grad norm, tokens)."""
+        s = self.cfg.schedule
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if s.precision == "bf16" else nullcontext()
+        self.model.train()
+        loss_sum, tokens = 0.0, 0
+        for _ in range(s.grad_accum):
+            batch = self._next_batch()
+            with autocast:
+                loss = self.model(**batch).loss / s.grad_accum
+            loss.backward()
+            loss_sum += loss.item()
+            tokens += int(batch["attention_mask"].sum())
+        self.strategy.after_backward(step)
+        self.optimizer.hide_isolated_grads()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.named_params.values(), s.clip_norm or math.inf)
+        self.optimizer.step(clip_coefficient(grad_norm, s.clip_norm) if s.clip_norm else 1.0)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.strategy.after_step(step)
+        return loss_sum, grad_norm.item(), tokens
 
     def _next_batch(self) -> dict[str, torch.Tensor]:
         picks = self.sampler.next_batch(self.cfg.schedule.batch_size)

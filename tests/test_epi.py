@@ -1,0 +1,158 @@
+"""EPI and its random control inside the real training loop: frozen means bit-identical."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from epi import checkpoint
+from epi.errors import UserError
+from epi.logging import read_metrics
+from epi.strategies.epi import EPI
+from epi.trainer import Trainer
+from tests.conftest import make_cfg
+
+EPI_FAST = ["strategy=epi", "strategy.p=0.2", "strategy.warmup=2", "strategy.refresh_every=3", "schedule.steps=14", "schedule.weight_decay=0.5", "schedule.lr=1e-2"]
+
+
+class WatchedEPI(EPI):
+    """Real EPI that, after every step, checks each isolated coordinate still holds the value it had when isolated."""
+
+    def after_step(self, step: int) -> None:
+        params = self.trainer.named_params
+        for name, mask in self.trainer.optimizer.masks.items():
+            assert torch.equal(params[name].detach()[mask], self.frozen_at[name][mask]), f"{name} moved at step {step}"
+        before = self.trainer.optimizer.masks
+        super().after_step(step)
+        after = self.trainer.optimizer.masks
+        if after is not before:
+            # value at isolation: kept for coordinates isolated before, current for newly isolated ones
+            self.frozen_at = {
+                name: torch.where(before.get(name, torch.zeros_like(m)) & m, self.frozen_at.get(name, params[name].detach()), params[name].detach()).clone()
+                for name, m in after.items()
+            }
+            self.released_at = {name: (before[name] & ~after.get(name, torch.zeros_like(before[name]))) for name in before}
+            self.snapshot = {name: params[name].detach().clone() for name in params}
+        self.history.append((step, after))
+
+    def prepare(self, trainer, stages):
+        self.frozen_at, self.history = {}, []
+        return super().prepare(trainer, stages)
+
+
+class CrashingEPI(EPI):
+    """Real EPI in a run that is killed after step `crash_at`."""
+
+    def __init__(self, crash_at: int, **kwargs):
+        super().__init__(**kwargs)
+        self.crash_at = crash_at
+
+    def after_step(self, step: int) -> None:
+        super().after_step(step)
+        if step == self.crash_at:
+            raise KeyboardInterrupt
+
+
+def watched(*extra: str):
+    return make_cfg(*EPI_FAST, "strategy._target_=tests.test_epi.WatchedEPI", *extra)
+
+
+@pytest.mark.parametrize("moments", ["track", "reset"])
+def test_isolated_coordinates_bit_identical_across_refreshes_with_weight_decay(tmp_path: Path, moments: str) -> None:
+    trainer = Trainer(watched(f"schedule.isolated_moments={moments}", "strategy.beta=0.9" if moments == "reset" else "strategy.beta=null"), tmp_path)
+    trainer.fit()  # WatchedEPI asserts after every step
+    refreshes = [step for step, _ in trainer.strategy.history if trainer.strategy.is_refresh(step)]
+    assert refreshes == [2, 5, 8, 11, 14]
+
+
+def expected_fraction(trainer: Trainer, p: float) -> float:
+    """p of the linear weights (embeddings and norms do not take part by default), over all parameters."""
+    numels = {n: q.numel() for n, q in trainer.named_params.items()}
+    weights = sum(v for n, v in numels.items() if n in trainer.strategy.params)
+    return round(p * weights) / sum(numels.values())
+
+
+def test_refresh_exactly_on_schedule_and_logged(tmp_path: Path) -> None:
+    trainer = Trainer(make_cfg(*EPI_FAST), tmp_path)
+    trainer.fit()
+    events = [e for e in read_metrics(tmp_path) if e["split"] == "mask"]
+    by_metric = {}
+    for e in events:
+        by_metric.setdefault(e["metric"], []).append((e["step"], e["value"]))
+    assert [s for s, _ in by_metric["isolated_fraction"]] == [2, 5, 8, 11, 14]
+    assert by_metric["jaccard_first"][0][1] == 1.0
+    assert all(0.0 <= v <= 1.0 for _, v in by_metric["jaccard_prev"] + by_metric["jaccard_first"])
+    assert by_metric["protected"][0][1] > 0 and by_metric["released"][0][1] == 0
+    assert any(k.startswith("frac/model.layers.") for k in by_metric)
+    assert all(v == pytest.approx(expected_fraction(trainer, 0.2)) for _, v in by_metric["isolated_fraction"])
+
+
+def test_released_coordinates_move_again(tmp_path: Path) -> None:
+    trainer = Trainer(watched("schedule.steps=6", "strategy.refresh_every=100"), tmp_path)
+    trainer.fit()
+    iso = trainer.optimizer
+    released = iso.masks
+    iso.set_masks({})  # release everything
+    before = {n: trainer.named_params[n].detach().clone() for n in released}
+    trainer.train_step(7)
+    moved = sum(int((trainer.named_params[n].detach() != before[n])[m].sum()) for n, m in released.items())
+    total = sum(int(m.sum()) for m in released.values())
+    assert moved > 0.9 * total
+
+
+def test_hysteresis_keeps_coordinates_until_they_miss_h_refreshes(tmp_path: Path) -> None:
+    trainer = Trainer(make_cfg(*EPI_FAST, "strategy.hysteresis=2", "schedule.steps=2"), tmp_path)
+    trainer.fit()
+    strategy = trainer.strategy
+    first = trainer.optimizer.masks
+    fake_top = {n: torch.zeros_like(m) for n, m in first.items()}  # nothing in the top set
+    once = strategy._apply_hysteresis(first, fake_top)
+    assert all(torch.equal(once[n], first[n]) for n in first)  # one miss: still isolated
+    twice = strategy._apply_hysteresis(once, fake_top)
+    assert not any(m.any() for m in twice.values())  # second consecutive miss: released
+
+
+def test_epi_resume_is_exact_including_masks(tmp_path: Path) -> None:
+    common = [*EPI_FAST, "schedule.checkpoint_every=7"]
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir(), (tmp_path / "c").mkdir()
+    straight = Trainer(make_cfg(*common), tmp_path / "a")
+    straight.fit()
+    crashing = Trainer(make_cfg(*common, "strategy._target_=tests.test_epi.CrashingEPI", "+strategy.crash_at=9"), tmp_path / "b")
+    with pytest.raises(KeyboardInterrupt):
+        crashing.fit()
+    state = checkpoint.load(str(tmp_path / "b"))
+    assert state["step"] == 7
+    resumed = Trainer(make_cfg(*common), tmp_path / "c", resume_state=state)
+    resumed.fit()
+    for name, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+    a, c = straight.optimizer.masks, resumed.optimizer.masks
+    assert a.keys() == c.keys() and all(torch.equal(a[n], c[n]) for n in a)
+
+
+def test_random_control_runs_with_same_budget(tmp_path: Path) -> None:
+    trainer = Trainer(make_cfg(*EPI_FAST, "strategy=random", "strategy.p=0.2", "strategy.warmup=2", "strategy.refresh_every=3"), tmp_path)
+    trainer.fit()
+    fractions = [e["value"] for e in read_metrics(tmp_path) if e["metric"] == "isolated_fraction"]
+    assert len(fractions) == 5 and all(v == pytest.approx(expected_fraction(trainer, 0.2)) for v in fractions)
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("strategy.p=0", "strategy.p=0"),
+        ("strategy.p=1.5", "strategy.p=1.5"),
+        ("strategy.signal=fisher", "strategy.signal='fisher'"),
+        ("strategy.norm=l2", "strategy.norm='l2'"),
+        ("strategy.refresh_every=0", "strategy.refresh_every=0"),
+        ("strategy.signal=taylor", "strategy.beta=null reuses"),
+    ],
+)
+def test_bad_strategy_values(override: str, needle: str) -> None:
+    from epi.strategies import build_strategy
+
+    with pytest.raises(UserError) as err:
+        build_strategy(make_cfg("strategy=epi", override).strategy)
+    assert needle in str(err.value)
