@@ -13,6 +13,7 @@ from epi.data.load import load_tasks
 from epi.errors import UserError
 from epi.evaluate import evaluate
 from epi.models import build_model
+from epi.plots import plot_drift
 from epi.trainer import pick_device
 
 
@@ -39,6 +40,8 @@ def main(cfg: DictConfig) -> None:
     )
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     print(write_results(out_dir, e.split, results, f"{model_dir} ({e.split} split)"))
+    if cfg.run_dir is not None and plot_drift({Path(cfg.run_dir).name: Path(cfg.run_dir)}, out_dir / "drift.png"):
+        print(f"mask drift plot: {out_dir / 'drift.png'}")
     print(f"written to {out_dir}")
 
 

@@ -66,6 +66,6 @@ def test_missing_checkpoint_names_the_path(tmp_path: Path) -> None:
 def test_unknown_strategy_key_is_named() -> None:
     from epi.strategies import build_strategy
 
-    cfg = make_cfg("+strategy.omega=0.5")
+    cfg = make_cfg("strategy=none", "+strategy.omega=0.5")
     with pytest.raises(UserError, match=r"strategy=none: unknown key\(s\) \[.omega.\]"):
         build_strategy(cfg.strategy)

@@ -1,0 +1,111 @@
+"""Cost of EPI over full fine-tuning, measured in one process: step-time ratio and extra memory.
+
+    python bench/bench_isolation.py                 # tiny and small, 2 CPU threads
+    python bench/bench_isolation.py --models tiny --steps 40
+
+Both trainers are built from the same config (strategy=none vs strategy=epi) and stepped
+alternately, one step each, so machine noise hits both alike. EPI starts with a mask already
+in place (so every timed step pays the isolation cost) and its refresh is timed on its own and
+amortised over `refresh_every` steps. Extra memory is what EPI holds beyond AdamW's own state,
+counted from the tensors themselves (isolation indices, strategy buffers, first mask), per parameter.
+Targets (issue 3): ratio <= 1.05 at refresh_every=100, extra memory <= 1 byte per parameter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from epi.trainer import Trainer  # noqa: E402
+
+
+def tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def build(model: str, strategy: str, refresh_every: int, workdir: Path) -> Trainer:
+    overrides = [f"model={model}", f"strategy={strategy}", "logger=jsonl", "device=cpu", "data.n_train=512", "data.n_val=8", "data.n_test=8"]
+    if strategy != "none":
+        overrides += ["strategy.warmup=1", f"strategy.refresh_every={refresh_every}"]
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    run_dir = workdir / strategy
+    run_dir.mkdir()
+    return Trainer(cfg, run_dir)
+
+
+def bench(model: str, steps: int, refresh_every: int, refreshes: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        base = build(model, "none", refresh_every, Path(tmp))
+        epi = build(model, "epi", refresh_every, Path(tmp))
+        base.train_step(1)
+        epi.train_step(1)  # warmup=1: the first mask is in place after this step
+        epi.strategy.refresh_every = 10**9  # refreshes are timed separately below
+        t_base, t_epi = [], []
+        for i in range(2, steps + 2):
+            for trainer, times in ((base, t_base), (epi, t_epi)):
+                tic = time.perf_counter()
+                trainer.train_step(i)
+                times.append(time.perf_counter() - tic)
+        t_refresh = []
+        for _ in range(refreshes):
+            tic = time.perf_counter()
+            epi.strategy.refresh(1)
+            t_refresh.append(time.perf_counter() - tic)
+        n_params = sum(p.numel() for p in epi.named_params.values())
+        extra = tensor_bytes(epi.optimizer.index) + tensor_bytes(epi.strategy.state_dict())
+        step_base, step_epi = statistics.median(t_base), statistics.median(t_epi)
+        refresh = statistics.median(t_refresh)
+        return {
+            "params": n_params,
+            "step_none_s": step_base,
+            "step_epi_s": step_epi,
+            "refresh_s": refresh,
+            "ratio": (step_epi + refresh / refresh_every) / step_base,
+            "extra_bytes_per_param": extra / n_params,
+            "isolated_fraction": sum(i.numel() for i in epi.optimizer.index.values()) / n_params,
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["tiny", "small"])
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per strategy (default: 60 tiny, 20 otherwise)")
+    parser.add_argument("--refresh-every", type=int, default=100)
+    parser.add_argument("--refreshes", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, refresh_every={args.refresh_every}, batch 16x<=128 tokens, AdamW")
+    print("| model | params | step none (s) | step epi (s) | refresh (s) | ratio (amortised) | extra bytes/param | isolated |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for model in args.models:
+        steps = args.steps or (60 if model == "tiny" else 20)
+        r = bench(model, steps, args.refresh_every, args.refreshes)
+        print(
+            f"| {model} | {r['params'] / 1e6:.1f}M | {r['step_none_s']:.3f} | {r['step_epi_s']:.3f} | {r['refresh_s']:.3f} "
+            f"| {r['ratio']:.3f} | {r['extra_bytes_per_param']:.3f} | {r['isolated_fraction']:.4f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

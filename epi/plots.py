@@ -1,0 +1,45 @@
+"""Plots drawn from run directories' metrics.jsonl (no W&B needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from epi.logging import read_metrics  # noqa: E402
+
+
+def mask_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """{metric: [(step, value), ...]} of the mask events a run logged at each refresh."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for e in read_metrics(run_dir):
+        if e["split"] == "mask" and e["metric"] in ("jaccard_first", "jaccard_prev", "isolated_fraction"):
+            curves.setdefault(e["metric"], []).append((e["step"], e["value"]))
+    return curves
+
+
+def plot_drift(runs: dict[str, Path], out: Path) -> Path | None:
+    """EPI's temporal-drift evidence: Jaccard of each refreshed mask with the first and the previous one.
+
+    A flat line at 1 means importance is static (a fixed mask would do); a falling `vs first`
+    curve means the important set moves during training. Returns None if no run logged masks.
+    """
+    curves = {label: mask_curves(d) for label, d in runs.items()}
+    curves = {label: c for label, c in curves.items() if c.get("jaccard_first")}
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, c in curves.items():
+        for metric, style in (("jaccard_first", "-"), ("jaccard_prev", "--")):
+            steps, values = zip(*c[metric])
+            ax.plot(steps, values, style, marker="o", markersize=3, label=f"{label}: vs {metric.split('_')[1]}")
+    ax.set(xlabel="step", ylabel="Jaccard overlap of isolated sets", ylim=(0, 1.02), title="Mask drift")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
