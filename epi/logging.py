@@ -18,7 +18,7 @@ WANDB_MODES = ("offline", "online", "disabled")
 class RunLogger:
     def __init__(
         self,
-        run_dir: Path,
+        run_dir: Path | None,
         *,
         wandb_mode: str,
         project: str,
@@ -27,8 +27,8 @@ class RunLogger:
         config: dict[str, Any],
         tags: list[str] | None = None,
     ):
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self._file = self.path.open("a", encoding="utf-8")
+        # run_dir=None: a silent logger (data-parallel ranks other than 0)
+        self._file = (Path(run_dir) / "metrics.jsonl").open("a", encoding="utf-8") if run_dir is not None else None
         self._wandb = None
         if wandb_mode != "disabled":
             self._wandb = self._guard(
@@ -47,10 +47,11 @@ class RunLogger:
 
     def log(self, step: int, split: str, metrics: dict[str, float], task: str | None = None) -> None:
         """Log `metrics` of one split (and task) at `step`."""
-        for metric, value in metrics.items():
-            event = {"step": step, "split": split, "task": task, "metric": metric, "value": _plain(value)}
-            self._file.write(json.dumps(event) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            for metric, value in metrics.items():
+                event = {"step": step, "split": split, "task": task, "metric": metric, "value": _plain(value)}
+                self._file.write(json.dumps(event) + "\n")
+            self._file.flush()
         if self._wandb is not None:
             prefix = f"{split}/{task}/" if task else f"{split}/"
             self._guard("log", lambda: self._wandb.log({prefix + k: _plain(v) for k, v in metrics.items()}, step=step))
@@ -72,7 +73,8 @@ class RunLogger:
             self._guard("summary", lambda: self._wandb.summary.update(values))
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._wandb is not None:
             self._guard("finish", self._wandb.finish)
             self._wandb = None

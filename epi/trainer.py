@@ -8,6 +8,7 @@ forward/backward per micro-batch -> strategy.after_backward -> clip -> optimizer
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from contextlib import nullcontext
@@ -16,18 +17,28 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from epi import checkpoint
 from epi.data.format import collate, encode_example
 from epi.data.load import load_tasks
+from epi.errors import UserError
 from epi.data.mixture import MixtureSampler
 from epi.evaluate import average, evaluate
 from epi.logging import RunLogger
 from epi.models import build_model
 from epi.optim import IsolatedOptimizer, clip_coefficient
 from epi.strategies import Stage, build_strategy
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size). Under torchrun (WORLD_SIZE > 1) joins the process group: gloo on CPU, nccl on GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
 def seed_everything(seed: int) -> None:
@@ -74,9 +85,17 @@ class Trainer:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         seed_everything(cfg.seed)
         self.device = pick_device(cfg.device)
+        self.rank, self.world = init_distributed(self.device)
+        if self.device.type == "cuda" and self.world > 1:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         self.tasks = load_tasks(cfg.data)
         self.model, self.tokenizer = build_model(cfg.model)
         self.model.to(self.device)
+        # Data parallel: DDP averages gradients in backward, so every rank sees the same gradients,
+        # the same importance and therefore the same masks (EPI all-reduces its scores as well).
+        self.forward = torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
+        if cfg.schedule.batch_size % self.world:
+            raise UserError(f"schedule.batch_size={cfg.schedule.batch_size} must be divisible by the number of processes ({self.world})")
         self.train_sets = {
             name: [encode_example(self.tokenizer, ex, cfg.data.max_len) for ex in task.splits["train"]]
             for name, task in self.tasks.items()
@@ -97,8 +116,8 @@ class Trainer:
         )
         self.optimizer = IsolatedOptimizer(adamw, self.named_params, moments=s.isolated_moments)
         self.logger = RunLogger(
-            self.run_dir,
-            wandb_mode=cfg.logger.mode,
+            self.run_dir if self.rank == 0 else None,  # one writer: rank 0
+            wandb_mode=cfg.logger.mode if self.rank == 0 else "disabled",
             project=cfg.logger.project,
             name=cfg.logger.name,
             group=cfg.logger.group,
@@ -159,7 +178,7 @@ class Trainer:
         for _ in range(s.grad_accum):
             batch = self._next_batch()
             with autocast:
-                loss = self.model(**batch).loss / s.grad_accum
+                loss = self.forward(**batch).loss / s.grad_accum
             loss.backward()
             loss_sum += loss.item()
             tokens += int(batch["attention_mask"].sum())
@@ -173,7 +192,7 @@ class Trainer:
         return loss_sum, grad_norm.item(), tokens
 
     def _next_batch(self) -> dict[str, torch.Tensor]:
-        picks = self.sampler.next_batch(self.cfg.schedule.batch_size)
+        picks = self.sampler.next_batch(self.cfg.schedule.batch_size)[self.rank :: self.world]  # same draw on every rank, one shard each
         batch = collate([self.train_sets[task][i] for task, i in picks], self.tokenizer.pad_token_id)
         return {k: v.to(self.device) for k, v in batch.items()}
 
@@ -196,10 +215,14 @@ class Trainer:
         return results
 
     def save_model(self, path: Path) -> None:
+        if self.rank != 0:
+            return
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
 
     def save_checkpoint(self) -> None:
+        if self.rank != 0:
+            return
         checkpoint.save(
             self.run_dir / checkpoint.FILENAME,
             {
