@@ -1,6 +1,4 @@
-import importlib.util
 import json
-import os
 from collections import Counter
 
 import pytest

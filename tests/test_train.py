@@ -98,10 +98,11 @@ def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path: Path) -> None
     assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "straight")[3:]
 
 
-def test_smollm2_loads_trains_two_steps_and_generates(tmp_path: Path, smollm2_dir: str) -> None:
+def test_smollm2_loads_trains_two_steps_with_epi_and_generates(tmp_path: Path, smollm2_dir: str) -> None:
     cfg = make_cfg(
         "model=smollm2_135m", "schedule.steps=2", "schedule.batch_size=2", "schedule.lr=1e-5",
         "data.tasks=[math]", "data.n_train=8", "eval.n_examples=2", "data.max_len=96",
+        "strategy=epi", "strategy.warmup=1", "strategy.refresh_every=1",
     )
     trainer = Trainer(cfg, tmp_path)
     before = trainer.model.model.layers[0].mlp.up_proj.weight.detach().clone()
@@ -112,5 +113,7 @@ def test_smollm2_loads_trains_two_steps_and_generates(tmp_path: Path, smollm2_di
 
     text = generate(trainer.model, trainer.tokenizer, ["What is 2 + 3?"], max_new_tokens=8)[0]
     assert isinstance(text, str) and len(text) > 0
+    fractions = [e["value"] for e in read_metrics(tmp_path) if e["metric"] == "isolated_fraction"]
+    assert len(fractions) == 2 and all(0.005 < f < 0.01 for f in fractions)  # p = 1% of the linear weights
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     assert sum(p.numel() for p in reloaded.parameters()) == 134_515_008

@@ -34,7 +34,6 @@ from epi.masks import (
     NORMALIZE_METHODS,
     SCOPES,
     Masks,
-    churn,
     jaccard,
     mask_stats,
     normalize,
