@@ -43,3 +43,21 @@ def plot_drift(runs: dict[str, Path], out: Path) -> Path | None:
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def plot_overlap(tasks: list[str], overlap: list[list[float]], out: Path) -> Path:
+    """CPI-FT's core overlap heatmap: Jaccard of the tasks' core regions."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(1.2 * len(tasks) + 2, 1.2 * len(tasks) + 1.5))
+    image = ax.imshow(overlap, vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
+    ax.set_yticks(range(len(tasks)), tasks)
+    for i, row in enumerate(overlap):
+        for j, value in enumerate(row):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black", fontsize=8)
+    ax.set_title("Core overlap (Jaccard)")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -1,0 +1,129 @@
+"""CPI-FT and the multi-stage baseline: cores, groups, order, probe cache, frozen earlier cores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from epi.errors import UserError
+from epi.logging import read_metrics
+from epi.masks import jaccard
+from epi.strategies.cpi import CPI, connected_groups, core_regions, order_groups, overlap_matrix
+from epi.trainer import Trainer
+from tests.conftest import make_cfg
+
+
+def test_cores_are_the_largest_update_magnitudes() -> None:
+    base = {"a": torch.zeros(4), "b": torch.zeros(2, 2)}
+    tuned = {"a": torch.tensor([0.1, -5.0, 0.2, 0.0]), "b": torch.tensor([[3.0, 0.0], [-0.3, 4.0]])}
+    cores = core_regions(base, tuned, p=3 / 8)
+    assert cores["a"].tolist() == [False, True, False, False]
+    assert cores["b"].tolist() == [[True, False], [False, True]]
+    per_tensor = core_regions(base, tuned, p=0.25, scope="tensor")
+    assert per_tensor["a"].sum() == 1 and per_tensor["b"].tolist() == [[False, False], [False, True]]
+
+
+def test_overlap_and_connected_groups_on_hand_made_masks() -> None:
+    m = lambda *bits: {"w": torch.tensor(bits, dtype=torch.bool)}  # noqa: E731
+    cores = {"x": m(1, 1, 0, 0, 0, 0), "y": m(1, 0, 0, 0, 0, 0), "z": m(0, 0, 0, 0, 1, 1), "u": m(0, 0, 0, 0, 0, 1)}
+    overlap = overlap_matrix(cores)
+    assert overlap[0][1] == pytest.approx(0.5) and overlap[0][2] == 0.0 and overlap[2][3] == pytest.approx(0.5)
+    names = list(cores)
+    assert connected_groups(names, overlap, tau=0.1) == [["x", "y"], ["z", "u"]]
+    assert connected_groups(names, overlap, tau=0.6) == [["x"], ["y"], ["z"], ["u"]]
+    assert connected_groups(names, overlap, tau=0.0) == [names]
+    # transitive: a-b and b-c linked, a-c not => one component
+    chain = [[1, 0.2, 0.0], [0.2, 1, 0.2], [0.0, 0.2, 1]]
+    assert connected_groups(["a", "b", "c"], chain, tau=0.1) == [["a", "b", "c"]]
+
+
+def test_stage_orders() -> None:
+    groups = [["a"], ["b", "c"], ["d"]]
+    assert order_groups(groups, "given", seed=0, given=["d", "c", "a", "b"], mass={}) == [["d"], ["b", "c"], ["a"]]
+    assert order_groups(groups, "heuristic", seed=0, given=[], mass={"a": 1, "b": 1, "c": 5, "d": 2}) == [["b", "c"], ["d"], ["a"]]
+    shuffled = [order_groups(groups, "random", seed=s, given=[], mass={}) for s in range(6)]
+    assert shuffled[0] == order_groups(groups, "random", seed=0, given=[], mass={})
+    assert len({str(s) for s in shuffled}) > 1
+
+
+CPI_FAST = ["strategy=cpi", "strategy.probe_steps=4", "strategy.p=0.1", "strategy.tau=2.0", "schedule.steps=15", "schedule.weight_decay=0.5", "schedule.lr=1e-2"]
+
+
+class WatchedCPI(CPI):
+    """Real CPI that snapshots the weights at each stage start, to check earlier cores afterwards."""
+
+    def on_stage_start(self, stage, step):
+        super().on_stage_start(stage, step)
+        self.snapshots = getattr(self, "snapshots", []) + [{n: p.detach().clone() for n, p in self.trainer.named_params.items()}]
+
+
+def test_earlier_cores_bit_identical_through_later_stages(tmp_path: Path) -> None:
+    cfg = make_cfg(*CPI_FAST, "strategy._target_=tests.test_cpi.WatchedCPI", f"strategy.cache_dir={tmp_path / 'cache'}")
+    trainer = Trainer(cfg, tmp_path)
+    trainer.fit()
+    strategy = trainer.strategy
+    assert len(strategy.groups) == 5 and len(strategy.snapshots) == 5  # tau > 1: every task its own stage
+    final = {n: p.detach() for n, p in trainer.named_params.items()}
+    for j, group in enumerate(strategy.groups[:-1]):
+        frozen_from = strategy.snapshots[j + 1]  # group j's cores are frozen from stage j+1 on
+        for task in group:
+            for name, core in strategy.cores[task].items():
+                assert torch.equal(final[name][core], frozen_from[name][core]), f"core of {task} in {name} moved"
+    # ... while coordinates outside every frozen core kept training in the last stage
+    last = strategy.snapshots[-1]
+    moved = sum(int((final[n] != last[n]).sum()) for n in final)
+    assert moved > 0.5 * sum(p.numel() for p in final.values() if p.dim() >= 2)
+    assert (tmp_path / "cpi" / "overlap.png").is_file() and (tmp_path / "cpi" / "groups.json").is_file()
+
+
+def test_second_run_hits_the_probe_cache(tmp_path: Path) -> None:
+    cfg = make_cfg(*CPI_FAST, f"strategy.cache_dir={tmp_path / 'cache'}", "strategy.tau=0.0", "schedule.steps=3")
+    runs = []
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        trainer = Trainer(cfg, tmp_path / name)
+        runs.append(trainer)
+        hits = [e["value"] for e in read_metrics(tmp_path / name) if e["metric"] == "probe_cache_hit"]
+        assert hits == ([0.0] * 5 if name == "first" else [1.0] * 5)
+    a, b = runs
+    assert all(jaccard(a.strategy.cores[t], b.strategy.cores[t]) == 1.0 for t in a.strategy.cores)
+    assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 5
+    # a different probe setting is a different key
+    (tmp_path / "third").mkdir()
+    Trainer(make_cfg(*CPI_FAST, f"strategy.cache_dir={tmp_path / 'cache'}", "strategy.probe_steps=5", "schedule.steps=3"), tmp_path / "third")
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 10
+
+
+def test_multistage_same_stages_no_fusion_no_freezing(tmp_path: Path) -> None:
+    cache = f"strategy.cache_dir={tmp_path / 'cache'}"
+    (tmp_path / "c").mkdir(), (tmp_path / "m").mkdir()
+    cpi = Trainer(make_cfg(*CPI_FAST, cache), tmp_path / "c")
+    multi = Trainer(make_cfg(*CPI_FAST, cache, "strategy=multistage"), tmp_path / "m")
+    assert [s.tasks for s in multi.stages] == [s.tasks for s in cpi.stages]
+    theta0 = Trainer(make_cfg("strategy=none"), tmp_path / "m").model.state_dict()
+    assert all(torch.equal(v, theta0[n]) for n, v in multi.model.state_dict().items())  # not fused
+    assert not all(torch.equal(v, theta0[n]) for n, v in cpi.model.state_dict().items())  # fused
+    multi.fit()
+    assert multi.optimizer.index == {}
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("strategy.p=0", "strategy.p=0"),
+        ("strategy.tau=-1", "strategy.tau=-1"),
+        ("strategy.omega=2", "strategy.omega=2"),
+        ("strategy.space=latent", "strategy.space='latent'"),
+        ("strategy.order=alphabetical", "strategy.order='alphabetical'"),
+        ("strategy.order=given", "needs strategy.given_order"),
+    ],
+)
+def test_bad_cpi_values(override: str, needle: str) -> None:
+    from epi.strategies import build_strategy
+
+    with pytest.raises(UserError) as err:
+        build_strategy(make_cfg("strategy=cpi", override).strategy)
+    assert needle in str(err.value)
