@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from epi.errors import UserError
 from epi.logging import read_metrics
 from epi.masks import jaccard
 from epi.strategies.cpi import CPI, connected_groups, core_regions, order_groups, overlap_matrix
@@ -108,22 +107,3 @@ def test_multistage_same_stages_no_fusion_no_freezing(tmp_path: Path) -> None:
     assert not all(torch.equal(v, theta0[n]) for n, v in cpi.model.state_dict().items())  # fused
     multi.fit()
     assert multi.optimizer.index == {}
-
-
-@pytest.mark.parametrize(
-    "override,needle",
-    [
-        ("strategy.p=0", "strategy.p=0"),
-        ("strategy.tau=-1", "strategy.tau=-1"),
-        ("strategy.omega=2", "strategy.omega=2"),
-        ("strategy.space=latent", "strategy.space='latent'"),
-        ("strategy.order=alphabetical", "strategy.order='alphabetical'"),
-        ("strategy.order=given", "needs strategy.given_order"),
-    ],
-)
-def test_bad_cpi_values(override: str, needle: str) -> None:
-    from epi.strategies import build_strategy
-
-    with pytest.raises(UserError) as err:
-        build_strategy(make_cfg("strategy=cpi", override).strategy)
-    assert needle in str(err.value)

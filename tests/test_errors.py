@@ -69,3 +69,29 @@ def test_unknown_strategy_key_is_named() -> None:
     cfg = make_cfg("strategy=none", "+strategy.omega=0.5")
     with pytest.raises(UserError, match=r"strategy=none: unknown key\(s\) \[.omega.\]"):
         build_strategy(cfg.strategy)
+
+
+@pytest.mark.parametrize(
+    "strategy,override,needle",
+    [
+        ("epi", "strategy.p=0", "strategy.p=0"),
+        ("epi", "strategy.p=1.5", "strategy.p=1.5"),
+        ("epi", "strategy.signal=fisher", "strategy.signal='fisher'"),
+        ("epi", "strategy.norm=l2", "strategy.norm='l2'"),
+        ("epi", "strategy.refresh_every=0", "strategy.refresh_every=0"),
+        ("epi", "strategy.signal=taylor", "strategy.beta=null reuses"),
+        ("random", "strategy.p=-0.1", "strategy.p=-0.1"),
+        ("cpi", "strategy.p=0", "strategy.p=0"),
+        ("cpi", "strategy.tau=-1", "strategy.tau=-1"),
+        ("cpi", "strategy.omega=2", "strategy.omega=2"),
+        ("cpi", "strategy.space=latent", "strategy.space='latent'"),
+        ("cpi", "strategy.order=alphabetical", "strategy.order='alphabetical'"),
+        ("multistage", "strategy.order=given", "needs strategy.given_order"),
+    ],
+)
+def test_bad_strategy_values_name_the_key(strategy: str, override: str, needle: str) -> None:
+    from epi.strategies import build_strategy
+
+    with pytest.raises(UserError) as err:
+        build_strategy(make_cfg(f"strategy={strategy}", override).strategy)
+    assert needle in str(err.value)

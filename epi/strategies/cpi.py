@@ -203,7 +203,7 @@ class CPI(Strategy):
         h.update(json.dumps(OmegaConf.to_container(trainer.cfg.model, resolve=True), sort_keys=True).encode())
         for name, tensor in trainer.model.state_dict().items():  # theta0 itself, not just how it was made
             h.update(name.encode())
-            h.update(tensor.detach().float().cpu().numpy().tobytes()[:4096])
+            h.update(tensor.detach().reshape(-1)[:1024].float().cpu().numpy().tobytes())
             h.update(str(float(tensor.float().sum())).encode())
         for row in trainer.train_sets[task]:
             h.update(bytes(str(row["input_ids"]), "utf-8"))
