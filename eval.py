@@ -1,27 +1,45 @@
-"""Evaluate a model on every task of a mixture: `python eval.py run_dir=<dir>` or `model_dir=<HF dir>`."""
+"""Evaluate models, or tabulate sets of runs.
+
+    python eval.py run_dir=<dir>          # a train.py run's model on the run's task mixture
+    python eval.py model_dir=<HF dir>     # any Hugging Face model on the `data` mixture
+    python eval.py runs=<dir or [dirs]>   # tables and plots over finished runs (a multirun dir, say)
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from epi import report
 from epi.cli import exit_on_user_error, write_results
 from epi.data.load import load_tasks
 from epi.errors import UserError
 from epi.evaluate import evaluate
+from epi.logging import RunLogger, read_metrics
 from epi.models import build_model
-from epi.plots import plot_drift
+from epi.plots import plot_drift, plot_scores_over_steps
 from epi.trainer import pick_device
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    if (cfg.run_dir is None) == (cfg.model_dir is None):
-        raise UserError("give exactly one of run_dir=<train.py run directory> or model_dir=<Hugging Face model directory>")
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    given = [k for k in ("run_dir", "model_dir", "runs") if cfg[k] is not None]
+    if len(given) != 1:
+        raise UserError("give exactly one of run_dir=<train.py run>, model_dir=<Hugging Face model dir>, runs=<dir or [dirs]>")
+    if cfg.runs is not None:
+        tabulate(cfg, out_dir)
+    else:
+        evaluate_model(cfg, out_dir)
+    print(f"written to {out_dir}")
+
+
+def evaluate_model(cfg: DictConfig, out_dir: Path) -> None:
     data, model_dir = cfg.data, cfg.model_dir
     if cfg.run_dir is not None:
         run_cfg = Path(cfg.run_dir) / "config.yaml"
@@ -38,11 +56,59 @@ def main(cfg: DictConfig) -> None:
         model, tok, load_tasks(data), split=e.split, n_examples=e.n_examples,
         batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, max_len=data.max_len,
     )
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
     print(write_results(out_dir, e.split, results, f"{model_dir} ({e.split} split)"))
     if cfg.run_dir is not None and plot_drift({Path(cfg.run_dir).name: Path(cfg.run_dir)}, out_dir / "drift.png"):
         print(f"mask drift plot: {out_dir / 'drift.png'}")
-    print(f"written to {out_dir}")
+
+
+def tabulate(cfg: DictConfig, out_dir: Path) -> None:
+    """Per-setting scores (mean ± std over seeds), normalised score, transfer, plots: markdown, CSV, JSON."""
+    paths = [Path(p) for p in (cfg.runs if OmegaConf.is_list(cfg.runs) else [cfg.runs])]
+    split = cfg.eval.split
+    runs = [report.load_run(p, split) for p in report.find_runs(paths)]
+    tasks, rows = report.score_table(runs)
+    columns = ["setting", "seeds", *tasks, "avg", "normalised"]
+    sections = [f"## Scores ({split} split, mean ± std over seeds)\n\n" + report.markdown(columns, rows)]
+    (out_dir / "scores.csv").write_text(report.csv(columns, rows))
+
+    transfers = []
+    for setting, group in report.by_setting(runs).items():
+        values = [t for t in (report.transfer(r) for r in group) if t]
+        if values:
+            transfers.append({"setting": setting, "seeds": len(values), **{k: report.mean_std([v[k] for v in values]) for k in ("bwt", "forgetting")}})
+    if transfers:
+        sections.append("## Sequential training: backward transfer and forgetting\n\n" + report.markdown(["setting", "seeds", "bwt", "forgetting"], transfers))
+        (out_dir / "transfer.csv").write_text(report.csv(["setting", "seeds", "bwt", "forgetting"], transfers))
+
+    curves: dict[str, dict[int, list[float]]] = {}
+    for run in runs:
+        for e in read_metrics(run.path):
+            if e["split"] == split and e["metric"] == "avg_score":
+                curves.setdefault(run.setting, {}).setdefault(e["step"], []).append(e["value"])
+    if curves:
+        plot_scores_over_steps(curves, out_dir / "scores_over_steps.png", f"average {split} score")
+    drift = plot_drift({f"{r.setting} seed={r.seed}": r.path for r in runs}, out_dir / "drift.png")
+
+    table = "\n\n".join(sections)
+    (out_dir / "report.md").write_text(table + "\n")
+    (out_dir / "report.json").write_text(
+        json.dumps(
+            {
+                "split": split,
+                "scores": rows,
+                "transfer": transfers,
+                "runs": [{"path": str(r.path), "setting": r.setting, "seed": r.seed, "scores": r.scores, "accuracy_matrix": r.matrix, "stages": r.stages} for r in runs],
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(table)
+    print(f"plots: {', '.join(p.name for p in out_dir.glob('*.png'))}" + ("" if drift else " (no mask drift: no EPI runs)"))
+    if cfg.logger.mode != "disabled":
+        logger = RunLogger(out_dir, wandb_mode=cfg.logger.mode, project=cfg.logger.project, name=cfg.logger.name or "eval", group="eval", config=OmegaConf.to_container(cfg, resolve=True))
+        logger.table("eval/scores", ["setting", *tasks, "avg", "normalised"], [[r["setting"], *[report.fmt(r[t]) for t in tasks], report.fmt(r["avg"]), report.fmt(r["normalised"])] for r in rows])
+        logger.close()
 
 
 if __name__ == "__main__":

@@ -61,3 +61,20 @@ def plot_overlap(tasks: list[str], overlap: list[list[float]], out: Path) -> Pat
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def plot_scores_over_steps(curves: dict[str, dict[int, list[float]]], out: Path, title: str) -> Path:
+    """Average score vs step, one line per setting (mean over seeds, band = min..max)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, by_step in sorted(curves.items()):
+        steps = sorted(by_step)
+        means = [sum(by_step[s]) / len(by_step[s]) for s in steps]
+        ax.plot(steps, means, marker="o", markersize=3, label=label)
+        ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps], alpha=0.15)
+    ax.set(xlabel="step", ylabel="average score", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
