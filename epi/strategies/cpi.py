@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -192,7 +193,7 @@ class CPI(Strategy):
                 trainer.logger.log(0, "cpi", {"probe_final_loss": loss.item()}, task=task)
         tuned = {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # data-parallel ranks probe too: no shared temp file
         torch.save(tuned, tmp)
         tmp.replace(path)
         return tuned
