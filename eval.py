@@ -66,6 +66,7 @@ def tabulate(cfg: DictConfig, out_dir: Path) -> None:
     paths = [Path(p) for p in (cfg.runs if OmegaConf.is_list(cfg.runs) else [cfg.runs])]
     split = cfg.eval.split
     runs = [report.load_run(p, split) for p in report.find_runs(paths)]
+    report.shorten(runs)
     tasks, rows = report.score_table(runs)
     columns = ["setting", "seeds", *tasks, "avg", "normalised"]
     sections = [f"## Scores ({split} split, mean ± std over seeds)\n\n" + report.markdown(columns, rows)]
@@ -75,10 +76,10 @@ def tabulate(cfg: DictConfig, out_dir: Path) -> None:
     for setting, group in report.by_setting(runs).items():
         values = [t for t in (report.transfer(r) for r in group) if t]
         if values:
-            transfers.append({"setting": setting, "seeds": len(values), **{k: report.mean_std([v[k] for v in values]) for k in ("bwt", "forgetting")}})
+            transfers.append({"setting": setting, "seeds": len(values), **{k: report.mean_std([v[k] for v in values]) for k in report.TRANSFER}})
     if transfers:
-        sections.append("## Sequential training: backward transfer and forgetting\n\n" + report.markdown(["setting", "seeds", "bwt", "forgetting"], transfers))
-        (out_dir / "transfer.csv").write_text(report.csv(["setting", "seeds", "bwt", "forgetting"], transfers))
+        sections.append("## Sequential training: backward transfer and forgetting\n\n" + report.markdown(["setting", "seeds", *report.TRANSFER], transfers))
+        (out_dir / "transfer.csv").write_text(report.csv(["setting", "seeds", *report.TRANSFER], transfers))
 
     curves: dict[str, dict[int, list[float]]] = {}
     for run in runs:

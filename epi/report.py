@@ -10,6 +10,9 @@ of one setting are averaged. Definitions (also in the README):
 - BWT (backward transfer) = mean over tasks trained before the last stage of
   A[last][t] - A[s(t)][t], s(t) the stage that trained t; forgetting = mean of
   max_k<last A[k][t] - A[last][t] over the same tasks (>= 0; BWT < 0 means forgetting).
+- delta_A / delta_B (the papers' "train A then B" table): the change over the last stage of
+  the scores of the first stage's tasks (A: forgetting when negative) and of the last
+  stage's tasks (B: the gain).
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from omegaconf import OmegaConf
 
 from epi.errors import UserError
 from epi.logging import read_metrics
+
+
+TRANSFER = ("delta_A", "delta_B", "bwt", "forgetting")
 
 
 @dataclass
@@ -87,6 +93,28 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def split_overrides(setting: str) -> list[str]:
+    """"a=1,b=[x,y]" -> ["a=1", "b=[x,y]"]: commas inside brackets belong to the value."""
+    parts, depth, current = [], 0, ""
+    for ch in setting:
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    return parts + [current]
+
+
+def shorten(runs: list[Run]) -> None:
+    """Drop the overrides every run shares (e.g. experiment=..., model size) from the setting labels."""
+    parts = {r.setting: split_overrides(r.setting) for r in runs}
+    common = set.intersection(*(set(p) for p in parts.values())) if len(parts) > 1 else set()
+    for r in runs:
+        r.setting = ",".join(p.lstrip("+") for p in parts[r.setting] if p not in common) or "default"
+
+
 def by_setting(runs: list[Run]) -> dict[str, list[Run]]:
     out: dict[str, list[Run]] = {}
     for run in runs:
@@ -128,7 +156,12 @@ def transfer(run: Run) -> dict[str, float] | None:
     last = run.matrix[-1]
     bwt = statistics.fmean(last[t] - run.matrix[trained_at[t]][t] for t in earlier)
     forgetting = statistics.fmean(max(m[t] for m in run.matrix[:-1]) - last[t] for t in earlier)
-    return {"bwt": bwt, "forgetting": forgetting}
+    # the papers' forgetting table: change of the first stage's tasks (A) and the last stage's (B)
+    # over the last stage
+    first, final = run.stages[0], run.stages[len(run.matrix) - 1]
+    delta_a = statistics.fmean(last[t] - run.matrix[-2][t] for t in first)
+    delta_b = statistics.fmean(last[t] - run.matrix[-2][t] for t in final)
+    return {"bwt": bwt, "forgetting": forgetting, "delta_A": delta_a, "delta_B": delta_b}
 
 
 def fmt(cell) -> str:

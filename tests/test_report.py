@@ -55,7 +55,7 @@ def test_score_table_normalised_score_and_transfer(runs: Path) -> None:
     assert none["normalised"] == pytest.approx((0.5 / 0.8 + 0.3 / 0.6) / 2)
     seq = next(r for r in loaded if r.setting == "seq")
     t = report.transfer(seq)
-    assert t == pytest.approx({"bwt": 0.3 - 0.7, "forgetting": 0.7 - 0.3})
+    assert t == pytest.approx({"bwt": 0.3 - 0.7, "forgetting": 0.7 - 0.3, "delta_A": 0.3 - 0.7, "delta_B": 0.9 - 0.1})
     assert report.transfer(loaded[0]) is None
 
 
@@ -65,7 +65,7 @@ def test_eval_py_runs_writes_tables_and_plots(runs: Path, tmp_path: Path) -> Non
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = (out / "report.md").read_text()
     assert "| strategy=none | 2 | 0.500 ± 0.141 | 0.300 ± 0.141 | 0.400 ± 0.141 | 0.562 |" in md
-    assert "| seq | 1 | -0.400 ± 0.000 | 0.400 ± 0.000 |" in md
+    assert "| seq | 1 | -0.400 ± 0.000 | 0.800 ± 0.000 | -0.400 ± 0.000 | 0.400 ± 0.000 |" in md
     csv = (out / "scores.csv").read_text().splitlines()
     assert csv[0] == "setting,seeds,a_mean,a_std,b_mean,b_std,avg_mean,avg_std,normalised"
     assert (out / "scores_over_steps.png").is_file()

@@ -1,0 +1,56 @@
+"""The experiment configs compose with every arm, and each runs end to end in a smoke setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from epi.config import validate
+from epi.data.load import known_tasks
+from epi.strategies import build_strategy
+from tests.conftest import ROOT, TINY, make_cfg, run_script
+
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+
+
+def swept_runs() -> list[tuple[str, list[str]]]:
+    """(experiment, overrides) for every arm x list-valued choice an experiment's sweep names."""
+    out = []
+    for name in EXPERIMENTS:
+        params = OmegaConf.load(ROOT / "conf" / "experiment" / f"{name}.yaml").hydra.sweeper.params
+        arms = str(params.get("+arm", "")).split(",") if "+arm" in params else [None]
+        out += [(name, [f"+arm={arm}"] if arm else []) for arm in arms]
+    return out
+
+
+@pytest.mark.parametrize("experiment,overrides", swept_runs())
+def test_every_swept_arm_composes_and_validates(experiment: str, overrides: list[str]) -> None:
+    cfg = make_cfg(f"experiment={experiment}", *overrides, tiny=False)
+    validate(cfg, known_tasks(cfg.data))
+    build_strategy(cfg.strategy)
+
+
+SMOKE = {
+    "table_multitask": ["+arm=none,cpi,expert_math"],
+    "table_forgetting": ["+arm=none,cpi_sequential", "pair=[math,code]", "stage_steps=3"],
+    "drift": ["schedule.steps=6", "strategy.warmup=2", "strategy.refresh_every=2"],
+}
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_runs_in_a_smoke_setting(experiment: str, tmp_path: Path) -> None:
+    sweep = tmp_path / "multirun"
+    extra = SMOKE[experiment]
+    tiny = list(TINY)
+    proc = run_script("train.py", "-m", f"experiment={experiment}", "seed=0", *tiny, *extra, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = run_script("eval.py", f"runs={sweep}", f"hydra.run.dir={tmp_path / 'report'}", cwd=tmp_path)
+    assert report.returncode == 0, report.stderr[-3000:]
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "## Scores" in text
+    if experiment == "table_forgetting":
+        assert "delta_A" in text
+    if experiment == "drift":
+        assert (tmp_path / "report" / "drift.png").is_file()
