@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import hydra
@@ -36,11 +35,11 @@ def main(cfg: DictConfig) -> float:
     overrides = [o for o in hc.overrides.task if not o.startswith("resume=")]
     cfg.logger.name = cfg.logger.name or run_name(overrides)
     cfg.logger.group = cfg.logger.group or run_name(overrides, drop=("seed",))
-    writer = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 writes the run's files
+    trainer = Trainer(cfg, run_dir, resume_state)
+    writer = trainer.rank == 0  # under torchrun, rank 0 writes the run's files
     if writer:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-
-    results = Trainer(cfg, run_dir, resume_state).fit()
+    results = trainer.fit()
     if writer:
         print(write_results(run_dir, cfg.eval.split, results, f"{cfg.logger.name} ({cfg.eval.split} split, {run_dir})"))
     return sum(r["score"] for r in results.values()) / len(results)  # the sweeper's objective

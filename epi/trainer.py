@@ -83,6 +83,7 @@ def default_stages(cfg: DictConfig) -> list[Stage]:
 class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path, resume_state: dict[str, Any] | None = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.strategy = build_strategy(cfg.strategy)  # checks its keys before anything is written
         seed_everything(cfg.seed)
         self.device = pick_device(cfg.device)
         self.rank, self.world = init_distributed(self.device)
@@ -124,7 +125,6 @@ class Trainer:
             config=OmegaConf.to_container(cfg, resolve=True),
             tags=list(cfg.logger.tags),
         )
-        self.strategy = build_strategy(cfg.strategy)
         self.stages = self.strategy.prepare(self, default_stages(cfg))
         self.total_steps = sum(stage.steps for stage in self.stages)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.optimizer, lr_factor(s, self.total_steps))

@@ -95,3 +95,10 @@ def test_bad_strategy_values_name_the_key(strategy: str, override: str, needle: 
     with pytest.raises(UserError) as err:
         build_strategy(make_cfg(f"strategy={strategy}", override).strategy)
     assert needle in str(err.value)
+
+
+def test_bad_strategy_value_writes_nothing(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc = run_script("train.py", *TINY, "strategy=epi", "strategy.p=1.5", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert proc.returncode == 2 and "strategy.p=1.5" in proc.stderr
+    assert {p.name for p in run.iterdir()} <= {".hydra", "train.log"}  # Hydra's own record only
