@@ -12,6 +12,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 from epi.logging import read_metrics  # noqa: E402
 
 
+def _save(fig: plt.Figure, out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def mask_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """{metric: [(step, value), ...]} of the mask events a run logged at each refresh."""
     curves: dict[str, list[tuple[int, float]]] = {}
@@ -39,15 +47,11 @@ def plot_drift(runs: dict[str, Path], out: Path) -> Path | None:
     ax.set(xlabel="step", ylabel="Jaccard overlap of isolated sets", ylim=(0, 1.02), title="Mask drift")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def plot_overlap(tasks: list[str], overlap: list[list[float]], out: Path) -> Path:
     """CPI-FT's core overlap heatmap: Jaccard of the tasks' core regions."""
-    out.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(1.2 * len(tasks) + 2, 1.2 * len(tasks) + 1.5))
     image = ax.imshow(overlap, vmin=0, vmax=1, cmap="viridis")
     ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
@@ -57,10 +61,7 @@ def plot_overlap(tasks: list[str], overlap: list[list[float]], out: Path) -> Pat
             ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black", fontsize=8)
     ax.set_title("Core overlap (Jaccard)")
     fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def plot_scores_over_steps(curves: dict[str, dict[int, list[float]]], out: Path, title: str) -> Path:
@@ -74,7 +75,4 @@ def plot_scores_over_steps(curves: dict[str, dict[int, list[float]]], out: Path,
     ax.set(xlabel="step", ylabel="average score", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
