@@ -46,9 +46,8 @@ def evaluate_model(cfg: DictConfig, out_dir: Path) -> None:
         if not (Path(cfg.run_dir) / "model").is_dir() or not run_cfg.is_file():
             raise UserError(f"run_dir={cfg.run_dir!r} has no model/ and config.yaml; is it a finished train.py run directory?")
         data, model_dir = OmegaConf.load(run_cfg).data, str(Path(cfg.run_dir) / "model")
-    model_cfg = OmegaConf.create(
-        {"kind": "hf", "name_or_path": model_dir, "gguf_file": None, "dtype": "float32", "attn_implementation": "sdpa", "gradient_checkpointing": False}
-    )
+    model_cfg = OmegaConf.load(Path(__file__).parent / "conf" / "model" / "hf.yaml")  # the `model=hf` defaults
+    model_cfg.name_or_path = model_dir
     model, tok = build_model(model_cfg)
     model.to(pick_device(cfg.device))
     e = cfg.eval

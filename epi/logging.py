@@ -68,10 +68,6 @@ class RunLogger:
 
             self._guard("image", lambda: self._wandb.log({key: wandb.Image(str(path))}))
 
-    def summary(self, values: dict[str, Any]) -> None:
-        if self._wandb is not None:
-            self._guard("summary", lambda: self._wandb.summary.update(values))
-
     def close(self) -> None:
         if self._file is not None:
             self._file.close()

@@ -174,14 +174,15 @@ class Trainer:
         s = self.cfg.schedule
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if s.precision == "bf16" else nullcontext()
         self.model.train()
-        loss_sum, tokens = 0.0, 0
+        loss_sum = torch.zeros((), device=self.device)
+        tokens = torch.zeros((), device=self.device)
         for _ in range(s.grad_accum):
             batch = self._next_batch()
             with autocast:
                 loss = self.forward(**batch).loss / s.grad_accum
             loss.backward()
-            loss_sum += loss.item()
-            tokens += int(batch["attention_mask"].sum())
+            loss_sum += loss.detach()  # stays on the device: one host sync per step, below
+            tokens += batch["attention_mask"].sum()
         self.strategy.after_backward(step)
         self.optimizer.hide_isolated_grads()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.named_params.values(), s.clip_norm or math.inf)
@@ -189,7 +190,8 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.strategy.after_step(step)
-        return loss_sum, grad_norm.item(), tokens
+        loss_value, norm_value, token_count = torch.stack([loss_sum, grad_norm.float(), tokens.float()]).tolist()
+        return loss_value, norm_value, int(token_count)
 
     def _next_batch(self) -> dict[str, torch.Tensor]:
         picks = self.sampler.next_batch(self.cfg.schedule.batch_size)[self.rank :: self.world]  # same draw on every rank, one shard each

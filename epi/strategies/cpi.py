@@ -162,7 +162,7 @@ class CPI(Strategy):
     def on_stage_start(self, stage: Stage, step: int) -> None:
         if not self.freeze_cores:
             return
-        index = int(stage.name.removeprefix("group"))
+        index = self.groups.index(list(stage.tasks))
         earlier = [self.cores[t] for g in self.groups[:index] for t in g]
         frozen = union(*earlier) if earlier else {}
         self.trainer.optimizer.set_masks({n: m.to(self.trainer.device) for n, m in frozen.items()})
