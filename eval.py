@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from epi import report
 from epi.cli import exit_on_user_error, write_results
+from epi.data.format import encode_task
 from epi.data.load import load_tasks
 from epi.errors import UserError
 from epi.evaluate import evaluate
@@ -45,17 +46,20 @@ def evaluate_model(cfg: DictConfig, out_dir: Path) -> None:
         run_cfg = Path(cfg.run_dir) / "config.yaml"
         if not (Path(cfg.run_dir) / "model").is_dir() or not run_cfg.is_file():
             raise UserError(f"run_dir={cfg.run_dir!r} has no model/ and config.yaml; is it a finished train.py run directory?")
-        data, model_dir = OmegaConf.load(run_cfg).data, str(Path(cfg.run_dir) / "model")
+        # over the `data` defaults: a run from before a data key existed gets that key's default
+        data, model_dir = OmegaConf.merge(cfg.data, OmegaConf.load(run_cfg).data), str(Path(cfg.run_dir) / "model")
     model_cfg = OmegaConf.load(Path(__file__).parent / "conf" / "model" / "hf.yaml")  # the `model=hf` defaults
     model_cfg.name_or_path = model_dir
     model, tok = build_model(model_cfg)
     model.to(pick_device(cfg.device))
     e = cfg.eval
+    tasks = {name: encode_task(tok, task, data.max_len, data.truncate).task for name, task in load_tasks(data).items()}
     results = evaluate(
-        model, tok, load_tasks(data), split=e.split, n_examples=e.n_examples,
-        batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, max_len=data.max_len,
+        model, tok, tasks, split=e.split, n_examples=e.n_examples, batch_size=e.batch_size,
+        max_new_tokens=e.max_new_tokens, max_len=data.max_len, truncate=data.truncate,
     )
-    print(write_results(out_dir, e.split, results, f"{model_dir} ({e.split} split)"))
+    scorers = {name: task.scorer for name, task in tasks.items()}
+    print(write_results(out_dir, e.split, results, scorers, f"{model_dir} ({e.split} split)"))
     if cfg.run_dir is not None and plot_drift({Path(cfg.run_dir).name: Path(cfg.run_dir)}, out_dir / "drift.png"):
         print(f"mask drift plot: {out_dir / 'drift.png'}")
 

@@ -13,6 +13,7 @@ from epi.cli import exit_on_user_error, run_name, write_results
 from epi.config import validate
 from epi.data.load import known_tasks
 from epi.errors import UserError
+from epi.evaluate import average
 from epi.trainer import Trainer
 
 # Sections of the config a resumed run must share with its checkpoint.
@@ -41,8 +42,9 @@ def main(cfg: DictConfig) -> float:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     results = trainer.fit()
     if writer:
-        print(write_results(run_dir, cfg.eval.split, results, f"{cfg.logger.name} ({cfg.eval.split} split, {run_dir})"))
-    return sum(r["score"] for r in results.values()) / len(results)  # the sweeper's objective
+        scorers = {name: task.scorer for name, task in trainer.tasks.items()}
+        print(write_results(run_dir, cfg.eval.split, results, scorers, f"{cfg.logger.name} ({cfg.eval.split} split, {run_dir})"))
+    return average(results).get("score")  # the sweeper's objective; None when every task is scored by perplexity
 
 
 if __name__ == "__main__":

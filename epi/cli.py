@@ -5,8 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from epi.errors import UserError
 from epi.evaluate import format_table
@@ -32,9 +32,9 @@ def run_name(overrides: list[str], drop: tuple[str, ...] = ()) -> str:
     return ",".join(keep) or "default"
 
 
-def write_results(out_dir: Path, split: str, results: dict[str, dict[str, float]], title: str) -> str:
+def write_results(out_dir: Path, split: str, results: dict[str, dict[str, float]], scorers: dict[str, str], title: str) -> str:
     """Writes eval_<split>.json and .md next to each other; returns the markdown table."""
-    table = format_table(results, title)
+    table = format_table(results, scorers, title)
     (out_dir / f"eval_{split}.json").write_text(json.dumps(results, indent=2) + "\n")
     (out_dir / f"eval_{split}.md").write_text(table + "\n")
     return table

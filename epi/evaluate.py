@@ -1,19 +1,27 @@
-"""Per-task evaluation: greedy-generation score and response loss, and the table that reports them."""
+"""Per-task evaluation: the task's score from greedy generation and the response loss, and their table.
+
+`score` means what the task's scorer says (exact match, final number, option letter: a
+fraction correct). Open-ended tasks (scorer `perplexity`) have no score: they report
+`perplexity` = exp(response loss) and skip generation.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from epi.data.format import IGNORE_INDEX, collate, encode_example, prompt_ids
+from epi.data.format import IGNORE_INDEX, Chat, collate, encode_example, prompt_ids
+from epi.data.scorers import FROM_LOSS
 from epi.data.tasks import Example, Task
 
 
 @torch.no_grad()
-def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy completions; prompts are left-padded so every row continues from its last real token."""
+def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, examples: list[Example | Chat], max_new_tokens: int) -> list[str]:
+    """Greedy completions of everything before each example's last reply; left-padded so every row continues from its last real token."""
     device = next(model.parameters()).device
-    rows = [prompt_ids(tok, p) for p in prompts]
+    rows = [prompt_ids(tok, ex) for ex in examples]
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
@@ -32,10 +40,12 @@ def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list
 
 
 @torch.no_grad()
-def response_loss(model: PreTrainedModel, tok: PreTrainedTokenizerBase, examples: list[Example], max_len: int) -> float:
+def response_loss(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, examples: list[Example | Chat], max_len: int, truncate: str
+) -> float:
     """Mean cross-entropy per response token (the training objective, on held-out data)."""
     device = next(model.parameters()).device
-    batch = collate([encode_example(tok, ex, max_len) for ex in examples], tok.pad_token_id)
+    batch = collate([encode_example(tok, ex, max_len, truncate) for ex in examples], tok.pad_token_id)
     logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
     labels = batch["labels"][:, 1:].to(device)
     return torch.nn.functional.cross_entropy(
@@ -53,8 +63,9 @@ def evaluate(
     batch_size: int,
     max_new_tokens: int,
     max_len: int,
+    truncate: str,
 ) -> dict[str, dict[str, float]]:
-    """{task: {"score": mean scorer value, "loss": response loss}} on the first n examples of `split`."""
+    """{task: {"score" or "perplexity", "loss"}} on the first n examples of `split`."""
     was_training = model.training
     model.eval()
     results = {}
@@ -63,25 +74,33 @@ def evaluate(
         scores, losses = [], []
         for i in range(0, len(examples), batch_size):
             chunk = examples[i : i + batch_size]
-            predictions = generate(model, tok, [ex.prompt for ex in chunk], max_new_tokens)
-            scores += [task.score(p, ex) for p, ex in zip(predictions, chunk)]
-            losses.append(response_loss(model, tok, chunk, max_len) * len(chunk))
-        results[name] = {"score": sum(scores) / len(scores), "loss": sum(losses) / len(examples)}
+            if task.scorer not in FROM_LOSS:
+                predictions = generate(model, tok, chunk, max_new_tokens)
+                scores += [task.score(p, ex) for p, ex in zip(predictions, chunk)]
+            losses.append(response_loss(model, tok, chunk, max_len, truncate) * len(chunk))
+        loss = sum(losses) / len(examples)
+        quality = {"perplexity": math.exp(loss)} if task.scorer in FROM_LOSS else {"score": sum(scores) / len(scores)}
+        results[name] = {**quality, "loss": loss}
     model.train(was_training)
     return results
 
 
 def average(results: dict[str, dict[str, float]]) -> dict[str, float]:
-    metrics = next(iter(results.values())).keys()
-    return {m: sum(r[m] for r in results.values()) / len(results) for m in metrics}
+    """Each metric averaged over the tasks that report it (`score` over the scored tasks only)."""
+    metrics = dict.fromkeys(m for r in results.values() for m in r)
+    return {m: sum(r[m] for r in results.values() if m in r) / sum(m in r for r in results.values()) for m in metrics}
 
 
-def format_table(results: dict[str, dict[str, float]], title: str = "") -> str:
-    """A markdown table: one row per task plus the average."""
+def format_table(results: dict[str, dict[str, float]], scorers: dict[str, str], title: str = "") -> str:
+    """A markdown table: one row per task with the scorer that gave its score, plus the average."""
+    columns = ["score", "loss"] + (["perplexity"] if any("perplexity" in r for r in results.values()) else [])
+
+    def cells(r: dict[str, float]) -> str:
+        return " | ".join(f"{r[c]:.3f}" if c in r else "–" for c in columns)
+
     lines = [title] if title else []
-    lines += ["| task | score | loss |", "|---|---:|---:|"]
+    lines += ["| task | scorer | " + " | ".join(columns) + " |", "|---|---|" + "---:|" * len(columns)]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['score']:.3f} | {r['loss']:.3f} |")
-    avg = average(results)
-    lines.append(f"| **avg** | {avg['score']:.3f} | {avg['loss']:.3f} |")
+        lines.append(f"| {name} | {scorers[name]} | {cells(r)} |")
+    lines.append(f"| **avg** | | {cells(average(results))} |")
     return "\n".join(lines)

@@ -7,8 +7,6 @@ accepts, so the run directory always ends with a loadable Hugging Face model.
 from __future__ import annotations
 
 import importlib.util
-import os
-import socket
 from pathlib import Path
 
 import torch
@@ -23,6 +21,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from epi import hub
 from epi.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -106,14 +105,7 @@ def _require_hub(name: str) -> None:
 
     if isinstance(try_to_load_from_cache(name, "config.json"), str):
         return  # in the local HF cache: loads offline
-    reason = None
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        reason = "HF_HUB_OFFLINE=1 is set"
-    else:
-        try:
-            socket.create_connection(("huggingface.co", 443), timeout=3).close()
-        except OSError:
-            reason = "the Hugging Face hub is not reachable from this machine"
+    reason = hub.unreachable_reason(hub.MODELS)
     if reason:
         raise UserError(
             f"model.name_or_path={name!r} is not a local directory and {reason}. "

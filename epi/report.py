@@ -28,7 +28,6 @@ from omegaconf import OmegaConf
 from epi.errors import UserError
 from epi.logging import read_metrics
 
-
 TRANSFER = ("delta_A", "delta_B", "bwt", "forgetting")
 
 
@@ -73,7 +72,7 @@ def load_run(path: Path, split: str) -> Run:
         setting=cfg.logger.group or "default",
         seed=int(cfg.seed),
         tasks=list(cfg.data.tasks),
-        scores={t: r["score"] for t, r in final.items()},
+        scores={t: r["score"] for t, r in final.items() if "score" in r},  # perplexity-scored tasks have none
         stages=stages,
         matrix=[after[k] for k in sorted(after)],
     )

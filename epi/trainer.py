@@ -11,9 +11,10 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,10 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from epi import checkpoint
-from epi.data.format import collate, encode_example
+from epi.data.format import collate, encode_task
 from epi.data.load import load_tasks
+from epi.data.mixture import MixtureSampler, sampling_weights
 from epi.errors import UserError
-from epi.data.mixture import MixtureSampler
 from epi.evaluate import average, evaluate
 from epi.logging import RunLogger
 from epi.models import build_model
@@ -80,6 +81,17 @@ def default_stages(cfg: DictConfig) -> list[Stage]:
     ]
 
 
+def format_stats(stats: dict[str, dict[str, int]], data: DictConfig) -> str:
+    """One line per task: training examples and tokens after fitting data.max_len, and what that cost."""
+    lines = [f"data (max_len={data.max_len}, truncate={data.truncate}):"]
+    for task, s in stats.items():
+        lines.append(
+            f"  {task}: {s['examples']} train examples, {s['tokens']} tokens ({s['trained_tokens']} trained); "
+            f"{s['truncated']} truncated, {s['dropped']} dropped; val/test dropped {s['val_dropped']}/{s['test_dropped']}"
+        )
+    return "\n".join(lines)
+
+
 class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path, resume_state: dict[str, Any] | None = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
@@ -89,18 +101,19 @@ class Trainer:
         self.rank, self.world = init_distributed(self.device)
         if self.device.type == "cuda" and self.world > 1:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        self.tasks = load_tasks(cfg.data)
+        tasks = load_tasks(cfg.data)
         self.model, self.tokenizer = build_model(cfg.model)
+        encoded = {name: encode_task(self.tokenizer, task, cfg.data.max_len, cfg.data.truncate) for name, task in tasks.items()}
+        self.tasks = {name: e.task for name, e in encoded.items()}  # eval splits without what max_len cannot hold
+        self.train_sets = {name: e.rows for name, e in encoded.items()}
+        self.data_stats = {name: e.stats for name, e in encoded.items()}
+        self.realised = {name: {"examples": 0, "tokens": 0} for name in tasks}  # what training actually drew
         self.model.to(self.device)
         # Data parallel: DDP averages gradients in backward, so every rank sees the same gradients,
         # the same importance and therefore the same masks (EPI all-reduces its scores as well).
         self.forward = torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
         if cfg.schedule.batch_size % self.world:
             raise UserError(f"schedule.batch_size={cfg.schedule.batch_size} must be divisible by the number of processes ({self.world})")
-        self.train_sets = {
-            name: [encode_example(self.tokenizer, ex, cfg.data.max_len) for ex in task.splits["train"]]
-            for name, task in self.tasks.items()
-        }
         self.sampler = MixtureSampler(
             {name: len(rows) for name, rows in self.train_sets.items()},
             {name: 1.0 for name in self.tasks},
@@ -125,6 +138,10 @@ class Trainer:
             config=OmegaConf.to_container(cfg, resolve=True),
             tags=list(cfg.logger.tags),
         )
+        if self.rank == 0:
+            print(format_stats(self.data_stats, cfg.data))
+        for task, stats in self.data_stats.items():
+            self.logger.log(0, "data", stats, task=task)
         self.stages = self.strategy.prepare(self, default_stages(cfg))
         self.total_steps = sum(stage.steps for stage in self.stages)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.optimizer, lr_factor(s, self.total_steps))
@@ -141,7 +158,8 @@ class Trainer:
             stage_start, stage_end = stage_end, stage_end + stage.steps
             if self.step >= stage_end:
                 continue  # finished before a resume
-            self.sampler.set_weights({t: stage.weights.get(t, 1.0) if t in stage.tasks else 0.0 for t in self.tasks})
+            weights = {t: stage.weights.get(t, 1.0) if t in stage.tasks else 0.0 for t in self.tasks}
+            self.sampler.set_weights(sampling_weights(self.sampler.sizes, weights, cfg.data.temperature))
             if self.step == stage_start:
                 self.strategy.on_stage_start(stage, self.step)
             while self.step < stage_end:
@@ -160,6 +178,7 @@ class Trainer:
                 if s.checkpoint_every and step % s.checkpoint_every == 0:
                     self.save_checkpoint()
             self.strategy.on_stage_end(stage, self.step)
+            self.log_realised()
             if len(self.stages) > 1:  # the accuracy matrix of sequential training: every task after every stage
                 self.evaluate(self.step, f"{cfg.eval.split}/after_stage{index}")
         bar.close()
@@ -194,9 +213,22 @@ class Trainer:
         return loss_value, norm_value, int(token_count)
 
     def _next_batch(self) -> dict[str, torch.Tensor]:
-        picks = self.sampler.next_batch(self.cfg.schedule.batch_size)[self.rank :: self.world]  # same draw on every rank, one shard each
+        picks = self.sampler.next_batch(self.cfg.schedule.batch_size)
+        for task, i in picks:  # the global batch: the same count on every rank
+            self.realised[task]["examples"] += 1
+            self.realised[task]["tokens"] += len(self.train_sets[task][i]["input_ids"])
+        picks = picks[self.rank :: self.world]  # same draw on every rank, one shard each
         batch = collate([self.train_sets[task][i] for task, i in picks], self.tokenizer.pad_token_id)
         return {k: v.to(self.device) for k, v in batch.items()}
+
+    def log_realised(self) -> None:
+        """The mixture as trained so far: examples and tokens drawn per task, and each task's share of the tokens."""
+        total = sum(r["tokens"] for r in self.realised.values()) or 1
+        for task, r in self.realised.items():
+            self.logger.log(self.step, "mixture", {**r, "token_share": r["tokens"] / total}, task=task)
+        if self.rank == 0:
+            shares = (f"{t} {r['examples']} ex / {r['tokens']} tok ({r['tokens'] / total:.0%})" for t, r in self.realised.items())
+            tqdm.write(f"realised mixture at step {self.step}: " + ", ".join(shares))
 
     # ---------------------------------------------------------------- eval, save, resume
     def evaluate(self, step: int, split_name: str) -> dict[str, dict[str, float]]:
@@ -210,6 +242,7 @@ class Trainer:
             batch_size=e.batch_size,
             max_new_tokens=e.max_new_tokens,
             max_len=self.cfg.data.max_len,
+            truncate=self.cfg.data.truncate,
         )
         for task, metrics in results.items():
             self.logger.log(step, split_name, metrics, task=task)
@@ -233,6 +266,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "sampler": self.sampler.state_dict(),
+                "realised": self.realised,
                 "strategy": self.strategy.state_dict(),
                 "rng": checkpoint.rng_state(),
                 "config": OmegaConf.to_container(self.cfg, resolve=True),
@@ -244,6 +278,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
+        self.realised = state["realised"]
         self.strategy.load_state_dict(state["strategy"])
         checkpoint.set_rng_state(state["rng"])
         self.step = state["step"]

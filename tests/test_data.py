@@ -8,7 +8,15 @@ from transformers import ByT5Tokenizer
 from epi.data.format import IGNORE_INDEX, collate, encode_example, prompt_ids
 from epi.data.mixture import MixtureSampler
 from epi.data.scorers import SCORERS, get_scorer
-from epi.data.tasks import BUILTIN_TASKS, MAX_EXAMPLE_BYTES, SPLITS, Example, Task, make_builtin_task, split_of
+from epi.data.tasks import (
+    BUILTIN_TASKS,
+    MAX_EXAMPLE_BYTES,
+    SPLITS,
+    Example,
+    Task,
+    make_builtin_task,
+    split_of,
+)
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
@@ -135,7 +143,7 @@ def byt5_chat():
 
 def check_mask(tok, ex: Example, expected_prompt: str):
     enc = encode_example(tok, ex, max_len=128)
-    p = prompt_ids(tok, ex.prompt)
+    p = prompt_ids(tok, ex)
     assert isinstance(p, list) and all(type(i) is int for i in p)
     assert tok.decode(p) == expected_prompt
     assert enc["input_ids"][: len(p)] == p
@@ -160,7 +168,7 @@ def test_mask_chat_template(byt5_chat):
 
 def test_truncation_and_prompt_too_long(byt5):
     ex = Example("code", "code max 3 7 2", "max([3, 7, 2])")
-    n_prompt = len(prompt_ids(byt5, ex.prompt))
+    n_prompt = len(prompt_ids(byt5, ex))
     enc = encode_example(byt5, ex, max_len=n_prompt + 3)
     assert len(enc["input_ids"]) == n_prompt + 3
     assert byt5.decode(enc["labels"][n_prompt:]) == "max"
@@ -190,7 +198,7 @@ def test_smollm2_tokenizer(smollm2_dir: str):
     tok = AutoTokenizer.from_pretrained(smollm2_dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     assert tok.chat_template and tok.eos_token == "<|im_end|>"
     ex = Example("logic", "logic 37 > 48 and 2 < 5", "false")
-    p = prompt_ids(tok, ex.prompt)
+    p = prompt_ids(tok, ex)
     assert tok.decode(p).endswith("<|im_start|>user\nlogic 37 > 48 and 2 < 5<|im_end|>\n<|im_start|>assistant\n")
     enc = encode_example(tok, ex, max_len=128)
     trained = [i for i in enc["labels"] if i != IGNORE_INDEX]

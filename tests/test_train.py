@@ -111,9 +111,10 @@ def test_smollm2_loads_trains_two_steps_with_epi_and_generates(tmp_path: Path, s
     results = trainer.fit()
     assert not torch.equal(before, trainer.model.model.layers[0].mlp.up_proj.weight)
     assert set(results) == {"math"} and 0.0 <= results["math"]["score"] <= 1.0
+    from epi.data.tasks import Example
     from epi.evaluate import generate
 
-    text = generate(trainer.model, trainer.tokenizer, ["What is 2 + 3?"], max_new_tokens=8)[0]
+    text = generate(trainer.model, trainer.tokenizer, [Example("math", "What is 2 + 3?", "5")], max_new_tokens=8)[0]
     assert isinstance(text, str) and len(text) > 0
     fractions = [e["value"] for e in read_metrics(tmp_path) if e["metric"] == "isolated_fraction"]
     assert len(fractions) == 2 and all(0.005 < f < 0.01 for f in fractions)  # p = 1% of the linear weights

@@ -1,44 +1,154 @@
-"""Turn (prompt, response) into token ids with a loss mask on the response only.
+"""Turn examples into token ids with a loss mask on the assistant's replies only.
 
-The model is trained to produce the response and end it with EOS; the prompt is
-context, so its labels are IGNORE_INDEX. `prompt_ids` is also what generation
-at evaluation time must feed the model, so training and evaluation see the
-exact same prompt tokens.
+An example is a conversation: a prompt/response pair is one user turn and one
+assistant turn; a `Chat` (e.g. UltraChat) has several. The model is trained to
+produce every assistant reply and end it with EOS; everything else is context,
+so its labels are IGNORE_INDEX. The context before the last reply is also what
+generation at evaluation time feeds the model, so training and evaluation see
+the exact same prompt tokens.
+
+With a chat template (SmolLM2) the text around the replies is the template's;
+without one (the byte-level tiny model) a user or system turn is its text and
+a newline, and a reply is its text and EOS.
 """
+
+from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
-from epi.data.tasks import Example
+from epi.data.tasks import Example, Task
+from epi.errors import UserError
 
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
+TRUNCATE = ("response", "drop")  # data.truncate: right-truncate an over-long example, or drop it
+
+Turn = tuple[str, str]  # (role, content); role is system, user or assistant
 
 
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """Prompt tokens up to where the response starts.
+@dataclass(frozen=True)
+class Chat:
+    """A multi-turn conversation ending with an assistant turn; that last reply is the evaluation reference."""
 
-    With a chat template (SmolLM2) this is a user turn plus the assistant header;
-    otherwise (byte-level tiny model) the prompt and a newline separator.
-    """
+    task: str
+    messages: tuple[Turn, ...]
+
+    @property
+    def response(self) -> str:
+        return self.messages[-1][1]
+
+
+class TooLong(ValueError):
+    """An example that does not fit data.max_len under the truncation policy."""
+
+
+def turns(ex: Example | Chat) -> tuple[Turn, ...]:
+    if isinstance(ex, Chat):
+        return ex.messages
+    return (("user", ex.prompt), ("assistant", ex.response))
+
+
+def render(tokenizer, context: tuple[Turn, ...]) -> str:
+    """The text of `context` followed by whatever opens the next assistant reply."""
     if tokenizer.chat_template:
-        # transformers 5 returns a BatchEncoding when tokenize=True; ask for it explicitly.
-        enc = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=True
-        )
-        return [int(i) for i in enc["input_ids"]]
-    return tokenizer(prompt + "\n", add_special_tokens=False)["input_ids"]
+        messages = [{"role": role, "content": content} for role, content in context]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return "".join(content + (tokenizer.eos_token if role == "assistant" else "\n") for role, content in context)
 
 
-def encode_example(tokenizer, ex: Example, max_len: int) -> dict[str, list[int]]:
-    """{"input_ids", "labels"} for one example, response truncated from the right to fit max_len."""
-    p = prompt_ids(tokenizer, ex.prompt)
-    r = tokenizer(ex.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    if len(p) >= max_len:
-        raise ValueError(
-            f"task {ex.task!r}: prompt is {len(p)} tokens, max_len={max_len} leaves no room for "
-            f"the response (prompt {ex.prompt!r})"
+def _encode_turns(tokenizer, conversation: tuple[Turn, ...]) -> tuple[list[int], list[int], int]:
+    """(input_ids, labels, index where the last reply starts), untruncated.
+
+    The text between replies is tokenised on its own, reply by reply, so the ids
+    of a context never depend on the reply that follows it.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    seen, start = "", 0
+    for i, (role, content) in enumerate(conversation):
+        if role != "assistant":
+            continue
+        text = render(tokenizer, conversation[:i])
+        if not text.startswith(seen):
+            raise UserError(
+                "the tokenizer's chat template does not render earlier assistant turns as reply + EOS, so "
+                "multi-turn loss masks cannot be placed; use prompt/response fields or a model whose template does"
+            )
+        context = tokenizer(text[len(seen) :], add_special_tokens=False)["input_ids"]
+        reply = tokenizer(content, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        start = len(ids) + len(context)
+        ids += context + reply
+        labels += [IGNORE_INDEX] * len(context) + reply
+        seen = text + content + tokenizer.eos_token
+    return ids, labels, start
+
+
+def prompt_ids(tokenizer, ex: Example | Chat) -> list[int]:
+    """The tokens generation continues from: everything before the last reply."""
+    ids, _, start = _encode_turns(tokenizer, turns(ex))
+    return ids[:start]
+
+
+def _fit(ex: Example | Chat, ids: list[int], labels: list[int], max_len: int, truncate: str) -> dict[str, list[int]]:
+    first = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    if first >= max_len:
+        raise TooLong(
+            f"task {ex.task!r}: the prompt is {first} tokens, max_len={max_len} leaves no room for the response "
+            f"(prompt {turns(ex)[0][1][:80]!r})"
         )
-    r = r[: max_len - len(p)]  # keeps >= 1 response token since len(p) < max_len
-    return {"input_ids": p + r, "labels": [IGNORE_INDEX] * len(p) + r}
+    if len(ids) > max_len and truncate == "drop":
+        raise TooLong(f"task {ex.task!r}: example is {len(ids)} tokens > max_len={max_len} (data.truncate=drop)")
+    return {"input_ids": ids[:max_len], "labels": labels[:max_len]}
+
+
+def encode_example(tokenizer, ex: Example | Chat, max_len: int, truncate: str = "response") -> dict[str, list[int]]:
+    """{"input_ids", "labels"} for one example; raises TooLong if it cannot fit `max_len` under `truncate`."""
+    ids, labels, _ = _encode_turns(tokenizer, turns(ex))
+    return _fit(ex, ids, labels, max_len, truncate)
+
+
+@dataclass
+class EncodedTask:
+    """A task's training rows and its eval splits, both restricted to what fits max_len, and how much was cut."""
+
+    rows: list[dict[str, list[int]]]
+    task: Task
+    stats: dict[str, int]
+
+
+def encode_task(tokenizer, task: Task, max_len: int, truncate: str) -> EncodedTask:
+    """Encode the training split and filter val/test by the same policy; a split emptied by it is an error."""
+    rows, stats = [], {"truncated": 0, "dropped": 0}
+    for ex in task.splits["train"]:
+        ids, labels, _ = _encode_turns(tokenizer, turns(ex))
+        try:
+            rows.append(_fit(ex, ids, labels, max_len, truncate))
+        except TooLong:
+            stats["dropped"] += 1
+            continue
+        stats["truncated"] += len(ids) > max_len
+    splits = {"train": task.splits["train"]}
+    for split in ("val", "test"):
+        splits[split] = []
+        for ex in task.splits[split]:
+            try:
+                encode_example(tokenizer, ex, max_len, truncate)
+                splits[split].append(ex)
+            except TooLong:
+                pass
+        stats[f"{split}_dropped"] = len(task.splits[split]) - len(splits[split])
+    for split, kept in (("train", rows), ("val", splits["val"]), ("test", splits["test"])):
+        if task.splits[split] and not kept:
+            raise UserError(
+                f"task {task.name!r}: all {len(task.splits[split])} {split} examples are longer than "
+                f"data.max_len={max_len} allows (data.truncate={truncate}); raise data.max_len"
+                + (" or use data.truncate=response" if truncate == "drop" else "")
+            )
+    stats["examples"] = len(rows)
+    stats["tokens"] = sum(len(r["input_ids"]) for r in rows)
+    stats["trained_tokens"] = sum(sum(label != IGNORE_INDEX for label in r["labels"]) for r in rows)
+    return EncodedTask(rows, Task(task.name, splits, task.scorer), stats)
 
 
 def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -10,6 +10,18 @@ from it continues the exact stream an uninterrupted run would have drawn.
 import numpy as np
 
 
+def sampling_weights(sizes: dict[str, int], weights: dict[str, float], temperature: float | None) -> dict[str, float]:
+    """Temperature sampling: P(task) ∝ weight · size^(1/T).
+
+    T = 1 draws tasks in proportion to their training sets (a plain concatenation), a large T
+    approaches uniform (small tasks up-sampled, large ones down-sampled), and None uses the
+    weights alone, every task equally likely at weight 1 whatever its size.
+    """
+    if temperature is None:
+        return dict(weights)
+    return {task: w * sizes[task] ** (1.0 / temperature) for task, w in weights.items()}
+
+
 class MixtureSampler:
     def __init__(self, sizes: dict[str, int], weights: dict[str, float], seed: int):
         for task, n in sizes.items():

@@ -1,12 +1,19 @@
 """Scorers: compare a decoded model answer with the gold response, 1.0 = correct.
 
 A plain dict of small functions, so a task names its scorer by a string that
-can live in a config file.
+can live in a config file. `perplexity` is the one scorer that reads no text:
+open-ended tasks (Alpaca, UltraChat) have no single right answer and no LLM
+judge here, so evaluation reports exp(response loss) for them instead of
+generating; see `FROM_LOSS`.
 """
 
-from typing import Callable
+import re
+from collections.abc import Callable
 
 Scorer = Callable[[str, str], float]
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_OPTION = re.compile(r"\b([A-E])\b")
 
 
 def exact_match(prediction: str, reference: str) -> float:
@@ -14,9 +21,41 @@ def exact_match(prediction: str, reference: str) -> float:
     return float(prediction.strip() == reference.strip())
 
 
+def final_number(text: str) -> float | None:
+    """GSM8K's convention: the number after the last `####`, else the last number in the text (commas ignored)."""
+    text = text.replace(",", "")
+    if "####" in text:
+        text = text.rsplit("####", 1)[1]
+        found = _NUMBER.search(text)
+    else:
+        found = (list(_NUMBER.finditer(text)) or [None])[-1]
+    return float(found.group()) if found else None
+
+
+def numeric(prediction: str, reference: str) -> float:
+    """Chain-of-thought answers: only the final number counts, `72`, `72.0` and `#### 72` alike."""
+    gold, guess = final_number(reference), final_number(prediction)
+    return float(gold is not None and guess is not None and abs(gold - guess) < 1e-6)
+
+
+def option_letter(prediction: str, reference: str) -> float:
+    """Multiple choice (LogiQA): the first standalone capital A-E in the answer, e.g. `B`, `(B)`, `Answer: B.`"""
+    found = _OPTION.search(prediction)
+    return float(found is not None and found.group(1) == reference.strip().upper())
+
+
+def perplexity(prediction: str, reference: str) -> float:
+    """Never called on text: evaluation computes exp(response loss) for tasks with this scorer."""
+    raise TypeError("the perplexity scorer is computed from the response loss, not from generated text")
+
+
 SCORERS: dict[str, Scorer] = {
     "exact_match": exact_match,
+    "numeric": numeric,
+    "option_letter": option_letter,
+    "perplexity": perplexity,
 }
+FROM_LOSS = frozenset({"perplexity"})  # scorers evaluated from the loss: no generation, no `score`
 
 
 def get_scorer(name: str) -> Scorer:
