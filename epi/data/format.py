@@ -60,27 +60,31 @@ def render(tokenizer, context: tuple[Turn, ...]) -> str:
 def _encode_turns(tokenizer, conversation: tuple[Turn, ...]) -> tuple[list[int], list[int], int]:
     """(input_ids, labels, index where the last reply starts), untruncated.
 
-    The text between replies is tokenised on its own, reply by reply, so the ids
-    of a context never depend on the reply that follows it.
+    The text between replies is tokenised on its own, reply by reply, so the ids of a
+    context never depend on the reply that follows it. A reply is its tokens and EOS; the
+    template's own end of turn, when it starts with the EOS text, is that EOS.
     """
     ids: list[int] = []
     labels: list[int] = []
-    seen, start = "", 0
+    covered, start = "", 0  # the rendered text that `ids` stand for
     for i, (role, content) in enumerate(conversation):
         if role != "assistant":
             continue
         text = render(tokenizer, conversation[:i])
-        if not text.startswith(seen):
+        if not text.startswith(covered):
             raise UserError(
-                "the tokenizer's chat template does not render earlier assistant turns as reply + EOS, so "
-                "multi-turn loss masks cannot be placed; use prompt/response fields or a model whose template does"
+                "the tokenizer's chat template renders earlier turns differently once later turns follow, so "
+                "loss masks cannot be placed on every assistant turn; use prompt/response fields for this task"
             )
-        context = tokenizer(text[len(seen) :], add_special_tokens=False)["input_ids"]
+        rest = text[len(covered) :]
+        if ids:
+            rest = rest.removeprefix(tokenizer.eos_token)
+        context = tokenizer(rest, add_special_tokens=False)["input_ids"]
         reply = tokenizer(content, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         start = len(ids) + len(context)
         ids += context + reply
         labels += [IGNORE_INDEX] * len(context) + reply
-        seen = text + content + tokenizer.eos_token
+        covered = text + content
     return ids, labels, start
 
 
