@@ -19,7 +19,7 @@ from epi.errors import UserError
 from epi.logging import read_metrics
 from epi.models import build_model
 from epi.trainer import Trainer
-from tests.conftest import TINY, make_cfg, run_script
+from tests.conftest import TINY, TINY_MODEL, make_cfg, run_script
 from tests.paper_files import write_jsonl, write_paper_files
 from tests.test_data import CHAT_TEMPLATE
 
@@ -261,14 +261,32 @@ def test_hub_dataset_without_network_fails_fast_with_local_file_fix(tmp_path: Pa
     assert "hub dataset 'openai/gsm8k'" in msg and "data.sources.gsm8k.hub=null data.sources.gsm8k.train=/path/train.jsonl" in msg
 
 
-@pytest.mark.parametrize("bad", ["malformed", "unknown_scorer"])
-def test_cli_bad_data_exits_2_and_writes_nothing(tmp_path: Path, bad: str) -> None:
-    path = tmp_path / "bad.jsonl"
-    path.write_text('{"question": "a", "answer": "1"}\nnot json\n')
-    extra = ["data.sources.gsm8k.scorer=bleu"] if bad == "unknown_scorer" else []
+@pytest.mark.parametrize(
+    "bad,needle",
+    [
+        ("malformed", "bad.jsonl:2: malformed JSON line"),
+        ("missing_field", "field response='answer' is not a column of"),
+        ("empty", "empty.jsonl: empty file, no rows"),
+        ("unknown_scorer", "data.sources.gsm8k.scorer='bleu': unknown scorer"),
+        ("unknown_model", "model.name_or_path='no-such-org/no-such-model' is not a local directory"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path: Path, bad: str, needle: str) -> None:
+    good = write_jsonl(tmp_path / "good.jsonl", [{"question": f"{i} + 1", "answer": f"#### {i + 1}"} for i in range(20)])
+    (tmp_path / "bad.jsonl").write_text('{"question": "a", "answer": "1"}\nnot json\n')
+    write_jsonl(tmp_path / "missing.jsonl", [{"question": "a", "solution": "1"}])
+    (tmp_path / "empty.jsonl").write_text("")
+    args = {
+        "malformed": one_task(tmp_path / "bad.jsonl"),
+        "missing_field": one_task(tmp_path / "missing.jsonl"),
+        "empty": one_task(tmp_path / "empty.jsonl"),
+        "unknown_scorer": one_task(good, "data.sources.gsm8k.scorer=bleu"),
+        "unknown_model": one_task(good, "model=hf", "model.name_or_path=no-such-org/no-such-model"),
+    }[bad]
     run = tmp_path / "run"
-    proc = run_script("train.py", *TINY, *one_task(path, *extra), f"hydra.run.dir={run}", cwd=tmp_path)
+    base = [o for o in TINY if o not in TINY_MODEL] if bad == "unknown_model" else TINY
+    proc = run_script("train.py", *base, *args, f"hydra.run.dir={run}", cwd=tmp_path)
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and ("bad.jsonl:2: malformed JSON line" in last if bad == "malformed" else "unknown scorer" in last)
+    assert last.startswith("error: ") and needle in last
     assert {p.name for p in run.iterdir()} <= {".hydra", "train.log"}  # Hydra's own record only
