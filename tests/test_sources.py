@@ -14,6 +14,7 @@ from epi.config import validate
 from epi.data.format import IGNORE_INDEX, Chat, encode_example, encode_task, prompt_ids
 from epi.data.load import known_tasks, load_tasks
 from epi.data.mixture import sampling_weights
+from epi.data.sources import holdout_key
 from epi.data.tasks import Example
 from epi.errors import UserError
 from epi.logging import read_metrics
@@ -82,7 +83,7 @@ def test_field_mappings_give_the_papers_prompts(paper: list[str]) -> None:
     chat = tasks["ultrachat"].splits["train"][0]
     assert isinstance(chat, Chat) and [r for r, _ in chat.messages] == ["user", "assistant", "user", "assistant"]
     for name, task in tasks.items():  # no prompt in two splits
-        train, val = ({json.dumps(ex.messages[0] if isinstance(ex, Chat) else ex.prompt) for ex in task.splits[s]} for s in ("train", "val"))
+        train, val = ({holdout_key(ex) for ex in task.splits[s]} for s in ("train", "val"))
         assert val and not train & val, name
 
 

@@ -203,10 +203,16 @@ def to_example(task: str, row: Row, fields: DictConfig, origin: str, index: int)
     return Example(task, "\n\n".join(parts), "" if response is None else str(response))
 
 
+def holdout_key(ex: Example | Chat) -> str:
+    """What a split is assigned by: the prompt, or everything but the replies (a shared system prompt alone would put all in one split)."""
+    if isinstance(ex, Chat):
+        return "\n".join(content for role, content in ex.messages if role != "assistant")
+    return ex.prompt
+
+
 def _holdout_bucket(ex: Example | Chat) -> float:
     """A stable number in [0, 1) from the prompt: the same prompt always lands in the same split."""
-    key = ex.messages[0][1] if isinstance(ex, Chat) else ex.prompt
-    return zlib.crc32(key.encode()) % 100_000 / 100_000
+    return zlib.crc32(holdout_key(ex).encode()) % 100_000 / 100_000
 
 
 def load_source_task(name: str, source: DictConfig, data: DictConfig) -> Task:
