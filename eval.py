@@ -47,7 +47,8 @@ def evaluate_model(cfg: DictConfig, out_dir: Path) -> None:
         if not (Path(cfg.run_dir) / "model").is_dir() or not run_cfg.is_file():
             raise UserError(f"run_dir={cfg.run_dir!r} has no model/ and config.yaml; is it a finished train.py run directory?")
         # over the `data` defaults: a run from before a data key existed gets that key's default
-        data, model_dir = OmegaConf.merge(cfg.data, OmegaConf.load(run_cfg).data), str(Path(cfg.run_dir) / "model")
+        defaults = OmegaConf.create(OmegaConf.to_container(cfg.data))  # a plain copy: the run may add keys (sources)
+        data, model_dir = OmegaConf.merge(defaults, OmegaConf.load(run_cfg).data), str(Path(cfg.run_dir) / "model")
     model_cfg = OmegaConf.load(Path(__file__).parent / "conf" / "model" / "hf.yaml")  # the `model=hf` defaults
     model_cfg.name_or_path = model_dir
     model, tok = build_model(model_cfg)

@@ -156,10 +156,10 @@ def transfer(run: Run) -> dict[str, float] | None:
     bwt = statistics.fmean(last[t] - run.matrix[trained_at[t]][t] for t in earlier)
     forgetting = statistics.fmean(max(m[t] for m in run.matrix[:-1]) - last[t] for t in earlier)
     # the papers' forgetting table: change of the first stage's tasks (A) and the last stage's (B)
-    # over the last stage
-    first, final = run.stages[0], run.stages[len(run.matrix) - 1]
-    delta_a = statistics.fmean(last[t] - run.matrix[-2][t] for t in first)
-    delta_b = statistics.fmean(last[t] - run.matrix[-2][t] for t in final)
+    # over the last stage; tasks scored by perplexity have no score and take no part
+    first, final = ([t for t in run.stages[k] if t in last] for k in (0, len(run.matrix) - 1))
+    delta_a = statistics.fmean(last[t] - run.matrix[-2][t] for t in first) if first else math.nan
+    delta_b = statistics.fmean(last[t] - run.matrix[-2][t] for t in final) if final else math.nan
     return {"bwt": bwt, "forgetting": forgetting, "delta_A": delta_a, "delta_B": delta_b}
 
 
@@ -167,7 +167,7 @@ def fmt(cell) -> str:
     if cell is None:
         return "–"
     if isinstance(cell, tuple):
-        return f"{cell[0]:.3f} ± {cell[1]:.3f}"
+        return "–" if math.isnan(cell[0]) else f"{cell[0]:.3f} ± {cell[1]:.3f}"
     if isinstance(cell, float):
         return "–" if math.isnan(cell) else f"{cell:.3f}"
     return str(cell)

@@ -4,10 +4,12 @@ formatting, truncation, the mixture's temperature, model options, and every bad 
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 from transformers import AutoTokenizer, ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
 
 from epi.config import validate
@@ -291,3 +293,22 @@ def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path: Path, 
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and needle in last
     assert {p.name for p in run.iterdir()} <= {".hydra", "train.log"}  # Hydra's own record only
+
+
+def test_eval_py_reevaluates_a_paper_mix_run_and_tabulates_it(paper: list[str], tmp_path: Path) -> None:
+    """eval.py reads the run's data config (sources included); the report leaves perplexity tasks unscored."""
+    run = tmp_path / "run"
+    stages = "schedule.stages=[{name: a, tasks: [gsm8k, alpaca], steps: 1}, {name: b, tasks: [logiqa, codealpaca, ultrachat], steps: 1}]"
+    cfg = make_cfg(*paper, *SHORT, "strategy=none", stages)
+    trainer = start(cfg, run)
+    trained = trainer.fit()
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (run / "eval_test.json").write_text(json.dumps(trained))
+    proc = run_script("eval.py", f"run_dir={run}", "eval.n_examples=2", "eval.max_new_tokens=4", "device=cpu", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads((tmp_path / "eval" / "eval_test.json").read_text())
+    assert again.keys() == trained.keys() and all(again[t] == pytest.approx(trained[t]) for t in trained)
+    proc = run_script("eval.py", f"runs={run}", f"hydra.run.dir={tmp_path / 'report'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"\| default \| 1 \| – \| – \| [\d.]+ ± [\d.]+ \| [\d.]+ ± [\d.]+ \| – \|", proc.stdout)  # alpaca, codealpaca, ultrachat: –
+    assert "bwt" in proc.stdout
