@@ -42,7 +42,7 @@ def build_model(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()  # transformers 5 name of gradient checkpointing
     return model.to(DTYPES[cfg.dtype]), tok
 
 

@@ -181,7 +181,7 @@ def test_model_without_pad_token_trains_with_model_options(no_pad_model: Path, t
     )
     trainer = start(cfg, tmp_path)
     assert trainer.tokenizer.pad_token == trainer.tokenizer.eos_token == "</s>"
-    assert trainer.model.is_gradient_checkpointing and trainer.model.config._attn_implementation == "eager"
+    assert trainer.model.is_activation_checkpointing and trainer.model.config._attn_implementation == "eager"
     assert "score" in trainer.fit()["math"]
 
 
