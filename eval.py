@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import hydra
@@ -22,7 +23,7 @@ from epi.errors import UserError
 from epi.evaluate import evaluate
 from epi.logging import RunLogger, read_metrics
 from epi.models import build_model
-from epi.plots import plot_drift, plot_scores_over_steps
+from epi.plots import plot_drift, plot_overlap, plot_scores_over_steps
 from epi.trainer import pick_device
 
 
@@ -93,6 +94,9 @@ def tabulate(cfg: DictConfig, out_dir: Path) -> None:
     if curves:
         plot_scores_over_steps(curves, out_dir / "scores_over_steps.png", f"average {split} score")
     drift = plot_drift({f"{r.setting} seed={r.seed}": r.path for r in runs}, out_dir / "drift.png")
+    for setting, group in report.by_setting(runs).items():
+        if overlap := report.core_overlap(group):
+            plot_overlap(*overlap, out_dir / f"overlap_{re.sub(r'[^A-Za-z0-9_.=-]+', '_', setting)}.png")
 
     table = "\n\n".join(sections)
     (out_dir / "report.md").write_text(table + "\n")

@@ -144,6 +144,17 @@ def score_table(runs: list[Run]) -> tuple[list[str], list[dict]]:
     return tasks, rows
 
 
+def core_overlap(group: list[Run]) -> tuple[list[str], list[list[float]]] | None:
+    """CPI's core-overlap (Jaccard) matrix averaged over a setting's seeds; None for non-CPI settings."""
+    found = [json.loads(f.read_text()) for f in (r.path / "cpi" / "overlap.json" for r in group) if f.is_file()]
+    if not found:
+        return None
+    tasks = found[0]["tasks"]
+    if any(o["tasks"] != tasks for o in found):
+        raise UserError(f"core overlaps of one setting list different tasks: {[o['tasks'] for o in found]}")
+    return tasks, [[statistics.fmean(o["jaccard"][i][j] for o in found) for j in range(len(tasks))] for i in range(len(tasks))]
+
+
 def transfer(run: Run) -> dict[str, float] | None:
     """BWT and forgetting of one sequential run (None if it had a single stage)."""
     if len(run.matrix) < 2:

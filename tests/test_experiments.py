@@ -34,7 +34,7 @@ def test_every_swept_arm_composes_and_validates(experiment: str, overrides: list
 
 SMOKE = {
     "table_multitask": ["+arm=none,cpi,expert_math"],
-    "table_forgetting": ["+arm=none,cpi_sequential", "pair=[math,code]", "stage_steps=3"],
+    "table_forgetting": ["+arm=none,cpi_sequential", "pair=[code,math]", "stage_steps=3"],
     "drift": ["schedule.steps=6", "strategy.warmup=2", "strategy.refresh_every=2"],
 }
 

@@ -76,3 +76,18 @@ def test_eval_py_runs_writes_tables_and_plots(runs: Path, tmp_path: Path) -> Non
 def test_eval_py_runs_with_no_runs_fails_clearly(tmp_path: Path) -> None:
     proc = run_script("eval.py", f"runs={tmp_path}", f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path)
     assert proc.returncode == 2 and "no run directories" in proc.stderr
+
+
+def test_core_overlap_is_averaged_over_seeds_and_drawn(runs: Path, tmp_path: Path) -> None:
+    for seed, off in ((0, 0.2), (1, 0.4)):
+        run = fake_run(runs, f"cpi{seed}", group="strategy=cpi", seed=seed, tasks=["a", "b"], scores={"a": 0.5, "b": 0.5})
+        (run / "cpi").mkdir()
+        (run / "cpi" / "overlap.json").write_text(json.dumps({"tasks": ["a", "b"], "jaccard": [[1.0, off], [off, 1.0]]}))
+    loaded = [report.load_run(p, "test") for p in report.find_runs([runs])]
+    groups = report.by_setting(loaded)
+    assert report.core_overlap(groups["strategy=cpi"]) == (["a", "b"], [[1.0, pytest.approx(0.3)], [pytest.approx(0.3), 1.0]])
+    assert report.core_overlap(groups["strategy=none"]) is None
+    out = tmp_path / "out"
+    proc = run_script("eval.py", f"runs={runs}", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "overlap_strategy=cpi.png").is_file()

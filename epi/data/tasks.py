@@ -50,8 +50,8 @@ class Task:
 Items = list[int] | list[str]
 
 
-def _numbers(rng: random.Random, lo: int, hi: int) -> list[int]:
-    return [rng.randint(0, 99) for _ in range(rng.randint(lo, hi))]
+def _numbers(rng: random.Random, lo: int, hi: int, top: int = 99) -> list[int]:
+    return [rng.randint(0, top) for _ in range(rng.randint(lo, hi))]
 
 
 def _items(rng: random.Random, lo: int, hi: int) -> Items:
@@ -66,9 +66,13 @@ def _join(xs: Items) -> str:
 
 
 def _math(rng: random.Random) -> tuple[str, str]:
-    """~GSM8K: multi-step arithmetic whose answer has to be computed."""
+    """~GSM8K: multi-step arithmetic whose answer has to be computed.
+
+    Numbers up to 19 (not 99): with two-digit carries the experiments' 0.5M model scored 0.05
+    even as a single-task expert after 2000 steps (val split); with these it learns the task.
+    """
     op = rng.choice(("sum", "diff"))
-    xs = _numbers(rng, 2, 4)
+    xs = _numbers(rng, 2, 3, top=19)
     answer = sum(xs) if op == "sum" else xs[0] - sum(xs[1:])
     return f"{op} {_join(xs)}", str(answer)
 
