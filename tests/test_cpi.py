@@ -96,12 +96,24 @@ def test_second_run_hits_the_probe_cache(tmp_path: Path) -> None:
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 10
 
 
+@pytest.mark.parametrize("stage_data", ["group", "mixed"])
+def test_stage_data_decides_what_the_first_stage_draws(tmp_path: Path, stage_data: str) -> None:
+    trainer = Trainer(make_cfg(*CPI_FAST, f"strategy.cache_dir={tmp_path / 'cache'}", f"strategy.stage_data={stage_data}"), tmp_path)
+    trainer.fit()
+    mixture = [e for e in read_metrics(tmp_path) if e["split"] == "mixture" and e["metric"] == "examples"]
+    first_stage_end = min(e["step"] for e in mixture)
+    drawn = sorted(e["task"] for e in mixture if e["step"] == first_stage_end and e["value"] > 0)
+    assert drawn == sorted(trainer.strategy.groups[0] if stage_data == "group" else trainer.tasks)
+
+
 def test_multistage_same_stages_no_fusion_no_freezing(tmp_path: Path) -> None:
     cache = f"strategy.cache_dir={tmp_path / 'cache'}"
     (tmp_path / "c").mkdir(), (tmp_path / "m").mkdir()
     cpi = Trainer(make_cfg(*CPI_FAST, cache), tmp_path / "c")
     multi = Trainer(make_cfg(*CPI_FAST, cache, "strategy=multistage"), tmp_path / "m")
-    assert [s.tasks for s in multi.stages] == [s.tasks for s in cpi.stages]
+    assert multi.strategy.groups == cpi.strategy.groups
+    assert [s.tasks for s in multi.stages] == [tuple(g) for g in multi.strategy.groups]  # stage_data: group
+    assert [s.tasks for s in cpi.stages] == [tuple(cpi.tasks)] * 5  # stage_data: mixed, the paper's reading
     theta0 = Trainer(make_cfg("strategy=none"), tmp_path / "m").model.state_dict()
     assert all(torch.equal(v, theta0[n]) for n, v in multi.model.state_dict().items())  # not fused
     assert not all(torch.equal(v, theta0[n]) for n, v in cpi.model.state_dict().items())  # fused

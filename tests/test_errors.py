@@ -86,6 +86,7 @@ def test_unknown_strategy_key_is_named() -> None:
         ("cpi", "strategy.omega=2", "strategy.omega=2"),
         ("cpi", "strategy.space=latent", "strategy.space='latent'"),
         ("cpi", "strategy.order=alphabetical", "strategy.order='alphabetical'"),
+        ("cpi", "strategy.stage_data=all", "strategy.stage_data='all'"),
         ("multistage", "strategy.order=given", "needs strategy.given_order"),
     ],
 )

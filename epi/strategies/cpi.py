@@ -9,7 +9,10 @@ The whole pipeline runs in `prepare`, before the trainer's loop:
             connected components; stage order random (seeded), given, or heuristic
 4. fuse     transplant each task's core values, SLERP the task models elsewhere (epi/merge.py)
 and returns one stage per group. The trainer then trains the stages in order; at the start of
-stage k the cores of all tasks of groups 1..k-1 are frozen through the isolation engine.
+stage k the cores of all tasks of groups 1..k-1 are frozen through the isolation engine. What a
+stage trains on is `stage_data`: `mixed` (every task, equal weight: the paper's "pipelined SFT on
+mixed-task data", where the groups decide only when cores freeze) or `group` (the group's tasks
+alone: the classic multi-stage reading, and sequential A-then-B training).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ if TYPE_CHECKING:
     from epi.trainer import Trainer
 
 ORDERS = ("random", "given", "heuristic")
+STAGE_DATA = ("mixed", "group")
 
 
 # ---------------------------------------------------------------- pure steps of the pipeline
@@ -99,6 +103,7 @@ class CPI(Strategy):
         order: str = "random",
         given_order: list[str] | None = None,
         stage_steps: int | None = None,
+        stage_data: str = "mixed",
         probe_steps: int = 100,
         probe_lr: float = 1e-3,
         scope: str = "global",
@@ -113,7 +118,8 @@ class CPI(Strategy):
             raise UserError(f"strategy.omega={omega!r}: must be in [0, 1] (0 = base, 1 = merged task models)")
         if not eps > 0:
             raise UserError(f"strategy.eps={eps!r}: must be > 0 (colinear threshold of SLERP)")
-        for key, value, valid in (("space", space, SPACES), ("order", order, ORDERS), ("scope", scope, SCOPES)):
+        choices = (("space", space, SPACES), ("order", order, ORDERS), ("scope", scope, SCOPES), ("stage_data", stage_data, STAGE_DATA))
+        for key, value, valid in choices:
             if value not in valid:
                 raise UserError(f"strategy.{key}={value!r}: must be one of {list(valid)}")
         for key, value in (("probe_steps", probe_steps), ("stage_steps", stage_steps if stage_steps is not None else 1)):
@@ -125,9 +131,11 @@ class CPI(Strategy):
             raise UserError("strategy.order=given needs strategy.given_order=[task, ...]")
         self.p, self.tau, self.omega, self.eps, self.space = p, tau, omega, eps, space
         self.order, self.given_order, self.stage_steps = order, list(given_order or []), stage_steps
+        self.stage_data = stage_data
         self.probe_steps, self.probe_lr, self.scope = probe_steps, probe_lr, scope
         self.include, self.cache_dir = dict(include or {}), Path(cache_dir)
         self.cores: dict[str, Masks] = {}
+        self.stage_index: dict[str, int] = {}
         self.groups: list[list[str]] = []
 
     def prepare(self, trainer: Trainer, stages: list[Stage]) -> list[Stage]:
@@ -157,12 +165,14 @@ class CPI(Strategy):
             totals = {k: sum(v[k] for v in paths.values()) for k in ("slerp", "linear", "zero")}
             trainer.logger.log(0, "cpi", {f"fusion_{k}": v for k, v in totals.items()})
         steps = self.stage_steps or max(1, trainer.cfg.schedule.steps // len(self.groups))
-        return [Stage(f"group{i}", tuple(g), steps, {t: 1.0 for t in g}) for i, g in enumerate(self.groups)]
+        stages = [Stage(f"group{i}", tuple(g if self.stage_data == "group" else tasks), steps) for i, g in enumerate(self.groups)]
+        self.stage_index = {stage.name: i for i, stage in enumerate(stages)}
+        return stages
 
     def on_stage_start(self, stage: Stage, step: int) -> None:
         if not self.freeze_cores:
             return
-        index = self.groups.index(list(stage.tasks))
+        index = self.stage_index[stage.name]
         earlier = [self.cores[t] for g in self.groups[:index] for t in g]
         frozen = union(*earlier) if earlier else {}
         self.trainer.optimizer.set_masks({n: m.to(self.trainer.device) for n, m in frozen.items()})

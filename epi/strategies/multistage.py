@@ -1,7 +1,8 @@
 """`strategy=multistage`: the papers' multi-stage SFT baseline.
 
-CPI-FT's stages (same probes, groups, order and per-stage data) without its two interventions:
-no fusion (training starts from theta0) and no freezing (every parameter moves in every stage).
+CPI-FT's stages (same probes, groups and order) without its interventions: no fusion (training
+starts from theta0), no freezing (every parameter moves in every stage), and each stage trains on
+its group's tasks alone (`stage_data: group` in conf/strategy/multistage.yaml).
 """
 
 from epi.strategies.cpi import CPI
