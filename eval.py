@@ -86,13 +86,14 @@ def tabulate(cfg: DictConfig, out_dir: Path) -> None:
         sections.append("## Sequential training: backward transfer and forgetting\n\n" + report.markdown(["setting", "seeds", *report.TRANSFER], transfers))
         (out_dir / "transfer.csv").write_text(report.csv(["setting", "seeds", *report.TRANSFER], transfers))
 
-    curves: dict[str, dict[int, list[float]]] = {}
+    curves: dict[str, dict[str, dict[int, list[float]]]] = {task: {} for task in [*tasks, "avg"]}
     for run in runs:
         for e in read_metrics(run.path):
-            if e["split"] == split and e["metric"] == "avg_score":
-                curves.setdefault(run.setting, {}).setdefault(e["step"], []).append(e["value"])
-    if curves:
-        plot_scores_over_steps(curves, out_dir / "scores_over_steps.png", f"average {split} score")
+            if e["split"] == split and e["metric"] in ("score", "avg_score"):
+                panel = e["task"] if e["metric"] == "score" else "avg"
+                curves[panel].setdefault(run.setting, {}).setdefault(e["step"], []).append(e["value"])
+    if curves := {panel: c for panel, c in curves.items() if c}:
+        plot_scores_over_steps(curves, out_dir / "scores_over_steps.png", f"{split} score over steps (mean over seeds, band: min..max)")
     drift = plot_drift({f"{r.setting} seed={r.seed}": r.path for r in runs}, out_dir / "drift.png")
     for setting, group in report.by_setting(runs).items():
         if overlap := report.core_overlap(group):

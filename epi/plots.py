@@ -12,9 +12,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from epi.logging import read_metrics  # noqa: E402
 
 
-def _save(fig: plt.Figure, out: Path) -> Path:
+def _save(fig: plt.Figure, out: Path, rect: tuple[float, float, float, float] = (0, 0, 1, 1)) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
@@ -64,15 +64,27 @@ def plot_overlap(tasks: list[str], overlap: list[list[float]], out: Path) -> Pat
     return _save(fig, out)
 
 
-def plot_scores_over_steps(curves: dict[str, dict[int, list[float]]], out: Path, title: str) -> Path:
-    """Average score vs step, one line per setting (mean over seeds, band = min..max)."""
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, by_step in sorted(curves.items()):
-        steps = sorted(by_step)
-        means = [sum(by_step[s]) / len(by_step[s]) for s in steps]
-        ax.plot(steps, means, marker="o", markersize=3, label=label)
-        ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps], alpha=0.15)
-    ax.set(xlabel="step", ylabel="average score", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-    return _save(fig, out)
+def plot_scores_over_steps(curves: dict[str, dict[str, dict[int, list[float]]]], out: Path, title: str) -> Path:
+    """Score vs step, one panel per task (and `avg`), one line per setting: mean over seeds, band = min..max.
+
+    `curves[panel][setting][step]` holds one value per seed.
+    """
+    settings = sorted({setting for by_setting in curves.values() for setting in by_setting})
+    styles = {s: {"color": plt.get_cmap("tab10")(i % 10), "linestyle": "-" if i < 10 else "--"} for i, s in enumerate(settings)}
+    cols = min(3, len(curves))
+    rows = -(-len(curves) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols + 2.5, 3 * rows), squeeze=False, sharex=True)
+    for ax, (panel, by_setting) in zip(axes.flat, curves.items()):
+        for setting, by_step in sorted(by_setting.items()):
+            steps = sorted(by_step)
+            means = [sum(by_step[s]) / len(by_step[s]) for s in steps]
+            ax.plot(steps, means, marker="o", markersize=3, label=setting, **styles[setting])
+            ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps], color=styles[setting]["color"], alpha=0.12)
+        ax.set(title=panel, xlabel="step", ylabel="score", ylim=(-0.02, 1.02))
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(curves) :]:
+        ax.axis("off")
+    handles = [plt.Line2D([], [], marker="o", markersize=3, **styles[s]) for s in settings]
+    fig.legend(handles, settings, loc="center right", fontsize=7, frameon=False)
+    fig.suptitle(title)
+    return _save(fig, out, rect=(0, 0, 1 - 1.9 / fig.get_figwidth(), 1))

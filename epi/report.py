@@ -47,8 +47,10 @@ class Run:
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
-    """Run directories under the given paths (a multirun dir, a run dir, or a mix)."""
-    found = sorted({p.parent for path in paths for p in Path(path).rglob("config.yaml") if (p.parent / "metrics.jsonl").is_file()})
+    """Run directories under the given paths (a multirun dir, a run dir, or a mix), in the sweep's
+    order: Hydra's job numbers compare as numbers (2 before 10), so tables list the arms as swept."""
+    found = {p.parent for path in paths for p in Path(path).rglob("config.yaml") if (p.parent / "metrics.jsonl").is_file()}
+    found = sorted(found, key=lambda d: [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in d.parts])
     if not found:
         raise UserError(f"runs={[str(p) for p in paths]}: no run directories (with config.yaml and metrics.jsonl) found there")
     return found
