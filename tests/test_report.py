@@ -91,3 +91,9 @@ def test_core_overlap_is_averaged_over_seeds_and_drawn(runs: Path, tmp_path: Pat
     proc = run_script("eval.py", f"runs={runs}", f"hydra.run.dir={out}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "overlap_strategy=cpi.png").is_file()
+
+
+def test_runs_listed_in_sweep_order(tmp_path: Path) -> None:
+    for n in (10, 2, 1):
+        fake_run(tmp_path, str(n), group=f"g{n}", seed=0, tasks=["a"], scores={"a": 0.5})
+    assert [p.name for p in report.find_runs([tmp_path])] == ["1", "2", "10"]  # not "1", "10", "2"
