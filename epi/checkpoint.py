@@ -17,6 +17,8 @@ import torch
 from epi.errors import UserError
 
 FILENAME = "checkpoint.pt"
+# What Trainer.save_checkpoint writes and a resume reads.
+REQUIRED = frozenset({"step", "model", "optimizer", "scheduler", "sampler", "realised", "strategy", "rng", "config"})
 
 
 def rng_state() -> dict[str, Any]:
@@ -62,7 +64,11 @@ def load(resume: str) -> dict[str, Any]:
             f"resume={resume!r}: checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {e}). "
             "It was left untouched; resume from an earlier run directory or start afresh."
         ) from e
-    missing = {"step", "model", "optimizer", "scheduler", "sampler", "strategy", "rng"} - set(state)
+    missing = sorted(REQUIRED - set(state)) if isinstance(state, dict) else sorted(REQUIRED)
     if missing:
-        raise UserError(f"resume={resume!r}: checkpoint {path} lacks {sorted(missing)}; it is not a checkpoint of this tool.")
+        raise UserError(
+            f"resume={resume!r}: checkpoint {path} lacks {missing}: it was not written by this version of the "
+            "tool (or not by this tool at all). It was left untouched; start afresh, or resume with the version "
+            "that wrote it."
+        )
     return state

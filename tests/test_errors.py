@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from epi import checkpoint
 from epi.config import validate
@@ -56,6 +57,15 @@ def test_corrupt_checkpoint_is_reported_and_left_intact(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "is corrupt or unreadable" in proc.stderr and "left untouched" in proc.stderr
     assert bad.read_bytes() == b"not a checkpoint"
+
+
+def test_checkpoint_of_another_version_is_refused_by_name(tmp_path: Path) -> None:
+    old = tmp_path / checkpoint.FILENAME
+    torch.save({"step": 3, "model": {}, "optimizer": {}, "scheduler": {}, "sampler": {}, "strategy": {}, "rng": {}}, old)
+    before = old.read_bytes()
+    with pytest.raises(UserError, match=r"lacks \['config', 'realised'\]: it was not written by this version"):
+        checkpoint.load(str(tmp_path))
+    assert old.read_bytes() == before
 
 
 def test_missing_checkpoint_names_the_path(tmp_path: Path) -> None:
