@@ -135,7 +135,6 @@ class CPI(Strategy):
         self.probe_steps, self.probe_lr, self.scope = probe_steps, probe_lr, scope
         self.include, self.cache_dir = dict(include or {}), Path(cache_dir)
         self.cores: dict[str, Masks] = {}
-        self.stage_index: dict[str, int] = {}
         self.groups: list[list[str]] = []
 
     def prepare(self, trainer: Trainer, stages: list[Stage]) -> list[Stage]:
@@ -165,14 +164,12 @@ class CPI(Strategy):
             totals = {k: sum(v[k] for v in paths.values()) for k in ("slerp", "linear", "zero")}
             trainer.logger.log(0, "cpi", {f"fusion_{k}": v for k, v in totals.items()})
         steps = self.stage_steps or max(1, trainer.cfg.schedule.steps // len(self.groups))
-        stages = [Stage(f"group{i}", tuple(g if self.stage_data == "group" else tasks), steps) for i, g in enumerate(self.groups)]
-        self.stage_index = {stage.name: i for i, stage in enumerate(stages)}
-        return stages
+        return [Stage(f"group{i}", tuple(g if self.stage_data == "group" else tasks), steps) for i, g in enumerate(self.groups)]
 
     def on_stage_start(self, stage: Stage, step: int) -> None:
         if not self.freeze_cores:
             return
-        index = self.stage_index[stage.name]
+        index = self.trainer.stages.index(stage)  # stage k of the plan `prepare` returned: group k
         earlier = [self.cores[t] for g in self.groups[:index] for t in g]
         frozen = union(*earlier) if earlier else {}
         self.trainer.optimizer.set_masks({n: m.to(self.trainer.device) for n, m in frozen.items()})
