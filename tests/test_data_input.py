@@ -77,3 +77,21 @@ def test_contamination_of_a_chat_uses_its_non_assistant_turns() -> None:
 def test_every_data_config_sets_the_contamination_threshold() -> None:
     for path in sorted((ROOT / "conf" / "data").glob("*.yaml")):
         assert OmegaConf.load(path).contamination_warn == 0.01, path.name
+
+
+# --- long examples in val/test ------------------------------------------------------------
+
+
+def test_eval_example_is_kept_when_its_last_prompt_fits() -> None:
+    """Under `response` a val/test example stays if what generation continues from fits max_len (its loss
+    is over the reply tokens that fit, its score on the full reference); under `drop` it must fit whole."""
+    tok = ByT5Tokenizer()
+    short, long_reply = Example("t", "p", "ok"), Example("t", "p", "x" * 50)
+    late_reply = Chat("t", (("user", "u" * 30), ("assistant", "a"), ("user", "v" * 30), ("assistant", "b")))  # last reply starts at token 64
+    task = Task("t", {"train": [short], "val": [long_reply, late_reply, short], "test": [long_reply, short]}, "exact_match")
+    kept = encode_task(tok, task, max_len=40, truncate="response")
+    assert kept.task.splits["val"] == [long_reply, short] and kept.task.splits["test"] == [long_reply, short]
+    assert (kept.stats["val_dropped"], kept.stats["test_dropped"]) == (1, 0)
+    dropped = encode_task(tok, task, max_len=40, truncate="drop")
+    assert dropped.task.splits["val"] == [short] and dropped.task.splits["test"] == [short]
+    assert (dropped.stats["val_dropped"], dropped.stats["test_dropped"]) == (2, 1)

@@ -14,7 +14,7 @@ a newline, and a reply is its text and EOS.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -112,6 +112,15 @@ def encode_example(tokenizer, ex: Example | Chat, max_len: int, truncate: str = 
     return _fit(ex, ids, labels, max_len, truncate)
 
 
+def _evaluable(tokenizer, ex: Example | Chat, max_len: int, truncate: str) -> bool:
+    """Whether a val/test example is kept: what generation continues from (everything before the last
+    reply, the reference) must leave max_len room for a reply token, and under `drop` the whole
+    example must fit. Under `response` a longer one stays: its loss is over the reply tokens that fit,
+    its score compares the generation with the full reference."""
+    ids, _, start = _encode_turns(tokenizer, turns(ex))
+    return start < max_len and (truncate == "response" or len(ids) <= max_len)
+
+
 @dataclass
 class EncodedTask:
     """A task's training rows and its eval splits, both restricted to what fits max_len, and how much was cut."""
@@ -122,7 +131,7 @@ class EncodedTask:
 
 
 def encode_task(tokenizer, task: Task, max_len: int, truncate: str) -> EncodedTask:
-    """Encode the training split and filter val/test by the same policy; a split emptied by it is an error."""
+    """Encode the training split and keep the val/test examples that can be evaluated (`_evaluable`); a split emptied is an error."""
     rows, stats = [], {"truncated": 0, "dropped": 0}
     for ex in task.splits["train"]:
         ids, labels, _ = _encode_turns(tokenizer, turns(ex))
@@ -134,13 +143,7 @@ def encode_task(tokenizer, task: Task, max_len: int, truncate: str) -> EncodedTa
         stats["truncated"] += len(ids) > max_len
     splits = {"train": task.splits["train"]}
     for split in ("val", "test"):
-        splits[split] = []
-        for ex in task.splits[split]:
-            try:
-                encode_example(tokenizer, ex, max_len, truncate)
-                splits[split].append(ex)
-            except TooLong:
-                pass
+        splits[split] = [ex for ex in task.splits[split] if _evaluable(tokenizer, ex, max_len, truncate)]
         stats[f"{split}_dropped"] = len(task.splits[split]) - len(splits[split])
     for split, kept in (("train", rows), ("val", splits["val"]), ("test", splits["test"])):
         if task.splits[split] and not kept:
@@ -152,7 +155,7 @@ def encode_task(tokenizer, task: Task, max_len: int, truncate: str) -> EncodedTa
     stats["examples"] = len(rows)
     stats["tokens"] = sum(len(r["input_ids"]) for r in rows)
     stats["trained_tokens"] = sum(sum(label != IGNORE_INDEX for label in r["labels"]) for r in rows)
-    return EncodedTask(rows, Task(task.name, splits, task.scorer), stats)
+    return EncodedTask(rows, replace(task, splits=splits), stats)
 
 
 def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
