@@ -9,8 +9,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from epi.data.format import TRUNCATE
-from epi.data.scorers import SCORERS
-from epi.data.sources import FIELD_SETS, FORMATS
+from epi.data.sources import validate_source
 from epi.errors import UserError
 from epi.logging import WANDB_MODES
 
@@ -52,7 +51,7 @@ def validate(cfg: DictConfig, known_tasks: set[str]) -> None:
     _require(d.temperature is None or d.temperature > 0, "data.temperature", d.temperature, "must be > 0 (1 = proportional to size), or null for weights alone")
     _require(d.truncate in TRUNCATE, "data.truncate", d.truncate, f"must be one of {list(TRUNCATE)}")
     for name, source in (d.sources or {}).items():
-        _validate_source(f"data.sources.{name}", source)
+        validate_source(f"data.sources.{name}", source)
     for i, stage in enumerate(s.stages or []):
         _require(stage.steps > 0, f"schedule.stages[{i}].steps", stage.steps, "must be > 0")
         for task in stage.tasks:
@@ -64,16 +63,3 @@ def validate(cfg: DictConfig, known_tasks: set[str]) -> None:
         _require(isinstance(e[key], int) and e[key] > 0, f"eval.{key}", e[key], "must be a positive integer")
     _require(cfg.logger.mode in WANDB_MODES, "logger.mode", cfg.logger.mode, f"must be one of {list(WANDB_MODES)}")
     _require(cfg.device in ("auto", "cpu", "cuda"), "device", cfg.device, "must be auto, cpu or cuda")
-
-
-def _validate_source(key: str, source: DictConfig) -> None:
-    """A task read from a dataset: where its rows are, which columns hold what, how it is scored."""
-    _require(source.scorer in SCORERS, f"{key}.scorer", source.scorer, f"unknown scorer; valid scorers: {sorted(SCORERS)}")
-    fields = set(source.fields or {})
-    _require(
-        fields in FIELD_SETS, f"{key}.fields", sorted(fields),
-        "must map prompt and response (optionally options), or messages, to columns (e.g. {prompt: question, response: answer})",
-    )
-    _require(source.train is not None, f"{key}.train", source.train, "must name a hub split, or local file(s) when hub is null")
-    _require(0 <= source.holdout < 0.5, f"{key}.holdout", source.holdout, "must be in [0, 0.5), the fraction held out as val")
-    _require(source.format is None or source.format in FORMATS.values(), f"{key}.format", source.format, f"must be one of {sorted(set(FORMATS.values()))} or null")

@@ -43,6 +43,202 @@ def write_csv(path: Path, rows: list[dict], **open_args) -> Path:
     return path
 
 
+# --- text files: read exactly as written --------------------------------------------------
+
+
+def test_csv_quoted_newlines_are_kept(tmp_path: Path) -> None:
+    rows = [{"question": "line one\nline two", "answer": "a\r\nb"}, {"question": "q, with comma", "answer": '"quoted"'}]
+    assert read_file(write_csv(tmp_path / "multi.csv", rows), None) == rows
+
+
+@pytest.mark.parametrize("line,which", [("what is 1, 2?,3", "more"), ("no answer", "fewer")])
+def test_csv_row_of_the_wrong_length_is_one_line(tmp_path: Path, line: str, which: str) -> None:
+    path = tmp_path / "ragged.csv"
+    path.write_text(f"question,answer\n\"q\",\"multi\nline\"\n{line}\n")
+    with pytest.raises(UserError, match=rf"^{path}:4: a row with {which} values than the header's 2 columns; quote values that hold a comma$"):
+        read_file(path, None)
+
+
+def test_jsonl_keeps_unicode_line_separators_and_crlf(tmp_path: Path) -> None:
+    rows = [{"question": "a\u2028b", "answer": "c\x85d"}, {"question": "e\u2029f", "answer": "g\x1ch"}]
+    path = tmp_path / "seps.jsonl"
+    path.write_bytes("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows).encode())
+    assert read_file(path, None) == rows
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv"])
+def test_utf8_bom_is_not_part_of_the_data(tmp_path: Path, fmt: str) -> None:
+    path = tmp_path / f"bom.{fmt}"
+    if fmt == "csv":
+        write_csv(path, ROWS[:3], encoding="utf-8-sig")
+    else:
+        text = json.dumps(ROWS[:3]) if fmt == "json" else "".join(json.dumps(r) + "\n" for r in ROWS[:3])
+        path.write_text(text, encoding="utf-8-sig")
+    assert read_file(path, None) == ROWS[:3]
+
+
+def test_not_utf8_is_one_line_naming_file_and_offset(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"question": "caf\u00e9", "answer": "1"}\n'.encode("latin-1"))
+    with pytest.raises(UserError, match=rf"^{path}: not UTF-8 text \(byte 0xe9 at byte offset 17\); re-save it as UTF-8$"):
+        read_file(path, None)
+
+
+# --- compressed files -----------------------------------------------------------------------
+
+
+def gz(path: Path) -> Path:
+    out = path.with_name(path.name + ".gz")
+    out.write_bytes(gzip.compress(path.read_bytes()))
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv"])
+def test_gzip_files_by_extension(tmp_path: Path, fmt: str) -> None:
+    path = tmp_path / f"rows.{fmt}"
+    if fmt == "csv":
+        write_csv(path, ROWS)
+    else:
+        path.write_text(json.dumps(ROWS) if fmt == "json" else "".join(json.dumps(r) + "\n" for r in ROWS))
+    assert read_file(gz(path), None) == ROWS
+    assert examples(load_gsm8k(gz(path))) == {r["question"]: r["answer"] for r in ROWS}
+
+
+def test_gzip_file_by_format_and_magic_bytes(tmp_path: Path) -> None:
+    blob = tmp_path / "rows.data"
+    blob.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in ROWS).encode()))
+    assert read_file(blob, "jsonl") == ROWS
+    assert examples(load_gsm8k(blob, "data.sources.gsm8k.format=jsonl")) == {r["question"]: r["answer"] for r in ROWS}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_gzip_is_one_line(tmp_path: Path, damage: str) -> None:
+    packed = gzip.compress(("".join(json.dumps(r) + "\n" for r in ROWS)).encode())
+    path = tmp_path / "rows.jsonl.gz"
+    path.write_bytes(packed[: len(packed) // 2] if damage == "truncated" else packed[:10] + b"\x00" * 40)
+    with pytest.raises(UserError, match=rf"^{path}: corrupt gzip file \(.+\); re-compress it or give the uncompressed file$"):
+        read_file(path, None)
+
+
+# --- directories ---------------------------------------------------------------------------
+
+
+def test_plain_directory_says_it_is_a_directory(tmp_path: Path) -> None:
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    msg = bad_data(tmp_path, *one_task(folder))
+    assert msg == (
+        f"data.sources.gsm8k.train={str(folder)!r}: {folder} is a directory, not a file; name the files in it "
+        f"(a glob such as '{folder}/*.jsonl') or a datasets save_to_disk directory"
+    )
+
+
+def test_saved_dataset_directory_is_read(tmp_path: Path) -> None:
+    import datasets
+
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "saved"))
+    assert examples(load_gsm8k(tmp_path / "saved")) == {r["question"]: r["answer"] for r in ROWS}
+
+
+def test_saved_dataset_dict_gives_train_and_test_splits(tmp_path: Path) -> None:
+    import datasets
+
+    test_rows = [{"question": f"test {i}", "answer": "#### 0"} for i in range(5)]
+    val_rows = [{"question": f"val {i}", "answer": "#### 1"} for i in range(5)]
+    saved = tmp_path / "dict"
+    datasets.DatasetDict({s: datasets.Dataset.from_list(r) for s, r in (("train", ROWS), ("test", test_rows), ("validation", val_rows))}).save_to_disk(str(saved))
+    task = load_gsm8k(saved, f"data.sources.gsm8k.eval={saved}")
+    assert {ex.prompt for ex in task.splits["test"]} == {r["question"] for r in test_rows}
+    assert {ex.prompt for s in ("train", "val") for ex in task.splits[s]} == {r["question"] for r in ROWS}
+    task = load_gsm8k(saved, f"data.sources.gsm8k.eval={saved / 'validation'}")  # any split: its own directory
+    assert {ex.prompt for ex in task.splits["test"]} == {r["question"] for r in val_rows}
+
+
+def test_saved_dataset_dict_without_the_split_names_its_splits(tmp_path: Path) -> None:
+    import datasets
+
+    saved = tmp_path / "dict"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS), "validation": datasets.Dataset.from_list(ROWS)}).save_to_disk(str(saved))
+    msg = bad_data(tmp_path, *one_task(saved, f"data.sources.gsm8k.eval={saved}"))
+    assert msg == (
+        f"data.sources.gsm8k.eval={str(saved)!r}: a DatasetDict without a 'test' split (its splits: ['train', 'validation']); "
+        f"name one split's directory, e.g. {saved / 'validation'}"
+    )
+
+
+# --- values: nothing stringified silently, empty examples not trained on ------------------------
+
+
+def test_null_and_empty_prompt_or_response_are_dropped_and_counted(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = [{"question": None, "answer": "#### 1"}, {"question": "", "answer": "#### 2"}, {"question": "q?", "answer": None},
+           {"question": "r?", "answer": "  "}, {"question": "s?", "answer": float("nan")}]
+    path = write_jsonl(tmp_path / "holes.jsonl", ROWS + bad)
+    task = load_gsm8k(path)
+    assert examples(task) == {r["question"]: r["answer"] for r in ROWS}
+    assert task.input_stats == {"rows": 45, "empty_dropped": 5, "converted": 0}
+    assert "task 'gsm8k': 5 of 45 rows dropped for a null or empty prompt or response, 0 numbers or booleans converted to text" in capsys.readouterr().out
+
+
+def test_numbers_and_bools_are_converted_and_counted(tmp_path: Path) -> None:
+    rows = [{"question": f"{i} + 1", "answer": i + 1} for i in range(20)] + [{"question": 1.5, "answer": True}]
+    task = load_gsm8k(write_jsonl(tmp_path / "numbers.jsonl", rows))
+    assert examples(task) == {**{f"{i} + 1": str(i + 1) for i in range(20)}, "1.5": "true"}
+    assert task.input_stats == {"rows": 21, "empty_dropped": 0, "converted": 22}
+
+
+@pytest.mark.parametrize("value,kind", [(["a", "b"], "list"), ({"text": "a"}, "dict")])
+def test_list_or_dict_value_names_row_column_and_type(tmp_path: Path, value, kind: str) -> None:
+    path = write_jsonl(tmp_path / "nested.jsonl", ROWS[:5] + [{"question": "q", "answer": value}])
+    msg = bad_data(tmp_path, *one_task(path))
+    assert msg == (
+        f"task 'gsm8k': {path} row 6: column 'answer' holds a {kind}, not text; "
+        "point data.sources.gsm8k.fields at a text column (a chat's turns go in fields.messages)"
+    )
+
+
+def test_mostly_empty_file_is_an_error_naming_file_and_column(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "sparse.jsonl", ROWS[:10] + [{"question": f"q{i}", "answer": None} for i in range(11)])
+    msg = bad_data(tmp_path, *one_task(path))
+    assert msg == (
+        f"task 'gsm8k': 11 of 21 rows of {path} have a null or empty response (column 'answer'); more than 50% "
+        "of a file is not dropped silently: check data.sources.gsm8k.fields.response"
+    )
+
+
+def test_chat_with_null_or_empty_reply_is_dropped(tmp_path: Path) -> None:
+    def chat(i: int, reply) -> dict:
+        return {"turns": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": reply}]}
+
+    path = write_jsonl(tmp_path / "chat.jsonl", [chat(i, f"hello {i}") for i in range(20)] + [chat(20, None), chat(21, ""), chat(22, 7)])
+    task = load_tasks(make_cfg(*one_task(path), "~data.sources.gsm8k.fields", "+data.sources.gsm8k.fields={messages: turns}").data)["gsm8k"]
+    replies = {ex.messages[0][1]: ex.response for split in SPLITS for ex in task.splits[split]}
+    assert replies == {**{f"hi {i}": f"hello {i}" for i in range(20)}, "hi 22": "7"}
+    assert task.input_stats == {"rows": 23, "empty_dropped": 2, "converted": 1}
+
+
+# --- source keys: checked like strategy keys, defaults defined once ------------------------------
+
+
+def test_unknown_source_key_names_the_valid_keys() -> None:
+    cfg = make_cfg("data=paper_mix", "+data.sources.gsm8k.holdot=0.1")
+    with pytest.raises(UserError) as err:
+        validate(cfg, known_tasks(cfg.data))
+    assert str(err.value) == (
+        "data.sources.gsm8k.holdot=0.1: unknown key; valid keys: "
+        "['config', 'eval', 'fields', 'format', 'holdout', 'hub', 'scorer', 'train']"
+    )
+
+
+def test_minimal_source_takes_the_documented_defaults(tmp_path: Path) -> None:
+    rows = [{"question": f"{i} + 2", "answer": str(i + 2)} for i in range(60)]
+    path = write_jsonl(tmp_path / "mine.jsonl", rows)
+    cfg = make_cfg("data.tasks=[mine]", "data.n_val=100", "data.n_test=100", f"+data.sources.mine={{hub: null, train: '{path}', fields: {{prompt: question, response: answer}}}}")
+    validate(cfg, known_tasks(cfg.data))
+    task = load_tasks(cfg.data)["mine"]
+    assert task.scorer == "exact_match" and all(task.splits[s] for s in SPLITS)  # holdout 0.05, eval null: val and test held out
+    assert examples(task) == {r["question"]: r["answer"] for r in rows}
+
+
 # --- contamination: test prompts that are also training prompts ---------------------------
 
 
@@ -95,3 +291,30 @@ def test_eval_example_is_kept_when_its_last_prompt_fits() -> None:
     dropped = encode_task(tok, task, max_len=40, truncate="drop")
     assert dropped.task.splits["val"] == [short] and dropped.task.splits["test"] == [short]
     assert (dropped.stats["val_dropped"], dropped.stats["test_dropped"]) == (2, 1)
+
+
+# --- through train.py: exit 2, one line, nothing written -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad,needle",
+    [
+        ("not_utf8", "latin1.jsonl: not UTF-8 text (byte 0xe9 at byte offset"),
+        ("unknown_key", "data.sources.gsm8k.holdot=0.1: unknown key; valid keys: ['config'"),
+        ("directory", "is a directory, not a file; name the files in it"),
+    ],
+)
+def test_cli_bad_data_input_exits_2_with_one_line(tmp_path: Path, bad: str, needle: str) -> None:
+    (tmp_path / "latin1.jsonl").write_bytes('{"question": "caf\u00e9", "answer": "1"}\n'.encode("latin-1"))
+    good = write_jsonl(tmp_path / "good.jsonl", ROWS)
+    args = {
+        "not_utf8": one_task(tmp_path / "latin1.jsonl"),
+        "unknown_key": one_task(good, "+data.sources.gsm8k.holdot=0.1"),
+        "directory": one_task(tmp_path),
+    }[bad]
+    run = tmp_path / "run"
+    proc = run_script("train.py", *TINY, *args, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and needle in last
+    assert {p.name for p in run.iterdir()} <= {".hydra", "train.log"}

@@ -228,7 +228,8 @@ def test_malformed_jsonl_line_names_file_and_line(tmp_path: Path) -> None:
 
 
 def test_missing_file_and_unmatched_glob(tmp_path: Path) -> None:
-    assert "data.sources.gsm8k.train=" in bad_data(tmp_path, *one_task(tmp_path / "nope.jsonl")) and "no such file"
+    msg = bad_data(tmp_path, *one_task(tmp_path / "nope.jsonl"))
+    assert "data.sources.gsm8k.train=" in msg and "no such file" in msg
     (tmp_path / "run").rmdir()
     assert "no file matches" in bad_data(tmp_path, *one_task(tmp_path / "*.parquet"))
 

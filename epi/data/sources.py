@@ -1,10 +1,11 @@
 """Real datasets: rows from the Hugging Face hub or local files, mapped to examples by a task's `fields`.
 
 A task config (`conf/data/task/*.yaml`, under `data.sources.<task>`) names where its rows
-come from and which columns hold what:
+come from and which columns hold what (keys it leaves out take `SOURCE_DEFAULTS`):
 
 - `hub` + `config` + split names in `train`/`eval`, or `hub: null` and local files
-  (a path, a glob or a list of them; JSONL, JSON, CSV or Parquet) in `train`/`eval`;
+  (a path, a glob or a list of them; JSONL, JSON, CSV or Parquet, each possibly gzipped,
+  or a `datasets` save_to_disk directory) in `train`/`eval`;
 - `fields`: `prompt` (a column or a list of columns joined by a blank line) and
   `response`; optionally `options` (a list column, rendered `A. ...` under the prompt,
   the response column then holding the correct option as an index or a letter); or
@@ -14,15 +15,25 @@ Splits: `eval` rows are the test split; `holdout` of the training rows (by a has
 the prompt, so no prompt is in two splits) is the val split, and with `eval: null` a
 second `holdout` is the test split. Each split is then shuffled with `data.seed` and
 cut to `data.n_<split>`.
+
+Values are read as written: a row with a null or empty prompt or response is dropped and
+counted (an error past `MAX_DROPPED` of a file), numbers and bools become text and are
+counted, a list or an object where text belongs is an error.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import glob
+import gzip
+import io
 import json
+import math
 import random
 import zlib
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,43 +41,105 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from epi import hub
 from epi.data.format import Chat
+from epi.data.scorers import SCORERS
 from epi.data.tasks import SPLITS, Example, Task
 from epi.errors import UserError
 
 FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+GZIP_MAGIC = b"\x1f\x8b"
+SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")  # what datasets' save_to_disk writes
+SAVED_SPLITS = {"train": "train", "eval": "test"}  # the split of a saved DatasetDict that `train` / `eval` read
 ROLES = ("system", "user", "assistant")
 LETTERS = "ABCDEFGHIJ"
 FIELD_SETS = ({"prompt", "response"}, {"prompt", "response", "options"}, {"messages"})
+MAX_DROPPED = 0.5  # a file that loses more than this fraction of its rows to null or empty fields is mapped wrong
+# Every key of a data source and its default: a source need not inherit a task config; `train` and `fields` are required.
+SOURCE_DEFAULTS: dict[str, Any] = {
+    "hub": None, "config": None, "train": None, "eval": None, "holdout": 0.05, "format": None, "fields": None, "scorer": "exact_match",
+}
 
 Row = dict[str, Any]
+
+
+# --------------------------------------------------------------------------- the source's keys
+
+
+def _require(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise UserError(f"{key}={value!r}: {rule}")
+
+
+def with_defaults(source: DictConfig) -> DictConfig:
+    """The source with `SOURCE_DEFAULTS` for the keys it leaves out."""
+    return OmegaConf.merge(SOURCE_DEFAULTS, source)
+
+
+def validate_source(key: str, source: DictConfig) -> None:
+    """A task read from a dataset: known keys only, where its rows are, which columns hold what, how it is scored."""
+    for name in source:
+        _require(name in SOURCE_DEFAULTS, f"{key}.{name}", source[name], f"unknown key; valid keys: {sorted(SOURCE_DEFAULTS)}")
+    source = with_defaults(source)
+    _require(source.scorer in SCORERS, f"{key}.scorer", source.scorer, f"unknown scorer; valid scorers: {sorted(SCORERS)}")
+    fields = set(source.fields or {})
+    _require(
+        fields in FIELD_SETS, f"{key}.fields", sorted(fields),
+        "must map prompt and response (optionally options), or messages, to columns (e.g. {prompt: question, response: answer})",
+    )
+    _require(source.train is not None, f"{key}.train", source.train, "must name a hub split, or local file(s) when hub is null")
+    _require(0 <= source.holdout < 0.5, f"{key}.holdout", source.holdout, "must be in [0, 0.5), the fraction held out as val")
+    _require(source.format is None or source.format in FORMATS.values(), f"{key}.format", source.format, f"must be one of {sorted(set(FORMATS.values()))} or null")
 
 
 # --------------------------------------------------------------------------- reading rows
 
 
-def read_file(path: Path, fmt: str | None) -> list[Row]:
-    """All rows of one local file; a malformed line or an empty file is a UserError naming the file."""
-    fmt = fmt or FORMATS.get(path.suffix.lower())
-    if fmt is None:
+def file_format(path: Path, fmt: str | None) -> str:
+    """`format` when set, else the extension under any `.gz` (`rows.jsonl.gz` is JSONL)."""
+    found = fmt or FORMATS.get(Path(path.name.lower().removesuffix(".gz")).suffix)
+    if found is None:
         raise UserError(f"{path}: cannot tell the format from the extension; name it with format=jsonl|json|csv|parquet")
+    return found
+
+
+def read_file(path: Path, fmt: str | None) -> list[Row]:
+    """All rows of one local file, gunzipped if it is gzip whatever its name; a malformed or empty file is a UserError naming it."""
+    fmt = file_format(path, fmt)
+    data = path.read_bytes()
+    compressed = data.startswith(GZIP_MAGIC)
+    if compressed:
+        data = _gunzip(path, data)
     if fmt == "parquet":
-        rows = _parquet(path)
+        rows = _parquet(path, data)
     else:
-        text = path.read_text(encoding="utf-8")
-        if fmt == "jsonl":
-            rows = _jsonl(path, text)
-        elif fmt == "json":
-            rows = _json(path, text)
-        else:
-            rows = list(csv.DictReader(text.splitlines()))
+        text = _decode(path, data, compressed)
+        rows = _jsonl(path, text) if fmt == "jsonl" else _json(path, text) if fmt == "json" else _csv(path, text)
     if not rows:
         raise UserError(f"{path}: empty file, no rows")
     return rows
 
 
+def _gunzip(path: Path, data: bytes) -> bytes:
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; a cut-off file is an EOFError
+        raise UserError(f"{path}: corrupt gzip file ({e}); re-compress it or give the uncompressed file") from e
+
+
+def _decode(path: Path, data: bytes, compressed: bool) -> str:
+    """UTF-8 text; utf-8-sig, because a byte-order mark (as Excel and Notepad write) is not part of the first value."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        offset = e.start + len(codecs.BOM_UTF8) * data.startswith(codecs.BOM_UTF8)  # utf-8-sig counts after the mark
+        where = " of the decompressed data" if compressed else ""
+        raise UserError(f"{path}: not UTF-8 text (byte {data[offset]:#04x} at byte offset {offset}{where}); re-save it as UTF-8") from e
+
+
 def _jsonl(path: Path, text: str) -> list[Row]:
+    """One object per line; lines end at "\n" only (U+2028 or U+0085 inside a string is text, not a line end)."""
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
@@ -91,26 +164,81 @@ def _json(path: Path, text: str) -> list[Row]:
     return data
 
 
-def _parquet(path: Path) -> list[Row]:
+def _csv(path: Path, text: str) -> list[Row]:
+    """Parsed as a whole file, so a quoted value keeps its line breaks; a row of the wrong length is malformed."""
+    reader = csv.DictReader(io.StringIO(text, newline=""))  # extra values go under the key None, missing ones are None
+    rows = []
     try:
+        for row in reader:
+            if None in row or None in row.values():
+                raise UserError(
+                    f"{path}:{reader.line_num}: a row with {'more' if None in row else 'fewer'} values than the header's "
+                    f"{len(reader.fieldnames)} columns; quote values that hold a comma"
+                )
+            rows.append(row)
+    except csv.Error as e:
+        raise UserError(f"{path}:{reader.line_num}: malformed CSV ({e})") from e
+    return rows
+
+
+def _parquet(path: Path, data: bytes) -> list[Row]:
+    try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as e:
         raise UserError(f"{path}: reading Parquet needs pyarrow: pip install -r requirements.txt") from e
     try:
-        return pq.read_table(path).to_pylist()
+        return pq.read_table(pa.BufferReader(data)).to_pylist()
     except Exception as e:  # pyarrow raises several types for a file that is not Parquet
         raise UserError(f"{path}: not a readable Parquet file ({e})") from e
 
 
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def is_saved_dataset(path: Path) -> bool:
+    return any((path / name).is_file() for name in SAVED_DATASET_FILES)
+
+
+def read_saved_dataset(path: Path, key: str, split: str) -> list[Row]:
+    """Rows of a `datasets` save_to_disk directory; of a saved DatasetDict, `split` (the one `key` reads)."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise UserError(f"{path}: reading a save_to_disk directory needs the `datasets` package: pip install -r requirements.txt") from e
+    try:
+        saved = datasets.load_from_disk(str(path))
+    except Exception as e:  # missing or damaged arrow files, a newer format: the directory is the user's to fix
+        raise UserError(f"{path}: not a readable datasets save_to_disk directory ({_first_line(e)})") from e
+    if isinstance(saved, datasets.DatasetDict):
+        if split not in saved:
+            other = [s for s in sorted(saved) if s != "train"] or sorted(saved)
+            raise UserError(
+                f"{key}={str(path)!r}: a DatasetDict without a {split!r} split (its splits: {sorted(saved)}); "
+                f"name one split's directory, e.g. {path / other[0]}"
+            )
+        saved = saved[split]
+    if not len(saved):
+        raise UserError(f"{path}: empty dataset, no rows")
+    return saved.to_list()
+
+
 def local_files(task: str, key: str, spec: str | list[str]) -> list[Path]:
-    """The files a `train`/`eval` entry names: paths or globs, each matching at least one file."""
+    """The files (or save_to_disk directories) a `train`/`eval` entry names: paths or globs, each matching at least one."""
     paths = []
     for pattern in [spec] if isinstance(spec, str) else spec:
         found = sorted(glob.glob(str(Path(pattern).expanduser()))) if glob.has_magic(pattern) else [pattern]
         for f in found:
-            if not Path(f).expanduser().is_file():
+            path = Path(f).expanduser()
+            if path.is_dir() and not is_saved_dataset(path):
+                raise UserError(
+                    f"data.sources.{task}.{key}={pattern!r}: {path} is a directory, not a file; name the files in it "
+                    f"(a glob such as '{path}/*.jsonl') or a datasets save_to_disk directory"
+                )
+            if not path.exists():
                 raise UserError(f"data.sources.{task}.{key}={pattern!r}: no such file")
-            paths.append(Path(f).expanduser())
+            paths.append(path)
         if not found:
             raise UserError(f"data.sources.{task}.{key}={pattern!r}: no file matches")
     return paths
@@ -135,8 +263,7 @@ def hub_rows(task: str, path: str, config: str | None, split: str) -> list[Row]:
     try:
         return datasets.load_dataset(path, config, split=split).to_list()
     except Exception as e:  # connection, missing dataset / config / split: all the user's to fix
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{where} cannot be loaded ({first_line}" + (f"; {offline}" if offline else "") + f"). {fix}") from e
+        raise UserError(f"{where} cannot be loaded ({_first_line(e)}" + (f"; {offline}" if offline else "") + f"). {fix}") from e
 
 
 def _origins(task: str, source: DictConfig, key: str) -> list[tuple[str, list[Row]]]:
@@ -145,7 +272,10 @@ def _origins(task: str, source: DictConfig, key: str) -> list[tuple[str, list[Ro
     if source.hub:
         return [(f"hub dataset {source.hub} split {spec}", hub_rows(task, source.hub, source.config, spec))]
     spec = OmegaConf.to_container(spec) if isinstance(spec, ListConfig) else spec
-    return [(str(path), read_file(path, source.format)) for path in local_files(task, key, spec)]
+    return [
+        (str(path), read_saved_dataset(path, f"data.sources.{task}.{key}", SAVED_SPLITS[key]) if path.is_dir() else read_file(path, source.format))
+        for path in local_files(task, key, spec)
+    ]
 
 
 # --------------------------------------------------------------------------- rows -> examples
@@ -169,38 +299,124 @@ def _letter(value: Any, n_options: int, task: str, origin: str, index: int) -> s
     return LETTERS[position]
 
 
-def _chat(value: Any, task: str, origin: str, index: int) -> tuple[tuple[str, str], ...]:
-    where = f"task {task!r}: {origin} row {index + 1}: messages"
+@dataclass
+class Tally:
+    """What turning rows into examples changed: rows dropped for a null or empty field (by field), values converted to text."""
+
+    rows: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    converted: int = 0
+
+    def add(self, other: Tally) -> None:
+        self.rows += other.rows
+        self.dropped.update(other.dropped)
+        self.converted += other.converted
+
+
+def _is_null(value: Any) -> bool:
+    """None, or NaN: how pandas writes a missing value into a float column."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _text(task: str, value: Any, column: str, where: str) -> str | None:
+    """A prompt or response value as text, None for a null.
+
+    A number becomes str(value) and a bool JSON's `true`/`false` (the file's own spelling); the caller
+    counts them. A list or an object has no one text form: stringifying it would train on its repr.
+    """
+    if isinstance(value, str) or _is_null(value):
+        return value
+    if isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return str(value)
+    raise UserError(
+        f"{where}: column {column!r} holds a {type(value).__name__}, not text; "
+        f"point data.sources.{task}.fields at a text column (a chat's turns go in fields.messages)"
+    )
+
+
+def _converted(values: list[Any]) -> int:
+    return sum(isinstance(v, (int, float)) and not _is_null(v) for v in values)
+
+
+def _chat(task: str, value: Any, column: str, where: str) -> tuple[tuple[tuple[str, str], ...], int] | None:
+    """(turns, contents converted from numbers), or None for a null turn or an empty reply: nothing to learn from."""
     if not isinstance(value, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
-        raise UserError(f"{where} must be a list of {{role, content}} objects")
-    messages = [(str(m["role"]), str(m["content"])) for m in value]
+        raise UserError(f"{where}: messages must be a list of {{role, content}} objects")
+    contents = [_text(task, m["content"], column, where) for m in value]
+    if any(c is None or (m["role"] == "assistant" and not c.strip()) for m, c in zip(value, contents)):
+        return None
+    messages = [(str(m["role"]), c) for m, c in zip(value, contents)]
     bad = sorted({role for role, _ in messages} - set(ROLES))
     if bad:
-        raise UserError(f"{where}: unknown role(s) {bad}; roles are {list(ROLES)}")
+        raise UserError(f"{where}: messages: unknown role(s) {bad}; roles are {list(ROLES)}")
     while messages and messages[-1][0] != "assistant":
         messages.pop()  # a trailing question without its answer teaches nothing
     if not messages:
-        raise UserError(f"{where} has no assistant turn to train on")
-    return tuple(messages)
+        raise UserError(f"{where}: messages has no assistant turn to train on")
+    return tuple(messages), _converted([m["content"] for m in value[: len(messages)]])
 
 
-def to_example(task: str, row: Row, fields: DictConfig, origin: str, index: int) -> Example | Chat:
-    """One row as an example, by the task's field mapping."""
+def to_example(task: str, row: Row, fields: DictConfig, origin: str, index: int, tally: Tally) -> Example | Chat | None:
+    """One row as an example, by the task's field mapping; None, counted in `tally`, for a null or empty prompt or response."""
+    where = f"task {task!r}: {origin} row {index + 1}"
+
     def get(key: str, column: str) -> Any:
         return _column(row, column, key, task, origin, index)
 
+    def drop(key: str) -> None:
+        tally.dropped[key] += 1
+
     if "messages" in fields:
-        return Chat(task, _chat(get("messages", fields.messages), task, origin, index))
+        value = get("messages", fields.messages)
+        chat = None if _is_null(value) else _chat(task, value, fields.messages, where)
+        if chat is None:
+            return drop("messages")
+        tally.converted += chat[1]
+        return Chat(task, chat[0])
     columns = [fields.prompt] if isinstance(fields.prompt, str) else list(fields.prompt)
-    parts = [str(v) for v in (get("prompt", c) for c in columns) if v is not None and str(v).strip()]
-    response = get("response", fields.response)
+    values = [get("prompt", c) for c in columns]
+    parts = [t for t in (_text(task, v, c, where) for v, c in zip(values, columns)) if t is not None and t.strip()]
+    if not parts:
+        return drop("prompt")
+    answer = get("response", fields.response)
+    if _is_null(answer) or (isinstance(answer, str) and not answer.strip()):
+        return drop("response")
     if "options" in fields:
         options = get("options", fields.options)
         if not isinstance(options, list) or not options or len(options) > len(LETTERS):
-            raise UserError(f"task {task!r}: {origin} row {index + 1}: options must be a list of 1 to {len(LETTERS)} answers")
+            raise UserError(f"{where}: options must be a list of 1 to {len(LETTERS)} answers")
         parts.append("\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options)))
-        response = _letter(response, len(options), task, origin, index)
-    return Example(task, "\n\n".join(parts), "" if response is None else str(response))
+        response = _letter(answer, len(options), task, origin, index)  # an index is the option's position, not text
+    else:
+        response = _text(task, answer, fields.response, where)
+        values.append(answer)
+    tally.converted += _converted(values)
+    return Example(task, "\n\n".join(parts), response)
+
+
+def _check_dropped(task: str, origin: str, fields: DictConfig, tally: Tally) -> None:
+    """More than MAX_DROPPED of a file lost to null or empty fields is a wrong column or a broken file, not noise."""
+    total = sum(tally.dropped.values())
+    if total > MAX_DROPPED * tally.rows:
+        keys = [key for key, _ in tally.dropped.most_common()]
+        raise UserError(
+            f"task {task!r}: {total} of {tally.rows} rows of {origin} have a null or empty "
+            + " or ".join(f"{key} (column {OmegaConf.to_container(fields)[key]!r})" for key in keys)
+            + f"; more than {MAX_DROPPED:.0%} of a file is not dropped silently: check data.sources.{task}.fields.{keys[0]}"
+        )
+
+
+def _examples(task: str, source: DictConfig, key: str, tally: Tally) -> list[Example | Chat]:
+    """The examples of every file (or the hub split) of `train` or `eval`; each file's dropped rows are checked and added to `tally`."""
+    examples = []
+    for origin, rows in _origins(task, source, key):
+        counts = Tally(rows=len(rows))
+        examples += [ex for i, row in enumerate(rows) if (ex := to_example(task, row, source.fields, origin, i, counts)) is not None]
+        _check_dropped(task, origin, source.fields, counts)
+        tally.add(counts)
+    return examples
 
 
 def holdout_key(ex: Example | Chat) -> str:
@@ -216,15 +432,20 @@ def _holdout_bucket(ex: Example | Chat) -> float:
 
 
 def load_source_task(name: str, source: DictConfig, data: DictConfig) -> Task:
-    """Read, map, split, shuffle with data.seed and cut a task to data.n_train / n_val / n_test."""
-    train = [to_example(name, row, source.fields, origin, i) for origin, rows in _origins(name, source, "train") for i, row in enumerate(rows)]
+    """Read, map, split, shuffle with data.seed and cut a task to data.n_train / n_val / n_test.
+
+    What reading changed (rows dropped for a null or empty field, values converted to text) is printed
+    when anything was, and kept in `Task.input_stats` for the run's log.
+    """
+    source, tally = with_defaults(source), Tally()
+    train = _examples(name, source, "train", tally)
     splits: dict[str, list] = {s: [] for s in SPLITS}
     for ex in train:
         bucket = _holdout_bucket(ex)
         held = "val" if bucket < source.holdout else "test" if source.eval is None and bucket < 2 * source.holdout else "train"
         splits[held].append(ex)
     if source.eval is not None:
-        splits["test"] = [to_example(name, row, source.fields, origin, i) for origin, rows in _origins(name, source, "eval") for i, row in enumerate(rows)]
+        splits["test"] = _examples(name, source, "eval", tally)
     for split in SPLITS:
         random.Random(f"{name}:{split}:{data.seed}").shuffle(splits[split])
         splits[split] = splits[split][: data[f"n_{split}"]]
@@ -233,4 +454,10 @@ def load_source_task(name: str, source: DictConfig, data: DictConfig) -> Task:
                 f"task {name!r}: no {split} examples (from {len(train)} training rows, holdout={source.holdout}); "
                 f"give more rows, a larger data.sources.{name}.holdout, or an eval split"
             )
-    return Task(name=name, splits=splits, scorer=source.scorer)
+    stats = {"rows": tally.rows, "empty_dropped": sum(tally.dropped.values()), "converted": tally.converted}
+    if stats["empty_dropped"] or stats["converted"]:
+        print(
+            f"task {name!r}: {stats['empty_dropped']} of {stats['rows']} rows dropped for a null or empty prompt or response, "
+            f"{stats['converted']} numbers or booleans converted to text"
+        )
+    return Task(name=name, splits=splits, scorer=source.scorer, input_stats=stats)

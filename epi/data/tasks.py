@@ -14,7 +14,7 @@ hashed with SHA-512 by `random`, so unlike `hash()` they are stable across runs.
 import random
 import string
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from epi.data.scorers import get_scorer
@@ -36,6 +36,9 @@ class Task:
     name: str
     splits: dict[str, list[Example]]  # keys "train", "val", "test"
     scorer: str  # a key of epi.data.scorers.SCORERS
+    # A dataset task's reading: {"rows": read, "empty_dropped": dropped for a null or empty prompt or
+    # response, "converted": numbers and bools turned into text} (epi.data.sources); empty for a built-in task.
+    input_stats: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         get_scorer(self.scorer)  # fail at construction, not at the first evaluation
