@@ -84,6 +84,11 @@ def tabulate(cfg: DictConfig, out_dir: Path) -> None:
             transfers.append({"setting": setting, "seeds": len(values), **{k: report.mean_std([v[k] for v in values]) for k in report.TRANSFER}})
     if transfers:
         sections.append("## Sequential training: backward transfer and forgetting\n\n" + report.markdown(["setting", "seeds", *report.TRANSFER], transfers))
+    if gaps := [r for r in runs if r.missing_stages]:
+        sections.append(
+            "## Runs left out of the transfer numbers\n\nTheir metrics lack the evaluation after these stages:\n\n"
+            + "\n".join(f"- {r.path} ({r.setting}, seed {r.seed}): stage(s) {r.missing_stages}" for r in gaps)
+        )
         (out_dir / "transfer.csv").write_text(report.csv(["setting", "seeds", *report.TRANSFER], transfers))
 
     curves: dict[str, dict[str, dict[int, list[float]]]] = {task: {} for task in [*tasks, "avg"]}
@@ -107,7 +112,7 @@ def tabulate(cfg: DictConfig, out_dir: Path) -> None:
                 "split": split,
                 "scores": rows,
                 "transfer": transfers,
-                "runs": [{"path": str(r.path), "setting": r.setting, "seed": r.seed, "scores": r.scores, "accuracy_matrix": r.matrix, "stages": r.stages} for r in runs],
+                "runs": [{"path": str(r.path), "setting": r.setting, "seed": r.seed, "scores": r.scores, "accuracy_matrix": r.matrix, "missing_stages": r.missing_stages, "stages": r.stages} for r in runs],
             },
             indent=2,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import hydra
@@ -14,28 +15,39 @@ from epi.config import validate
 from epi.data.load import known_tasks
 from epi.errors import UserError
 from epi.evaluate import average
+from epi.logging import METRICS, restore_metrics
 from epi.trainer import Trainer
 
 # Sections of the config a resumed run must share with its checkpoint.
 RESUME_MUST_MATCH = ("model", "data", "strategy", "schedule", "seed")
+# Files that mark a directory as holding a run: a new run there would mix its events into the old one's.
+RUN_FILES = ("config.yaml", METRICS, checkpoint.FILENAME, "model")
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
-@exit_on_user_error
-def main(cfg: DictConfig) -> float:
+def train(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
+    """One run into `run_dir`: check the config, resume if asked, train, evaluate, write the results.
+
+    Callable without Hydra (tests do); `main` below only adds Hydra's run directory and run names.
+    """
     validate(cfg, known_tasks(cfg.data))
-    resume_state = checkpoint.load(cfg.resume) if cfg.resume else None
+    run_dir = Path(run_dir)
+    source = checkpoint.find(cfg.resume) if cfg.resume else None
+    in_place = source is not None and source.parent.resolve() == run_dir.resolve()
+    taken = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if taken and not in_place:
+        raise UserError(
+            f"{run_dir} already holds a run ({', '.join(taken)}); a new run there would mix with it. Use a new "
+            f"directory (hydra.run.dir=...), or continue that run with resume={run_dir} hydra.run.dir={run_dir}."
+        )
+    resume_state = checkpoint.load(cfg.resume) if source is not None else None
+    run_dir.mkdir(parents=True, exist_ok=True)
     if resume_state is not None:
-        saved = resume_state["config"]
-        changed = [k for k in RESUME_MUST_MATCH if saved.get(k) != OmegaConf.to_container(cfg[k], resolve=True)]
+        saved, now = resume_state["config"], OmegaConf.to_container(cfg, resolve=True)
+        changed = [k for k in RESUME_MUST_MATCH if saved.get(k) != now[k]]
         if changed:
             raise UserError(f"resume={cfg.resume!r}: the checkpoint was trained with different {changed}; resume with the same settings.")
-
-    hc = HydraConfig.get()
-    run_dir = Path(hc.runtime.output_dir)
-    overrides = [o for o in hc.overrides.task if not o.startswith("resume=")]
-    cfg.logger.name = cfg.logger.name or run_name(overrides)
-    cfg.logger.group = cfg.logger.group or run_name(overrides, drop=("seed",))
+        if int(os.environ.get("RANK", "0")) == 0 and not restore_metrics(source.parent / METRICS, run_dir / METRICS, resume_state["metrics_lines"]):
+            print(f"warning: {source.parent / METRICS} lacks the events before step {resume_state['step']}; this run's {METRICS} starts at the resume")
     trainer = Trainer(cfg, run_dir, resume_state)
     writer = trainer.rank == 0  # under torchrun, rank 0 writes the run's files
     if writer:
@@ -44,6 +56,17 @@ def main(cfg: DictConfig) -> float:
     if writer:
         scorers = {name: task.scorer for name, task in trainer.tasks.items()}
         print(write_results(run_dir, cfg.eval.split, results, scorers, f"{cfg.logger.name} ({cfg.eval.split} split, {run_dir})"))
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@exit_on_user_error
+def main(cfg: DictConfig) -> float | None:
+    hc = HydraConfig.get()
+    overrides = [o for o in hc.overrides.task if not o.startswith("resume=")]
+    cfg.logger.name = cfg.logger.name or run_name(overrides)
+    cfg.logger.group = cfg.logger.group or run_name(overrides, drop=("seed",))
+    results = train(cfg, Path(hc.runtime.output_dir))
     return average(results).get("score")  # the sweeper's objective; None when every task is scored by perplexity
 
 

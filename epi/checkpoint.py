@@ -1,13 +1,21 @@
-"""Atomic save and exact resume of everything that affects a run.
+"""Atomic save and exact, safe resume of everything that affects a run.
 
-A checkpoint is one `torch.save` file written to a temporary name and renamed into place,
-so a crash mid-write leaves the previous checkpoint intact.
+A checkpoint is one `torch.save` file written to a temporary name and renamed into place, so a
+crash mid-write leaves the previous checkpoint intact; a full disk removes the temporary file and
+says how much space the checkpoint needs. Everything in it is a tensor or a plain Python value, so
+it loads with `torch.load(weights_only=True)`: a checkpoint is data, and one whose pickle would run
+code is refused without running it.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import pickle
 import random
+import re
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,28 +26,110 @@ from epi.errors import UserError
 
 FILENAME = "checkpoint.pt"
 # What Trainer.save_checkpoint writes and a resume reads.
-REQUIRED = frozenset({"step", "model", "optimizer", "scheduler", "sampler", "realised", "strategy", "rng", "config"})
+REQUIRED = frozenset(
+    {"step", "model", "optimizer", "scheduler", "sampler", "realised", "skipped", "strategy", "rng", "config", "metrics_lines"}
+)
 
 
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, NumPy, torch (and CUDA) generator states as tensors and plain values (no NumPy arrays)."""
+    numpy = np.random.get_state(legacy=False)
+    state = {
+        "python": random.getstate(),
+        "numpy": {
+            "key": torch.from_numpy(numpy["state"]["key"].astype(np.int64)),
+            "pos": int(numpy["state"]["pos"]),
+            "has_gauss": int(numpy["has_gauss"]),
+            "gauss": float(numpy["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy = state["numpy"]
+    np.random.set_state({
+        "bit_generator": "MT19937",
+        "state": {"key": numpy["key"].numpy().astype(np.uint32), "pos": numpy["pos"]},
+        "has_gauss": numpy["has_gauss"],
+        "gauss": numpy["gauss"],
+    })
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(path: Path, state: dict[str, Any]) -> None:
+def nbytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested state: about the size of its checkpoint file."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(nbytes(v) for v in obj)
+    return 0
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """ENOSPC anywhere in the chain: torch's C++ writer reports it inside a RuntimeError's text."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def disk_full_error(path: Path, needed: int, what: str) -> UserError:
+    free = shutil.disk_usage(path.parent).free
+    return UserError(
+        f"no space left on device writing {what} {path} (needs about {_size(needed)}, {_size(free)} free there); "
+        "the partial file was removed and earlier files are intact. Free space and resume from the run directory, "
+        "or write runs elsewhere (hydra.run.dir=...)."
+    )
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def write_atomically(path: Path, write: Callable[[Path], None], needed: int, what: str) -> None:
+    """`write(tmp)` then rename over `path`; on failure the temporary is removed and `path` untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        write(tmp)
+    except BaseException as e:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, Exception) and is_disk_full(e):
+            raise disk_full_error(path, needed, what) from e
+        raise
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
     os.replace(tmp, path)
+
+
+def save(path: Path, state: dict[str, Any]) -> None:
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    write_atomically(Path(path), write, nbytes(state), "checkpoint")
 
 
 def find(resume: str) -> Path:
@@ -55,15 +145,30 @@ def find(resume: str) -> Path:
     return path
 
 
+def load_tensors(path: Path, what: str) -> Any:
+    """`torch.load(weights_only=True)`: tensors and plain values only, nothing in the file is executed."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        code = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if code:
+            raise UserError(
+                f"{what} {path} asks to construct or run Python objects ({code.group(1)}), not only tensors and "
+                "plain values; it was refused and nothing in it was run. Use files written by this tool."
+            ) from e
+        raise UserError(f"{what} {path} is corrupt or unreadable (not a tensor file); it was left untouched.") from e
+    except Exception as e:  # noqa: BLE001 - any other failure to read means the file is unusable
+        raise UserError(f"{what} {path} is corrupt or unreadable ({type(e).__name__}: {_first_line(e)}); it was left untouched.") from e
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def load(resume: str) -> dict[str, Any]:
     path = find(resume)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is unusable
-        raise UserError(
-            f"resume={resume!r}: checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {e}). "
-            "It was left untouched; resume from an earlier run directory or start afresh."
-        ) from e
+    state = load_tensors(path, f"resume={resume!r}: checkpoint")
     missing = sorted(REQUIRED - set(state)) if isinstance(state, dict) else sorted(REQUIRED)
     if missing:
         raise UserError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import sys
@@ -13,7 +14,8 @@ from epi.evaluate import format_table
 
 
 def exit_on_user_error(fn: Callable) -> Callable:
-    """A `UserError` becomes one line on stderr and exit code 2; anything else keeps its traceback."""
+    """A `UserError` becomes one line on stderr and its exit code (2, or 3 for a diverged run); so does a full
+    disk wherever it strikes. Anything else is a bug and keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -21,6 +23,11 @@ def exit_on_user_error(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
+            sys.exit(e.exit_code)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            print(f"error: no space left on device writing {e.filename or 'a run file'}; free space and resume from the run's checkpoint", file=sys.stderr)
             sys.exit(2)
 
     return wrapper

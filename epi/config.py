@@ -10,12 +10,16 @@ from omegaconf import DictConfig
 
 from epi.data.format import TRUNCATE
 from epi.data.sources import validate_source
+from epi.data.tasks import BUILTIN_TASKS, MAX_PER_SPLIT
 from epi.errors import UserError
 from epi.logging import WANDB_MODES
+from epi.models import DTYPES, MODEL_KINDS
+from epi.optim import MOMENT_POLICIES
 
 DECAYS = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16")
 SPLITS = ("train", "val", "test")
+NONFINITE = ("stop", "skip")  # schedule.nonfinite: what a non-finite loss or gradient norm does
 
 
 def _require(ok: bool, key: str, value, rule: str) -> None:
@@ -36,6 +40,8 @@ def validate(cfg: DictConfig, known_tasks: set[str]) -> None:
     _require(all(0 <= b < 1 for b in s.betas) and len(s.betas) == 2, "schedule.betas", list(s.betas), "must be two numbers in [0, 1)")
     _require(s.clip_norm is None or s.clip_norm > 0, "schedule.clip_norm", s.clip_norm, "must be > 0, or null for no clipping")
     _require(s.precision in PRECISIONS, "schedule.precision", s.precision, f"must be one of {list(PRECISIONS)}")
+    _require(s.isolated_moments in MOMENT_POLICIES, "schedule.isolated_moments", s.isolated_moments, f"must be one of {list(MOMENT_POLICIES)}")
+    _require(s.nonfinite in NONFINITE, "schedule.nonfinite", s.nonfinite, f"must be one of {list(NONFINITE)}")
     for key in ("eval_every", "checkpoint_every", "log_every"):
         _require(isinstance(s[key], int) and s[key] >= 0, f"schedule.{key}", s[key], "must be an integer >= 0 (0 = never)")
 
@@ -48,8 +54,12 @@ def validate(cfg: DictConfig, known_tasks: set[str]) -> None:
         _require(w >= 0, f"data.weights.{task}", w, "must be >= 0")
     for key in ("n_train", "n_val", "n_test", "max_len"):
         _require(isinstance(d[key], int) and d[key] > 0, f"data.{key}", d[key], "must be a positive integer")
+    if any(task in BUILTIN_TASKS for task in d.tasks):  # dataset tasks take n_* as caps, generated ones must reach them
+        for key in ("n_train", "n_val", "n_test"):
+            _require(d[key] <= MAX_PER_SPLIT, f"data.{key}", d[key], f"the built-in tasks generate at most {MAX_PER_SPLIT} examples per split")
     _require(d.temperature is None or d.temperature > 0, "data.temperature", d.temperature, "must be > 0 (1 = proportional to size), or null for weights alone")
     _require(d.truncate in TRUNCATE, "data.truncate", d.truncate, f"must be one of {list(TRUNCATE)}")
+    _require(0 <= d.contamination_warn <= 1, "data.contamination_warn", d.contamination_warn, "must be a fraction in [0, 1]")
     for name, source in (d.sources or {}).items():
         validate_source(f"data.sources.{name}", source)
     for i, stage in enumerate(s.stages or []):
@@ -63,3 +73,6 @@ def validate(cfg: DictConfig, known_tasks: set[str]) -> None:
         _require(isinstance(e[key], int) and e[key] > 0, f"eval.{key}", e[key], "must be a positive integer")
     _require(cfg.logger.mode in WANDB_MODES, "logger.mode", cfg.logger.mode, f"must be one of {list(WANDB_MODES)}")
     _require(cfg.device in ("auto", "cpu", "cuda"), "device", cfg.device, "must be auto, cpu or cuda")
+    m = cfg.model
+    _require(m.kind in MODEL_KINDS, "model.kind", m.kind, f"must be one of {list(MODEL_KINDS)}")
+    _require(m.dtype in DTYPES, "model.dtype", m.dtype, f"must be one of {list(DTYPES)}")

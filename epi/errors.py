@@ -1,9 +1,17 @@
-"""One exception type for everything a user can get wrong.
+"""The exceptions a user can act on.
 
-Entry points catch `UserError`, print its message (which names the problem and the fix)
-and exit non-zero; everything else is a bug and keeps its traceback.
+Entry points catch `UserError`, print its message (which names the problem and the fix) and
+exit with its `exit_code`; everything else is a bug and keeps its traceback.
 """
 
 
 class UserError(Exception):
-    """Bad input: a config value, a dataset, a model id, a checkpoint."""
+    """Bad input: a config value, a dataset, a model id, a checkpoint, a full disk. Exit code 2."""
+
+    exit_code = 2
+
+
+class TrainingDiverged(UserError):
+    """A non-finite loss or gradient norm stopped the run before the bad update. Exit code 3."""
+
+    exit_code = 3

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 WANDB_MODES = ("offline", "online", "disabled")
+METRICS = "metrics.jsonl"
 
 
 class RunLogger:
@@ -28,7 +29,12 @@ class RunLogger:
         tags: list[str] | None = None,
     ):
         # run_dir=None: a silent logger (data-parallel ranks other than 0)
-        self._file = (Path(run_dir) / "metrics.jsonl").open("a", encoding="utf-8") if run_dir is not None else None
+        self._file = None
+        self.lines = 0  # events in metrics.jsonl, a resume's restored ones included: checkpoints record it
+        if run_dir is not None:
+            path = Path(run_dir) / METRICS
+            self.lines = _count_lines(path)
+            self._file = path.open("a", encoding="utf-8")
         self._wandb = None
         if wandb_mode != "disabled":
             self._wandb = self._guard(
@@ -51,6 +57,7 @@ class RunLogger:
             for metric, value in metrics.items():
                 event = {"step": step, "split": split, "task": task, "metric": metric, "value": _plain(value)}
                 self._file.write(json.dumps(event) + "\n")
+                self.lines += 1
             self._file.flush()
         if self._wandb is not None:
             prefix = f"{split}/{task}/" if task else f"{split}/"
@@ -92,7 +99,31 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _count_lines(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    with path.open("rb") as f:
+        return sum(1 for _ in f)
+
+
+def restore_metrics(source: Path, target: Path, lines: int) -> bool:
+    """A resumed run's metrics.jsonl: the first `lines` events of the checkpointed run's, and nothing after.
+
+    Events logged after the checkpoint (by the run that crashed) are dropped, because the resumed
+    run logs them again. `source` and `target` may be the same file (resuming in place); the new
+    file replaces the old one atomically. Returns False when `source` has fewer lines than that.
+    """
+    if not source.is_file():
+        return False
+    with source.open(encoding="utf-8") as f:
+        kept = [line for _, line in zip(range(lines), f)]
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    tmp.replace(target)
+    return len(kept) == lines
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS
     with path.open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -27,6 +27,10 @@ _BRACKET_DELTA = 1e-9
 _LAYER = re.compile(r"^(.*?\b(?:layers|h)\.\d+)\.")
 
 
+class NonFiniteScores(ValueError):
+    """Scores with NaN or inf: no ranking of them is meaningful (a NaN compares False and selects nothing)."""
+
+
 def _check_choice(key: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise ValueError(f"{key}={value!r} is not valid; expected one of {list(valid)}")
@@ -209,6 +213,9 @@ def top_p(scores: dict[str, Tensor], p: float, scope: str = "global", method: st
         raise ValueError(f"p={p!r} is not valid; expected 0 < p <= 1")
     _check_choice("scope", scope, SCOPES)
     _check_choice("method", method, METHODS)
+    bad = [n for n, t in scores.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise NonFiniteScores(f"scores of {len(bad)} tensor(s) are NaN or inf, e.g. {bad[0]!r}")
     if scope == "global":
         groups = [list(scores)]
     elif scope == "layer":

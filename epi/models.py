@@ -25,6 +25,7 @@ from epi import hub
 from epi.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODEL_KINDS = ("tiny", "hf")  # a config-built byte-level Llama, or any Hugging Face causal LM
 
 
 def build_model(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -35,7 +36,7 @@ def build_model(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
     elif cfg.kind == "hf":
         model, tok = _pretrained(cfg)
     else:
-        raise UserError(f"model.kind={cfg.kind!r} is not one of ['tiny', 'hf']")
+        raise UserError(f"model.kind={cfg.kind!r}: must be one of {list(MODEL_KINDS)}")
     if tok.pad_token_id is None:  # e.g. Llama tokenizers: pad with EOS, labels mask the padding anyway
         tok.pad_token = tok.eos_token
     model.config.pad_token_id = tok.pad_token_id
@@ -82,9 +83,15 @@ def resolve_path(name_or_path: str) -> str:
 def _pretrained(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     path = resolve_path(cfg.name_or_path)
     kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
-    if Path(path).is_dir():
+    local = Path(path).is_dir()
+    if local:
         if cfg.gguf_file and not (Path(path) / cfg.gguf_file).is_file():
             raise UserError(f"model.gguf_file={cfg.gguf_file!r} is not in {path}")
+        if not cfg.gguf_file and not (Path(path) / "config.json").is_file():
+            raise UserError(
+                f"model.name_or_path={cfg.name_or_path!r}: the directory has no config.json; a Hugging Face model "
+                "directory holds config.json, the weights and the tokenizer files, as save_pretrained writes them"
+            )
     else:
         _require_hub(path)
     try:
@@ -92,8 +99,11 @@ def _pretrained(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
         model = AutoModelForCausalLM.from_pretrained(
             path, attn_implementation=cfg.attn_implementation, **kwargs
         )
-    except OSError as e:
-        raise UserError(f"cannot load model {cfg.name_or_path!r}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - a local directory that does not load is the user's to fix, whatever raised
+        if not (local or isinstance(e, OSError)):
+            raise
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"model.name_or_path={cfg.name_or_path!r}: cannot load a model from it ({type(e).__name__}: {reason})") from e
     if cfg.gguf_file:
         model = _dequantized_copy(model)
     return model, tok

@@ -13,6 +13,8 @@ of one setting are averaged. Definitions (also in the README):
 - delta_A / delta_B (the papers' "train A then B" table): the change over the last stage of
   the scores of the first stage's tasks (A: forgetting when negative) and of the last
   stage's tasks (B: the gain).
+A run whose metrics lack a stage's evaluation keeps that row as a gap (None) and is left out
+of the transfer numbers, with its name and the missing stages in the report.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ class Run:
     tasks: list[str]
     scores: dict[str, float]  # final score per task
     stages: list[list[str]] = field(default_factory=list)  # tasks trained in each stage
-    matrix: list[dict[str, float]] = field(default_factory=list)  # after each stage: task -> score
+    matrix: list[dict[str, float] | None] = field(default_factory=list)  # after each stage: task -> score; None = not evaluated
+    missing_stages: list[int] = field(default_factory=list)  # stages whose after-stage evaluation is not in metrics.jsonl
 
     @property
     def expert_of(self) -> str | None:
@@ -69,6 +72,8 @@ def load_run(path: Path, split: str) -> Run:
         if e["split"].startswith(prefix) and e["metric"] == "score" and e["task"]:
             after.setdefault(int(e["split"][len(prefix):]), {})[e["task"]] = e["value"]
     stages = _stages(path, cfg)
+    # row k is stage k's: a stage without its evaluation stays a marked gap, never closed up by the next one
+    expected = range(len(stages)) if len(stages) > 1 else sorted(after)
     return Run(
         path=path,
         setting=cfg.logger.group or "default",
@@ -76,7 +81,8 @@ def load_run(path: Path, split: str) -> Run:
         tasks=list(cfg.data.tasks),
         scores={t: r["score"] for t, r in final.items() if "score" in r},  # perplexity-scored tasks have none
         stages=stages,
-        matrix=[after[k] for k in sorted(after)],
+        matrix=[after.get(k) for k in expected],
+        missing_stages=[k for k in expected if k not in after],
     )
 
 
@@ -158,8 +164,8 @@ def core_overlap(group: list[Run]) -> tuple[list[str], list[list[float]]] | None
 
 
 def transfer(run: Run) -> dict[str, float] | None:
-    """BWT and forgetting of one sequential run (None if it had a single stage)."""
-    if len(run.matrix) < 2:
+    """BWT and forgetting of one sequential run (None if it had a single stage, or lacks a stage's evaluation)."""
+    if len(run.matrix) < 2 or run.missing_stages:
         return None
     trained_at = {t: k for k, stage in enumerate(run.stages) for t in stage}
     earlier = [t for t, k in trained_at.items() if k < len(run.matrix) - 1 and t in run.matrix[-1]]

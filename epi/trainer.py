@@ -13,6 +13,7 @@ import random
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,11 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from epi import checkpoint
-from epi.data.format import collate, encode_task
+from epi.data.contamination import contamination, contamination_warning
+from epi.data.format import IGNORE_INDEX, collate, encode_task
 from epi.data.load import load_tasks
 from epi.data.mixture import MixtureSampler, sampling_weights
-from epi.errors import UserError
+from epi.errors import TrainingDiverged, UserError
 from epi.evaluate import average, evaluate
 from epi.logging import RunLogger
 from epi.models import build_model
@@ -92,10 +94,36 @@ def format_stats(stats: dict[str, dict[str, int]], data: DictConfig) -> str:
     return "\n".join(lines)
 
 
+def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over the trained positions (labels != IGNORE_INDEX), in fp32.
+
+    The caller divides by the global batch's trained-token count (`trained_tokens`); with one
+    micro-batch on one process that is exactly the mean Hugging Face's `labels=` loss computes.
+    """
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+def trained_tokens(labels: list[int]) -> int:
+    """Positions `causal_lm_loss_sum` counts: labels after the first (nothing predicts the first token)."""
+    return sum(label != IGNORE_INDEX for label in labels[1:])
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float  # the global batch's mean loss per trained token
+    grad_norm: torch.Tensor | float  # the clipped-over norm (isolated coordinates excluded); a tensor until logged
+    lr: float  # the learning rate this step applied
+    tokens: int  # tokens in the global batch, padding excluded
+    trained_tokens: int  # of which carry loss
+
+
 class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path, resume_state: dict[str, Any] | None = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.strategy = build_strategy(cfg.strategy)  # checks its keys before anything is written
+        self.strategy.check_plan(default_stages(cfg))  # and whether it can serve this run's stages
         seed_everything(cfg.seed)
         self.device = pick_device(cfg.device)
         self.rank, self.world = init_distributed(self.device)
@@ -106,7 +134,9 @@ class Trainer:
         encoded = {name: encode_task(self.tokenizer, task, cfg.data.max_len, cfg.data.truncate) for name, task in tasks.items()}
         self.tasks = {name: e.task for name, e in encoded.items()}  # eval splits without what max_len cannot hold
         self.train_sets = {name: e.rows for name, e in encoded.items()}
-        self.data_stats = {name: e.stats for name, e in encoded.items()}
+        self.trained_counts = {name: [trained_tokens(r["labels"]) for r in rows] for name, rows in self.train_sets.items()}
+        overlap = contamination(tasks)  # eval prompts that are also training prompts, per task and split
+        self.data_stats = {name: {**e.stats, **e.task.input_stats, **overlap[name]} for name, e in encoded.items()}
         self.realised = {name: {"examples": 0, "tokens": 0} for name in tasks}  # what training actually drew
         self.model.to(self.device)
         # Data parallel: DDP averages gradients in backward, so every rank sees the same gradients,
@@ -140,86 +170,156 @@ class Trainer:
         )
         if self.rank == 0:
             print(format_stats(self.data_stats, cfg.data))
+            if warning := contamination_warning(overlap, cfg.data.contamination_warn):
+                print(warning)
         for task, stats in self.data_stats.items():
             self.logger.log(0, "data", stats, task=task)
         self.stages = self.strategy.prepare(self, default_stages(cfg))
         self.total_steps = sum(stage.steps for stage in self.stages)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.optimizer, lr_factor(s, self.total_steps))
         self.step = 0
+        self.skipped = 0  # updates dropped for a non-finite loss or gradient (schedule.nonfinite=skip)
+        self.last_checkpoint: int | None = None  # step of the newest checkpoint this run wrote
         if resume_state is not None:
             self._load(resume_state)
 
     # ---------------------------------------------------------------- the loop
     def fit(self) -> dict[str, dict[str, float]]:
         cfg, s = self.cfg, self.cfg.schedule
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
-        stage_end = 0
-        for index, stage in enumerate(self.stages):
-            stage_start, stage_end = stage_end, stage_end + stage.steps
-            if self.step >= stage_end:
-                continue  # finished before a resume
-            weights = {t: stage.weights.get(t, 1.0) if t in stage.tasks else 0.0 for t in self.tasks}
-            self.sampler.set_weights(sampling_weights(self.sampler.sizes, weights, cfg.data.temperature))
-            if self.step == stage_start:
-                self.strategy.on_stage_start(stage, self.step)
-            while self.step < stage_end:
-                self.step += 1
-                step, tic = self.step, time.perf_counter()
-                loss, grad_norm, tokens = self.train_step(step)
+        with tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True) as bar:  # closed before any error prints
+            stage_end = 0
+            for index, stage in enumerate(self.stages):
+                stage_start, stage_end = stage_end, stage_end + stage.steps
+                if self.step >= stage_end:
+                    continue  # finished, closing work included, before a resume
+                weights = {t: stage.weights.get(t, 1.0) if t in stage.tasks else 0.0 for t in self.tasks}
+                self.sampler.set_weights(sampling_weights(self.sampler.sizes, weights, cfg.data.temperature))
+                if self.step == stage_start:
+                    self.strategy.on_stage_start(stage, self.step)
+                while self.step < stage_end:
+                    self.step += 1
+                    step, tic = self.step, time.perf_counter()
+                    out = self.train_step(step)
+                    seconds = time.perf_counter() - tic
 
-                tokens_per_s = tokens / (time.perf_counter() - tic)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:.0f}", stage=stage.name)
-                if s.log_every and step % s.log_every == 0:
-                    lr = self.scheduler.get_last_lr()[0]
-                    self.logger.log(step, "train", {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens_per_s": tokens_per_s})
-                if s.eval_every and step % s.eval_every == 0 and step < self.total_steps:
-                    self.evaluate(step, cfg.eval.split)
-                if s.checkpoint_every and step % s.checkpoint_every == 0:
-                    self.save_checkpoint()
-            self.strategy.on_stage_end(stage, self.step)
-            self.log_realised()
-            if len(self.stages) > 1:  # the accuracy matrix of sequential training: every task after every stage
-                self.evaluate(self.step, f"{cfg.eval.split}/after_stage{index}")
-        bar.close()
-        self.save_checkpoint()
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{out.loss:.3f}", tok_s=f"{out.tokens / seconds:.0f}", stage=stage.name)
+                    if s.log_every and step % s.log_every == 0:
+                        self.logger.log(step, "train", {
+                            "loss": out.loss, "grad_norm": float(out.grad_norm), "lr": out.lr,
+                            "tokens_per_s": out.tokens / seconds, "trained_tokens": out.trained_tokens,
+                            "skipped_steps": self.skipped,
+                        })
+                    if s.eval_every and step % s.eval_every == 0 and step < self.total_steps:
+                        self.evaluate(step, cfg.eval.split)
+                    if step == stage_end:  # before this step's checkpoint, so a resume never skips it
+                        self.close_stage(index, stage)
+                    if s.checkpoint_every and step % s.checkpoint_every == 0:
+                        self.save_checkpoint()
+        if self.last_checkpoint != self.step:
+            self.save_checkpoint()
         results = self.evaluate(self.step, cfg.eval.split)
         self.save_model(self.run_dir / "model")
         self.logger.close()
         return results
 
-    def train_step(self, step: int) -> tuple[float, float, int]:
-        """One optimizer step with the strategy hooks at their fixed points; returns (loss, grad norm, tokens)."""
+    def close_stage(self, index: int, stage: Stage) -> None:
+        """A stage's closing work: the strategy's hook, the realised mixture, the accuracy-matrix row."""
+        self.strategy.on_stage_end(stage, self.step)
+        self.log_realised()
+        if len(self.stages) > 1:  # the accuracy matrix of sequential training: every task after every stage
+            self.evaluate(self.step, f"{self.cfg.eval.split}/after_stage{index}")
+
+    def train_step(self, step: int) -> StepResult:
+        """One optimizer step with the strategy hooks at their fixed points.
+
+        The loss is token-weighted over the whole global batch: every micro-batch on every rank
+        adds its summed token losses divided by the global batch's trained-token count, so
+        `grad_accum=k` equals one k times larger batch and N ranks equal one process (DDP's
+        gradient average is undone by the factor `world`).
+        """
         s = self.cfg.schedule
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if s.precision == "bf16" else nullcontext()
         self.model.train()
+        micro_batches, tokens, trained = self._draw_step()
         loss_sum = torch.zeros((), device=self.device)
-        tokens = torch.zeros((), device=self.device)
-        for _ in range(s.grad_accum):
-            batch = self._next_batch()
+        for batch in micro_batches:
             with autocast:
-                loss = self.forward(**batch).loss / s.grad_accum
-            loss.backward()
-            loss_sum += loss.detach()  # stays on the device: one host sync per step, below
-            tokens += batch["attention_mask"].sum()
+                logits = self.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            token_losses = causal_lm_loss_sum(logits, batch["labels"])
+            (token_losses * (self.world / trained)).backward()
+            loss_sum += token_losses.detach()  # stays on the device until the one check below
+        if self.world > 1:
+            dist.all_reduce(loss_sum)  # the logged loss is the global batch's, not this rank's shard's
+        params = list(self.named_params.values())
+        raw_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        loss, raw = (torch.stack([loss_sum / trained, raw_norm.float()])).tolist()  # the step's one host sync
+        lr = self.scheduler.get_last_lr()[0]  # the lr this step applies
+        if not (math.isfinite(loss) and math.isfinite(raw)):
+            self._non_finite(step, loss, raw, lr)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.strategy.after_step(step)
+            return StepResult(loss, raw, lr, tokens, trained)
+
         self.strategy.after_backward(step)
         self.optimizer.hide_isolated_grads()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.named_params.values(), s.clip_norm or math.inf)
+        if self.optimizer.index:  # the clip norm must not count isolated gradients
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        else:
+            grad_norm = raw_norm
+        if s.clip_norm:
+            torch.nn.utils.clip_grads_with_norm_(params, s.clip_norm, grad_norm)
         self.optimizer.step(clip_coefficient(grad_norm, s.clip_norm) if s.clip_norm else 1.0)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.strategy.after_step(step)
-        loss_value, norm_value, token_count = torch.stack([loss_sum, grad_norm.float(), tokens.float()]).tolist()
-        return loss_value, norm_value, int(token_count)
+        return StepResult(loss, grad_norm, lr, tokens, trained)
 
-    def _next_batch(self) -> dict[str, torch.Tensor]:
-        picks = self.sampler.next_batch(self.cfg.schedule.batch_size)
-        for task, i in picks:  # the global batch: the same count on every rank
+    def _non_finite(self, step: int, loss: float, grad_norm: float, lr: float) -> None:
+        """`schedule.nonfinite`: `stop` ends the run before the bad update; `skip` drops the update and counts it."""
+        self.logger.log(step, "nonfinite", {"loss": loss, "grad_norm": grad_norm})
+        what = f"step {step}: loss {loss:.4g}, gradient norm {grad_norm:.4g}: not finite"
+        if self.cfg.schedule.nonfinite == "skip":
+            self.skipped += 1
+            if self.rank == 0:
+                tqdm.write(f"{what}: update skipped ({self.skipped} so far; schedule.nonfinite=skip)")
+            return
+        self.logger.close()
+        last = (
+            f"the last good checkpoint is {self.run_dir / checkpoint.FILENAME} (step {self.last_checkpoint})"
+            if self.last_checkpoint is not None else "no checkpoint had been written yet"
+        )
+        s = self.cfg.schedule
+        raise TrainingDiverged(
+            f"{what}: training diverged and was stopped before the update; {last}, and no model was saved. "
+            f"Usual fixes: a lower schedule.lr (now {s.lr:g}, lr at this step {lr:.3g}), a longer schedule.warmup_steps "
+            f"(now {s.warmup_steps}), schedule.clip_norm (now {s.clip_norm}), schedule.precision=fp32 (now {s.precision}); "
+            "or schedule.nonfinite=skip to drop such updates and count them."
+        )
+
+    def _draw_step(self) -> tuple[list[dict[str, torch.Tensor]], int, int]:
+        """This step's micro-batches (this rank's shards), and the global batch's tokens and trained tokens.
+
+        The whole global batch (batch_size x grad_accum examples) is drawn at once, the same on every
+        rank, so its trained-token count needs no communication and `grad_accum=k` sees exactly the
+        examples of one batch k times as large.
+        """
+        s = self.cfg.schedule
+        picks = self.sampler.next_batch(s.batch_size * s.grad_accum)
+        tokens = trained = 0
+        for task, i in picks:
+            row = self.train_sets[task][i]
             self.realised[task]["examples"] += 1
-            self.realised[task]["tokens"] += len(self.train_sets[task][i]["input_ids"])
-        picks = picks[self.rank :: self.world]  # same draw on every rank, one shard each
-        batch = collate([self.train_sets[task][i] for task, i in picks], self.tokenizer.pad_token_id)
-        return {k: v.to(self.device) for k, v in batch.items()}
+            self.realised[task]["tokens"] += len(row["input_ids"])
+            tokens += len(row["input_ids"])
+            trained += self.trained_counts[task][i]
+        micro_batches = []
+        for k in range(s.grad_accum):
+            shard = picks[k * s.batch_size : (k + 1) * s.batch_size][self.rank :: self.world]
+            batch = collate([self.train_sets[task][i] for task, i in shard], self.tokenizer.pad_token_id)
+            micro_batches.append({name: v.to(self.device) for name, v in batch.items()})
+        return micro_batches, tokens, trained
 
     def log_realised(self) -> None:
         """The mixture as trained so far: examples and tokens drawn per task, and each task's share of the tokens."""
@@ -250,12 +350,19 @@ class Trainer:
         return results
 
     def save_model(self, path: Path) -> None:
+        """The final model in Hugging Face format, written to a temporary directory and renamed into place."""
         if self.rank != 0:
             return
-        self.model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+
+        def write(tmp: Path) -> None:
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+
+        checkpoint.write_atomically(path, write, checkpoint.nbytes(self.model.state_dict()), "model")
 
     def save_checkpoint(self) -> None:
+        """Everything the rest of the run depends on, in types `torch.load(weights_only=True)` accepts."""
+        self.last_checkpoint = self.step
         if self.rank != 0:
             return
         checkpoint.save(
@@ -267,9 +374,11 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(),
                 "sampler": self.sampler.state_dict(),
                 "realised": self.realised,
+                "skipped": self.skipped,
                 "strategy": self.strategy.state_dict(),
                 "rng": checkpoint.rng_state(),
                 "config": OmegaConf.to_container(self.cfg, resolve=True),
+                "metrics_lines": self.logger.lines,  # metrics.jsonl up to here belongs to this state
             },
         )
 
@@ -279,7 +388,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         self.realised = state["realised"]
+        self.skipped = state["skipped"]
         self.strategy.load_state_dict(state["strategy"])
         checkpoint.set_rng_state(state["rng"])
         self.step = state["step"]
-

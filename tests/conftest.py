@@ -39,6 +39,13 @@ TINY = [
 ]
 
 
+def short_epi(overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """The default strategy (EPI) with its first mask at step 2, so a few-step run isolates something
+    (at the default warmup of 100 the run would be refused as plain SFT); other strategies unchanged."""
+    chosen = any(o.lstrip("+").startswith(("strategy=", "strategy.warmup=", "experiment=", "arm=")) for o in overrides)
+    return [] if chosen else ["strategy.warmup=2"]
+
+
 def make_cfg(*overrides: str, tiny: bool = True) -> DictConfig:
     """The training config as train.py composes it, shrunk to unit-test size unless `tiny=False`."""
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
@@ -46,18 +53,20 @@ def make_cfg(*overrides: str, tiny: bool = True) -> DictConfig:
             return compose("config", overrides=list(overrides))
         other_model = any(o.startswith("model=") for o in overrides)
         base = [o for o in TINY if not (other_model and o in TINY_MODEL)]
-        return compose("config", overrides=[*base, *overrides])
+        return compose("config", overrides=[*base, *overrides, *short_epi(overrides)])
 
 
-def run_script(script: str, *args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Runs train.py / eval.py as a user would, from `cwd` (where outputs/ lands)."""
+def run_script(script: str, *args: str, cwd: Path, timeout: int = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Runs train.py / eval.py as a user would, from `cwd` (where outputs/ lands); `env` adds variables."""
+    if script == "train.py" and "-m" not in args and set(TINY) & set(args):
+        args = (*args, *short_epi(args))
     return subprocess.run(
         [sys.executable, str(ROOT / script), *args],
         cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
     )
 
 

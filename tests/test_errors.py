@@ -27,6 +27,12 @@ from tests.conftest import TINY, make_cfg, run_script
         ("+data.weights.math=-1", "data.weights.math=-1"),
         ("eval.split=dev", "eval.split='dev'"),
         ("logger.mode=sometimes", "logger.mode='sometimes'"),
+        ("schedule.isolated_moments=freeze", "schedule.isolated_moments='freeze'"),
+        ("schedule.nonfinite=ignore", "schedule.nonfinite='ignore'"),
+        ("model.kind=gpt", "model.kind='gpt'"),
+        ("model.dtype=fp8", "model.dtype='fp8'"),
+        ("data.n_train=60000", "data.n_train=60000: the built-in tasks generate at most 50000"),
+        ("data.contamination_warn=2", "data.contamination_warn=2"),
     ],
 )
 def test_bad_config_value_names_the_key(override: str, needle: str) -> None:
@@ -63,7 +69,7 @@ def test_checkpoint_of_another_version_is_refused_by_name(tmp_path: Path) -> Non
     old = tmp_path / checkpoint.FILENAME
     torch.save({"step": 3, "model": {}, "optimizer": {}, "scheduler": {}, "sampler": {}, "strategy": {}, "rng": {}}, old)
     before = old.read_bytes()
-    with pytest.raises(UserError, match=r"lacks \['config', 'realised'\]: it was not written by this version"):
+    with pytest.raises(UserError, match=r"lacks \['config', 'metrics_lines', 'realised', 'skipped'\]: it was not written by this version"):
         checkpoint.load(str(tmp_path))
     assert old.read_bytes() == before
 
@@ -113,3 +119,15 @@ def test_bad_strategy_value_writes_nothing(tmp_path: Path) -> None:
     proc = run_script("train.py", *TINY, "strategy=epi", "strategy.p=1.5", f"hydra.run.dir={run}", cwd=tmp_path)
     assert proc.returncode == 2 and "strategy.p=1.5" in proc.stderr
     assert {p.name for p in run.iterdir()} <= {".hydra", "train.log"}  # Hydra's own record only
+
+
+@pytest.mark.parametrize(
+    "config_json,needle",
+    [(None, "the directory has no config.json"), ('{"model_type": "llama", "hidden_size": "x"}', "cannot load a model from it")],
+    ids=["empty", "broken"],
+)
+def test_empty_or_broken_model_directory_is_one_line(tmp_path: Path, config_json: str | None, needle: str) -> None:
+    if config_json is not None:
+        (tmp_path / "config.json").write_text(config_json)
+    with pytest.raises(UserError, match=needle):
+        build_model(make_cfg("model=hf", f"model.name_or_path={tmp_path}").model)

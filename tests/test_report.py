@@ -97,3 +97,20 @@ def test_runs_listed_in_sweep_order(tmp_path: Path) -> None:
     for n in (10, 2, 1):
         fake_run(tmp_path, str(n), group=f"g{n}", seed=0, tasks=["a"], scores={"a": 0.5})
     assert [p.name for p in report.find_runs([tmp_path])] == ["1", "2", "10"]  # not "1", "10", "2"
+
+
+def test_a_missing_stage_evaluation_is_marked_not_closed_up(tmp_path: Path) -> None:
+    """Stage 1's evaluation is lost: row 1 stays a gap, the run is left out of BWT and named in the report."""
+    run = fake_run(tmp_path / "runs", "0", group="seq", seed=0, tasks=["a", "b", "c"], scores={"a": 0.1, "b": 0.2, "c": 0.9},
+                   stages=[["a"], ["b"], ["c"]], matrix=[{"a": 0.9, "b": 0.0, "c": 0.0}, {"a": 0.5, "b": 0.8, "c": 0.0}, {"a": 0.1, "b": 0.2, "c": 0.9}])
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events if e["split"] != "test/after_stage1"))
+    loaded = report.load_run(run, "test")
+    assert loaded.matrix[1] is None and loaded.matrix[2] == {"a": 0.1, "b": 0.2, "c": 0.9}
+    assert loaded.missing_stages == [1] and report.transfer(loaded) is None
+    out = tmp_path / "out"
+    proc = run_script("eval.py", f"runs={tmp_path / 'runs'}", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    md = (out / "report.md").read_text()
+    assert "Runs left out of the transfer numbers" in md and "stage(s) [1]" in md
+    assert json.loads((out / "report.json").read_text())["runs"][0]["accuracy_matrix"][1] is None

@@ -9,8 +9,9 @@ calls, in this order:
     optimizer.step(clip_coef)       # IsolatedOptimizer: isolated coordinates do not move
     strategy.after_step(step)       # e.g. refresh the mask every K steps, log mask statistics
 
-plus `prepare` once before training, `on_stage_start` / `on_stage_end` around each stage, and
-`state_dict` / `load_state_dict` for exact resume. A new strategy is one module here and one
+plus `check_plan` at start-up (before any file is written), `prepare` once before training,
+`on_stage_start` / `on_stage_end` around each stage, and `state_dict` / `load_state_dict` for
+exact resume. A new strategy is one module here and one
 YAML file in conf/strategy/ whose `_target_` names its class; nothing in the trainer changes.
 """
 
@@ -35,6 +36,9 @@ class Stage:
 
 class Strategy:
     """Full fine-tuning: every parameter moves every step. Subclasses isolate some of them."""
+
+    def check_plan(self, stages: list[Stage]) -> None:
+        """Runs at start-up, before anything is written: refuse (UserError) a stage plan this strategy cannot serve."""
 
     def prepare(self, trainer: Trainer, stages: list[Stage]) -> list[Stage]:
         """Runs once before training; returns the stage plan to train (CPI replaces it by its groups)."""

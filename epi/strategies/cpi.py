@@ -31,8 +31,9 @@ from torch import Tensor
 
 from epi.data.format import collate
 from epi.data.mixture import MixtureSampler
-from epi.errors import UserError
-from epi.masks import SCOPES, Masks, jaccard, mask_stats, participating, top_p, union
+from epi.checkpoint import load_tensors
+from epi.errors import TrainingDiverged, UserError
+from epi.masks import SCOPES, Masks, NonFiniteScores, jaccard, mask_stats, participating, top_p, union
 from epi.merge import SPACES, fuse
 from epi.strategies.base import Stage, Strategy
 
@@ -143,20 +144,27 @@ class CPI(Strategy):
         if self.order == "given" and sorted(self.given_order) != sorted(tasks):
             raise UserError(f"strategy.given_order={self.given_order}: must list each task of data.tasks={tasks} once")
         try:
-            names = set(participating(trainer.named_params, self.include))
+            names = list(participating(trainer.named_params, self.include))  # model order: ties in |delta| break the same way in every process
         except ValueError as e:
             raise UserError(f"strategy.include: {e}") from e
         base = {n: p.detach().clone() for n, p in trainer.model.state_dict().items()}
         tuned = {task: self.probe(trainer, task) for task in tasks}
-        self.cores = {
-            task: core_regions({n: base[n] for n in names}, tuned[task], self.p, self.scope) for task in tasks
-        }
+        try:
+            self.cores = {
+                task: core_regions({n: base[n] for n in names}, tuned[task], self.p, self.scope) for task in tasks
+            }
+        except NonFiniteScores as e:
+            raise TrainingDiverged(
+                f"cpi: a probe diverged (its update {e}); lower strategy.probe_lr (now {self.probe_lr:g})"
+            ) from e
         overlap = overlap_matrix(self.cores)
         mass = {t: sum(float((tuned[t][n] - base[n]).abs()[m].sum()) for n, m in self.cores[t].items()) for t in tasks}
         self.groups = order_groups(
             connected_groups(tasks, overlap, self.tau), self.order, seed=trainer.cfg.seed, given=self.given_order, mass=mass
         )
         self._report(tasks, overlap)
+        if self.freeze_cores and len(self.groups) == 1:
+            print(f"cpi: all tasks form one group at tau={self.tau}, so no cores are frozen: after fusion this run is plain SFT")
         if self.fuse_models:
             fused, paths = fuse(base, tuned, self.cores, omega=self.omega, eps=self.eps, space=self.space)
             trainer.model.load_state_dict(fused)
@@ -184,7 +192,7 @@ class CPI(Strategy):
         if path.is_file():
             trainer.logger.log(0, "cpi", {"probe_cache_hit": 1.0}, task=task)
             print(f"cpi: probe of {task!r} from cache {path}")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return load_tensors(path, f"cpi: cached probe of {task!r} (delete it to probe again):")
         trainer.logger.log(0, "cpi", {"probe_cache_hit": 0.0}, task=task)
         model = copy.deepcopy(trainer.model).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=self.probe_lr, weight_decay=0.0)

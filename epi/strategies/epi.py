@@ -28,10 +28,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from epi.errors import UserError
+from epi.errors import TrainingDiverged, UserError
 from epi.masks import (
     METHODS,
     NORMALIZE_METHODS,
+    NonFiniteScores,
     SCOPES,
     Masks,
     jaccard,
@@ -68,6 +69,7 @@ class EvolvingIsolation(Strategy):
         method: str = "sampled",
         sample_size: int = 1_000_000,
         include: dict[str, bool] | None = None,
+        allow_no_isolation: bool = False,
     ):
         if not 0 < p <= 1:
             raise UserError(f"strategy.p={p!r}: must be in (0, 1], the fraction of coordinates isolated (e.g. 0.01)")
@@ -81,6 +83,7 @@ class EvolvingIsolation(Strategy):
         self.p, self.refresh_every, self.warmup, self.hysteresis = p, refresh_every, warmup, hysteresis
         self.scope, self.method, self.sample_size = scope, method, sample_size
         self.include = dict(include or {})
+        self.allow_no_isolation = allow_no_isolation
         self.refreshes = 0
         self.first_mask: dict[str, dict] | None = None  # bit-packed: the drift curve's reference
         self.misses: dict[str, Tensor] = {}  # hysteresis: consecutive refreshes an isolated coordinate missed the top set
@@ -94,6 +97,23 @@ class EvolvingIsolation(Strategy):
         self.numels = {n: p.numel() for n, p in trainer.named_params.items()}
         self.generator = torch.Generator().manual_seed(trainer.cfg.seed)  # same on every rank
         return stages
+
+    def check_plan(self, stages: list[Stage]) -> None:
+        """A run whose first mask comes too late is silently plain SFT: refuse it at start-up."""
+        if self.allow_no_isolation:
+            return
+        total, first_end = sum(st.steps for st in stages), stages[0].steps
+        fix = "lower strategy.warmup (the first mask's step), or set strategy.allow_no_isolation=true to run it anyway"
+        if self.warmup > total:
+            raise UserError(
+                f"strategy.warmup={self.warmup}: the first mask would come after the run's last step ({total}), so "
+                f"nothing would be isolated and the run would be plain SFT; {fix}"
+            )
+        if len(stages) > 1 and self.warmup > first_end:
+            raise UserError(
+                f"strategy.warmup={self.warmup}: the first mask would come after stage {stages[0].name!r} ends at step "
+                f"{first_end}, so stage {stages[1].name!r} would start with nothing isolated to protect it; {fix}"
+            )
 
     def is_refresh(self, step: int) -> bool:
         return step >= self.warmup and (step - self.warmup) % self.refresh_every == 0
@@ -113,7 +133,13 @@ class EvolvingIsolation(Strategy):
         if dist.is_available() and dist.is_initialized():  # identical masks on every rank
             for s in scores.values():
                 dist.all_reduce(s, op=dist.ReduceOp.AVG)
-        selected = top_p(scores, self.p, self.scope, self.method, self.sample_size, self.generator)
+        try:
+            selected = top_p(scores, self.p, self.scope, self.method, self.sample_size, self.generator)
+        except NonFiniteScores as e:
+            raise TrainingDiverged(
+                f"step {step}: importance {e}: the gradients it averages overflowed or were NaN; no mask was set. "
+                "Lower schedule.lr or set schedule.clip_norm; with strategy.beta=null the importance is AdamW's exp_avg_sq."
+            ) from e
         old = {n: m.cpu() for n, m in optimizer.masks.items()}
         new = self._apply_hysteresis(old, selected) if self.hysteresis > 1 else selected
         counts = optimizer.set_masks(new)
