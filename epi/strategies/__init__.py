@@ -1,8 +1,21 @@
-"""Isolation strategies. Each YAML in conf/strategy/ names its class with `_target_`."""
+"""Isolation strategies and the registry of their names.
+
+A run builds its strategy from config: each YAML in conf/strategy/ names its class with `_target_`
+and `build_strategy` checks the keys against the constructor. The registry answers "which
+strategies exist" (`python -m epi.strategies` lists them): the built-ins below, classes added in
+this process with `@register(name)`, and third-party classes that an installed distribution
+declares in the entry-point group `epi.strategies` (`name = "package.module:Class"`). Names are
+read without importing anything; a class is imported when it is asked for, so a broken plug-in
+fails only where it is used.
+"""
 
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
 
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
@@ -10,7 +23,21 @@ from omegaconf import DictConfig, OmegaConf
 from epi.errors import UserError
 from epi.strategies.base import Stage, Strategy
 
-__all__ = ["Stage", "Strategy", "build_strategy"]
+__all__ = ["ENTRY_POINT_GROUP", "Entry", "Registry", "Stage", "Strategy", "build_strategy", "register", "registry"]
+
+ENTRY_POINT_GROUP = "epi.strategies"
+
+BUILTIN = {
+    "none": "epi.strategies.none:NoIsolation",
+    "epi": "epi.strategies.epi:EPI",
+    "random": "epi.strategies.random:RandomIsolation",
+    "cpi": "epi.strategies.cpi:CPI",
+    "multistage": "epi.strategies.multistage:MultiStage",
+}
+
+S = TypeVar("S", bound=type[Strategy])
+
+_registered: dict[str, type[Strategy]] = {}
 
 
 def build_strategy(cfg: DictConfig) -> Strategy:
@@ -32,3 +59,84 @@ def _keys(cls: type) -> set[str]:
         if "__init__" in vars(klass):
             keys |= {p.name for p in inspect.signature(klass.__init__).parameters.values() if p.kind == p.KEYWORD_ONLY or p.kind == p.POSITIONAL_OR_KEYWORD} - {"self"}
     return keys
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered strategy, described without importing it."""
+
+    name: str
+    value: str  # "package.module:Class", the entry-point syntax
+    origin: str  # the distribution that declares it ("epi-sft" for the built-ins), or "register()"
+    cls: type[Strategy] | None = None  # set for classes added with `register`, which are already imported
+
+    @property
+    def target(self) -> str:
+        """What a YAML's `_target_` writes for this class."""
+        return self.value.replace(":", ".")
+
+    def load(self) -> type[Strategy]:
+        """The class; an import failure or a non-Strategy becomes one line naming the entry point."""
+        if self.cls is not None:
+            return self.cls
+        where = f"strategy {self.name!r} = {self.value} (from {self.origin})"
+        try:
+            cls = importlib.metadata.EntryPoint(self.name, self.value, ENTRY_POINT_GROUP).load()
+        except (ImportError, AttributeError) as e:
+            raise UserError(f"{where}: cannot be loaded: {type(e).__name__}: {e}") from e
+        if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+            raise UserError(f"{where}: is not a subclass of epi.strategies.Strategy")
+        return cls
+
+
+class Registry(Mapping[str, type[Strategy]]):
+    """Strategy name -> class. Read afresh on every access, so a distribution installed (or put on
+    sys.path) after start-up is seen; a name claimed by two different classes is an error."""
+
+    def entries(self) -> dict[str, Entry]:
+        """Every strategy by name: built-ins first, then `register`ed classes, then entry points by name."""
+        found = [Entry(name, value, "epi-sft") for name, value in BUILTIN.items()]
+        found += [Entry(name, f"{cls.__module__}:{cls.__qualname__}", "register()", cls) for name, cls in _registered.items()]
+        found += sorted((_from_entry_point(ep) for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)), key=lambda e: e.name)
+        by_name: dict[str, Entry] = {}
+        for entry in found:
+            first = by_name.setdefault(entry.name, entry)
+            if first.value != entry.value:
+                raise UserError(
+                    f"strategy name {entry.name!r} is claimed twice: {first.value} (from {first.origin}) and "
+                    f"{entry.value} (from {entry.origin}); rename or uninstall one"
+                )
+        return by_name
+
+    def __getitem__(self, name: str) -> type[Strategy]:
+        return self.entries()[name].load()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.entries())
+
+    def __len__(self) -> int:
+        return len(self.entries())
+
+
+registry = Registry()
+
+
+def _from_entry_point(ep: importlib.metadata.EntryPoint) -> Entry:
+    return Entry(ep.name, ep.value, ep.dist.name if ep.dist is not None else "an unnamed distribution")
+
+
+def register(name: str) -> Callable[[S], S]:
+    """Class decorator adding a strategy under `name` for this process (a notebook, a script, a test);
+    an installed package declares an entry point instead, which every process sees."""
+
+    def add(cls: S) -> S:
+        if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+            raise TypeError(f"register({name!r}): {cls!r} is not a subclass of epi.strategies.Strategy")
+        value = f"{cls.__module__}:{cls.__qualname__}"
+        taken = registry.entries().get(name)
+        if taken is not None and taken.value != value:
+            raise ValueError(f"register({name!r}): the name is taken by {taken.value} (from {taken.origin})")
+        _registered[name] = cls
+        return cls
+
+    return add
