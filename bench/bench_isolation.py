@@ -3,6 +3,8 @@
     python bench/bench_isolation.py                 # tiny and small, 2 CPU threads
     python bench/bench_isolation.py --models tiny --steps 40
 
+(after the README's install: `epi` is imported from the installed package, conf/ from this checkout).
+
 Both trainers are built from the same config (strategy=none vs strategy=epi) and stepped
 alternately, one step each, so machine noise hits both alike. EPI starts with a mask already
 in place (so every timed step pays the isolation cost) and its refresh is timed on its own and
@@ -16,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,9 +25,8 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]  # for conf/; `epi` itself comes from the installed package
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported (by epi.trainer), which reads it once
 
 from epi.trainer import Trainer  # noqa: E402
 

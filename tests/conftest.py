@@ -60,13 +60,17 @@ def run_script(script: str, *args: str, cwd: Path, timeout: int = 300, env: dict
     """Runs train.py / eval.py as a user would, from `cwd` (where outputs/ lands); `env` adds variables."""
     if script == "train.py" and "-m" not in args and set(TINY) & set(args):
         args = (*args, *short_epi(args))
+    # No PYTHONPATH: Python puts the script's folder (ROOT) first on sys.path, which makes `epi` and the
+    # test-only classes that configs name by `_target_` (tests.test_epi.WatchedEPI) importable, and
+    # joblib's sweep workers inherit that sys.path. A test that needs more on the path passes it in `env`
+    # (tests/test_resume_cli.py: tests/killer, whose sitecustomize.py Python loads only from PYTHONPATH).
     return subprocess.run(
         [sys.executable, str(ROOT / script), *args],
         cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        env={**os.environ, **(env or {})},
     )
 
 
