@@ -7,6 +7,19 @@ this process with `@register(name)`, and third-party classes that an installed d
 declares in the entry-point group `epi.strategies` (`name = "package.module:Class"`). Names are
 read without importing anything; a class is imported when it is asked for, so a broken plug-in
 fails only where it is used.
+
+A plug-in package declares its class in its own pyproject.toml,
+
+    [project.entry-points."epi.strategies"]
+    fixed = "my_pkg.fixed:FixedModule"
+
+and ships its YAML as my_pkg/conf/strategy/fixed.yaml (`_target_: my_pkg.fixed.FixedModule`,
+`name: fixed`, its keys with their defaults; my_pkg/conf/ needs an `__init__.py` to be importable
+as a resource). A run puts that folder on Hydra's search path and picks it like a built-in:
+
+    python train.py 'hydra.searchpath=[pkg://my_pkg.conf]' strategy=fixed strategy.module=lm_head
+
+or with `--config-dir path/to/my_pkg/conf` in place of the search path.
 """
 
 from __future__ import annotations
