@@ -19,7 +19,7 @@ import epi.strategies
 from epi.errors import UserError
 from epi.strategies import BUILTIN, Strategy, register, registry
 from epi.strategies.__main__ import config_keys, description
-from tests.conftest import ROOT, TINY, run_script
+from tests.conftest import ROOT, TINY, make_cfg, run_script
 
 PLUGIN_MODULE = '''
 """A test plug-in: what a third-party package ships."""
@@ -53,10 +53,6 @@ def rows(stdout: str) -> dict[str, str]:
     """The CLI's table as {strategy name: its block of lines}."""
     blocks = stdout.split("\n\n")[1:]
     return {block.split(None, 1)[0]: block for block in blocks}
-
-
-def strategy_yaml(name: str) -> dict:
-    return OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "strategy" / f"{name}.yaml"))
 
 
 @pytest.fixture
@@ -94,11 +90,11 @@ def test_builtins_are_registered_under_their_yaml_names_with_description_and_key
         entry = registry.entries()[name]
         cls = registry[name]
         assert issubclass(cls, Strategy) and entry.origin == "epi-sft"
-        assert entry.target == strategy_yaml(name)["_target_"], f"BUILTIN[{name!r}] and conf/strategy/{name}.yaml disagree"
+        assert entry.target == make_cfg(f"strategy={name}", tiny=False).strategy._target_, f"BUILTIN[{name!r}] and strategy={name} disagree"
         assert description(cls) and "\n" not in description(cls)
     assert config_keys(registry.entries()["none"], registry["none"]) == {}
     epi_keys = config_keys(registry.entries()["epi"], registry["epi"])
-    assert epi_keys["p"] == strategy_yaml("epi")["p"] and epi_keys["include.norms"] is False
+    assert epi_keys["p"] == make_cfg("strategy=epi", tiny=False).strategy.p and epi_keys["include.norms"] is False
     assert config_keys(registry.entries()["multistage"], registry["multistage"])["stage_data"] == "group"
 
 

@@ -64,9 +64,10 @@ def flatten(node: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]
 
 
 def constructor_keys(cls: type[Strategy]) -> dict[str, Any]:
-    """Keywords along the class hierarchy (subclasses pass **kwargs up), subclass first, with defaults."""
+    """Keywords the classes below `Strategy` add along the hierarchy (subclasses pass **kwargs up), subclass
+    first, with defaults; `Strategy`'s own constructor is the framework's, not a config key."""
     keys: dict[str, Any] = {}
-    for klass in cls.__mro__:
+    for klass in cls.__mro__[: cls.__mro__.index(Strategy)]:
         if "__init__" not in vars(klass):
             continue
         for p in list(inspect.signature(klass.__init__).parameters.values())[1:]:
@@ -93,7 +94,8 @@ def block(entry: Entry, indent: int) -> str:
     cls = entry.load()
     keys = " ".join(f"{k}={show(v)}" for k, v in config_keys(entry, cls).items()) or "(no keys)"
     pad = " " * indent
-    lines = [f"{entry.name:<{indent}}{description(cls)}", f"{pad}_target_: {entry.target}  (from {entry.origin})"]
+    lines = textwrap.wrap(description(cls) or "-", WIDTH, initial_indent=f"{entry.name:<{indent}}", subsequent_indent=pad)
+    lines.append(f"{pad}_target_: {entry.target}  (from {entry.origin})")
     lines += textwrap.wrap(keys, WIDTH, initial_indent=pad, subsequent_indent=pad, break_on_hyphens=False)
     return "\n".join(lines)
 
