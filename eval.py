@@ -17,8 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from epi import report
 from epi.cli import exit_on_user_error, write_results
-from epi.data.format import encode_task
-from epi.data.load import load_tasks
+from epi.data.load import encode_tasks, load_tasks
 from epi.errors import UserError
 from epi.evaluate import evaluate
 from epi.logging import RunLogger, read_metrics
@@ -50,12 +49,11 @@ def evaluate_model(cfg: DictConfig, out_dir: Path) -> None:
         # over the `data` defaults: a run from before a data key existed gets that key's default
         defaults = OmegaConf.create(OmegaConf.to_container(cfg.data))  # a plain copy: the run may add keys (sources)
         data, model_dir = OmegaConf.merge(defaults, OmegaConf.load(run_cfg).data), str(Path(cfg.run_dir) / "model")
-    model_cfg = OmegaConf.load(Path(__file__).parent / "conf" / "model" / "hf.yaml")  # the `model=hf` defaults
-    model_cfg.name_or_path = model_dir
-    model, tok = build_model(model_cfg)
+    cfg.model.name_or_path = model_dir  # composed from conf/model/hf.yaml (eval.yaml's defaults)
+    model, tok = build_model(cfg.model)
     model.to(pick_device(cfg.device))
     e = cfg.eval
-    tasks = {name: encode_task(tok, task, data.max_len, data.truncate).task for name, task in load_tasks(data).items()}
+    tasks = {name: encoded.task for name, encoded in encode_tasks(tok, load_tasks(data), data).items()}
     results = evaluate(
         model, tok, tasks, split=e.split, n_examples=e.n_examples, batch_size=e.batch_size,
         max_new_tokens=e.max_new_tokens, max_len=data.max_len, truncate=data.truncate,
@@ -121,7 +119,7 @@ def tabulate(cfg: DictConfig, out_dir: Path) -> None:
     print(table)
     print(f"plots: {', '.join(p.name for p in out_dir.glob('*.png'))}" + ("" if drift else " (no mask drift: no EPI runs)"))
     if cfg.logger.mode != "disabled":
-        logger = RunLogger(out_dir, wandb_mode=cfg.logger.mode, project=cfg.logger.project, name=cfg.logger.name or "eval", group="eval", config=OmegaConf.to_container(cfg, resolve=True))
+        logger = RunLogger(out_dir, mode=cfg.logger.mode, project=cfg.logger.project, name=cfg.logger.name or "eval", group="eval", config=OmegaConf.to_container(cfg, resolve=True))
         logger.table("eval/scores", ["setting", *tasks, "avg", "normalised"], [[r["setting"], *[report.fmt(r[t]) for t in tasks], report.fmt(r["avg"]), report.fmt(r["normalised"])] for r in rows])
         logger.close()
 

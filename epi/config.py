@@ -1,78 +1,162 @@
-"""Start-up checks: a value that makes no sense stops the run before anything is written.
+"""The config schema and its one check: a value that makes no sense stops the run before anything is written.
 
-Each check names the key, the bad value and what would be valid, so the fix is one override.
-Strategy keys are checked by the strategy's own constructor (same `UserError`).
+Every group has a schema here (the strategy's lives next to its class, `Strategy.Config`); the
+defaults are the YAML files in conf/. `validate` parses every group against its schema
+(epi.schema: types, allowed values, ranges) and then applies the rules that span groups. Each
+error is one line naming the key, the bad value and what would be valid, so the fix is one override.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
 from omegaconf import DictConfig
 
+from epi.components import check_keys
 from epi.data.format import TRUNCATE
 from epi.data.sources import validate_source
 from epi.data.tasks import BUILTIN_TASKS, MAX_PER_SPLIT
-from epi.errors import UserError
 from epi.logging import WANDB_MODES
-from epi.models import DTYPES, MODEL_KINDS
+from epi.models import DTYPES
 from epi.optim import MOMENT_POLICIES
+from epi.schedules import DECAYS
+from epi.schema import Rule, Schema, at_least, fail, parse, positive, within
+from epi.strategies import build_strategy
 
-DECAYS = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16")
 SPLITS = ("train", "val", "test")
 NONFINITE = ("stop", "skip")  # schedule.nonfinite: what a non-finite loss or gradient norm does
+DEVICES = ("auto", "cpu", "cuda")
+
+Positive = Annotated[int, Rule(lambda v: v > 0, "must be a positive integer")]
+Every = Annotated[int, Rule(lambda v: v >= 0, "must be an integer >= 0 (0 = never)")]
 
 
-def _require(ok: bool, key: str, value, rule: str) -> None:
-    if not ok:
-        raise UserError(f"{key}={value!r}: {rule}")
+@dataclass
+class StageConfig(Schema):
+    tasks: list[str]
+    steps: Annotated[int, Rule(lambda v: v > 0, "must be > 0")]
+    name: str | None = None
+
+
+@dataclass
+class ScheduleConfig(Schema):
+    steps: Positive
+    batch_size: Positive
+    grad_accum: Positive
+    lr: Annotated[float, positive("schedule.lr=3e-3")]
+    betas: list[Annotated[float, within(0, 1, open_high=True)]]
+    weight_decay: Annotated[float, at_least(0)]
+    warmup_steps: Annotated[int, at_least(0)]
+    decay: Literal[DECAYS]
+    min_lr_ratio: Annotated[float, within(0, 1)]
+    clip_norm: Annotated[float, Rule(lambda v: v > 0, "must be > 0, or null for no clipping")] | None
+    precision: Literal[PRECISIONS]
+    nonfinite: Literal[NONFINITE]
+    isolated_moments: Literal[MOMENT_POLICIES]
+    stages: list[StageConfig] | None
+    log_every: Every
+    eval_every: Every
+    checkpoint_every: Every
+
+    def check(self, key: str) -> None:
+        if len(self.betas) != 2:
+            raise fail(f"{key}.betas", self.betas, "must be two numbers in [0, 1)")
+
+
+@dataclass
+class DataConfig(Schema):
+    tasks: list[str]
+    weights: dict[str, Annotated[float, at_least(0)]]
+    temperature: Annotated[float, positive("1 = proportional to size")] | None
+    seed: int
+    n_train: Positive
+    n_val: Positive
+    n_test: Positive
+    max_len: Positive
+    truncate: Literal[TRUNCATE]
+    contamination_warn: Annotated[float, within(0, 1, why="a fraction")]
+    sources: dict[str, Any]
+
+    def check(self, key: str) -> None:
+        if not self.tasks:
+            raise fail(f"{key}.tasks", self.tasks, "must name at least one task")
+        for task, w in self.weights.items():
+            if task not in self.tasks:
+                raise fail(f"{key}.weights.{task}", w, f"is not a task of data.tasks={self.tasks}")
+        if any(task in BUILTIN_TASKS for task in self.tasks):  # dataset tasks take n_* as caps, generated ones must reach them
+            for split in ("n_train", "n_val", "n_test"):
+                if getattr(self, split) > MAX_PER_SPLIT:
+                    raise fail(f"{key}.{split}", getattr(self, split), f"the built-in tasks generate at most {MAX_PER_SPLIT} examples per split")
+
+
+@dataclass
+class EvalConfig(Schema):
+    split: Literal[SPLITS]
+    n_examples: Positive
+    batch_size: Positive
+    max_new_tokens: Positive
+
+
+@dataclass
+class LoggerConfig(Schema):
+    mode: Literal[WANDB_MODES]
+    project: str
+    name: str | None
+    group: str | None
+    tags: list[str]
+
+
+@dataclass
+class TinyModelConfig(Schema):
+    kind: Literal["tiny"]
+    hidden_size: Positive
+    intermediate_size: Positive
+    num_layers: Positive
+    num_heads: Positive
+    max_position_embeddings: Positive
+    dtype: Literal[tuple(DTYPES)]
+    gradient_checkpointing: bool
+
+
+@dataclass
+class HFModelConfig(Schema):
+    kind: Literal["hf"]
+    name_or_path: str
+    gguf_file: str | None
+    dtype: Literal[tuple(DTYPES)]
+    attn_implementation: str
+    gradient_checkpointing: bool
+
+
+MODELS = {"tiny": TinyModelConfig, "hf": HFModelConfig}
 
 
 def validate(cfg: DictConfig, known_tasks: set[str]) -> None:
-    s = cfg.schedule
-    _require(isinstance(cfg.seed, int), "seed", cfg.seed, "must be an integer")
-    for key in ("steps", "batch_size", "grad_accum"):
-        _require(isinstance(s[key], int) and s[key] > 0, f"schedule.{key}", s[key], "must be a positive integer")
-    _require(s.lr > 0, "schedule.lr", s.lr, "must be > 0 (e.g. schedule.lr=3e-3)")
-    _require(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", s.min_lr_ratio, "must be in [0, 1]")
-    _require(s.warmup_steps >= 0, "schedule.warmup_steps", s.warmup_steps, "must be >= 0")
-    _require(s.decay in DECAYS, "schedule.decay", s.decay, f"must be one of {list(DECAYS)}")
-    _require(s.weight_decay >= 0, "schedule.weight_decay", s.weight_decay, "must be >= 0")
-    _require(all(0 <= b < 1 for b in s.betas) and len(s.betas) == 2, "schedule.betas", list(s.betas), "must be two numbers in [0, 1)")
-    _require(s.clip_norm is None or s.clip_norm > 0, "schedule.clip_norm", s.clip_norm, "must be > 0, or null for no clipping")
-    _require(s.precision in PRECISIONS, "schedule.precision", s.precision, f"must be one of {list(PRECISIONS)}")
-    _require(s.isolated_moments in MOMENT_POLICIES, "schedule.isolated_moments", s.isolated_moments, f"must be one of {list(MOMENT_POLICIES)}")
-    _require(s.nonfinite in NONFINITE, "schedule.nonfinite", s.nonfinite, f"must be one of {list(NONFINITE)}")
-    for key in ("eval_every", "checkpoint_every", "log_every"):
-        _require(isinstance(s[key], int) and s[key] >= 0, f"schedule.{key}", s[key], "must be an integer >= 0 (0 = never)")
+    """Every group against its schema, then the rules between groups; the first problem is one UserError line."""
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
+        raise fail("seed", cfg.seed, "must be an integer")
+    if cfg.device not in DEVICES:
+        raise fail("device", cfg.device, f"must be one of {list(DEVICES)}")
+    if cfg.model.kind not in MODELS:
+        raise fail("model.kind", cfg.model.kind, f"must be one of {list(MODELS)}")
+    parse(cfg.model, MODELS[cfg.model.kind], "model")
+    schedule = parse(cfg.schedule, ScheduleConfig, "schedule")
+    data = parse(cfg.data, DataConfig, "data")
+    parse(cfg.eval, EvalConfig, "eval")
+    parse(cfg.logger, LoggerConfig, "logger", ignore=("_target_", "_partial_"))
+    check_keys(cfg.optimizer, "optimizer")
+    check_keys(cfg.lr_scheduler, "lr_scheduler")
+    build_strategy(cfg.strategy)  # the strategy's own schema (Strategy.Config)
 
-    d = cfg.data
-    _require(len(d.tasks) > 0, "data.tasks", list(d.tasks), "must name at least one task")
-    for task in d.tasks:
-        _require(task in known_tasks, "data.tasks", list(d.tasks), f"unknown task {task!r}; known tasks: {sorted(known_tasks)}")
-    for task, w in (d.weights or {}).items():
-        _require(task in d.tasks, f"data.weights.{task}", w, f"is not a task of data.tasks={list(d.tasks)}")
-        _require(w >= 0, f"data.weights.{task}", w, "must be >= 0")
-    for key in ("n_train", "n_val", "n_test", "max_len"):
-        _require(isinstance(d[key], int) and d[key] > 0, f"data.{key}", d[key], "must be a positive integer")
-    if any(task in BUILTIN_TASKS for task in d.tasks):  # dataset tasks take n_* as caps, generated ones must reach them
-        for key in ("n_train", "n_val", "n_test"):
-            _require(d[key] <= MAX_PER_SPLIT, f"data.{key}", d[key], f"the built-in tasks generate at most {MAX_PER_SPLIT} examples per split")
-    _require(d.temperature is None or d.temperature > 0, "data.temperature", d.temperature, "must be > 0 (1 = proportional to size), or null for weights alone")
-    _require(d.truncate in TRUNCATE, "data.truncate", d.truncate, f"must be one of {list(TRUNCATE)}")
-    _require(0 <= d.contamination_warn <= 1, "data.contamination_warn", d.contamination_warn, "must be a fraction in [0, 1]")
-    for name, source in (d.sources or {}).items():
+    for task in data.tasks:
+        if task not in known_tasks:
+            raise fail("data.tasks", data.tasks, f"unknown task {task!r}; known tasks: {sorted(known_tasks)}")
+    for name, source in (cfg.data.sources or {}).items():
         validate_source(f"data.sources.{name}", source)
-    for i, stage in enumerate(s.stages or []):
-        _require(stage.steps > 0, f"schedule.stages[{i}].steps", stage.steps, "must be > 0")
+    for i, stage in enumerate(schedule.stages or []):
         for task in stage.tasks:
-            _require(task in d.tasks, f"schedule.stages[{i}].tasks", list(stage.tasks), f"{task!r} is not in data.tasks={list(d.tasks)}")
+            if task not in data.tasks:
+                raise fail(f"schedule.stages[{i}].tasks", stage.tasks, f"{task!r} is not in data.tasks={data.tasks}")
 
-    e = cfg.eval
-    _require(e.split in SPLITS, "eval.split", e.split, f"must be one of {list(SPLITS)}")
-    for key in ("n_examples", "batch_size", "max_new_tokens"):
-        _require(isinstance(e[key], int) and e[key] > 0, f"eval.{key}", e[key], "must be a positive integer")
-    _require(cfg.logger.mode in WANDB_MODES, "logger.mode", cfg.logger.mode, f"must be one of {list(WANDB_MODES)}")
-    _require(cfg.device in ("auto", "cpu", "cuda"), "device", cfg.device, "must be auto, cpu or cuda")
-    m = cfg.model
-    _require(m.kind in MODEL_KINDS, "model.kind", m.kind, f"must be one of {list(MODEL_KINDS)}")
-    _require(m.dtype in DTYPES, "model.dtype", m.dtype, f"must be one of {list(DTYPES)}")

@@ -21,7 +21,7 @@ class RunLogger:
         self,
         run_dir: Path | None,
         *,
-        wandb_mode: str,
+        mode: str,
         project: str,
         name: str,
         group: str,
@@ -36,11 +36,11 @@ class RunLogger:
             self.lines = _count_lines(path)
             self._file = path.open("a", encoding="utf-8")
         self._wandb = None
-        if wandb_mode != "disabled":
+        if mode != "disabled":
             self._wandb = self._guard(
                 "init",
                 lambda: __import__("wandb").init(
-                    mode=wandb_mode,
+                    mode=mode,
                     project=project,
                     name=name,
                     group=group,

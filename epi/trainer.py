@@ -1,17 +1,25 @@
-"""The training loop. `Trainer.__init__` builds what a run needs; `fit` runs the stages, `train_step` is one step.
+"""The training loop. `Trainer` builds a run in named `_setup_*` steps; `fit` runs the stages; `train_step` is one step.
 
 Order inside every step (the strategy hooks are the only extension points):
-forward/backward per micro-batch -> strategy.after_backward -> clip -> optimizer.step
-(isolated coordinates held bit-exactly) -> LR schedule -> strategy.after_step -> log/eval/checkpoint.
+draw the global batch -> forward/backward per micro-batch (token-weighted) -> finite check ->
+strategy.after_backward -> clip -> optimizer.step (isolated coordinates held bit-exactly) ->
+LR schedule -> strategy.after_step -> log / eval / stage close / checkpoint.
+
+Strategies never see the `Trainer`: they get a `TrainerContext` (the `Context` protocol of
+`epi.strategies.base`), and a strategy that trains a copy of the model (CPI's probes) does it
+through `train_step` too, so clipping, accumulation, precision and data parallelism are the same.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import inspect
+import json
 import math
 import os
 import random
 import time
-from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,19 +29,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
 from tqdm import tqdm
 
 from epi import checkpoint
+from epi.components import build
 from epi.data.contamination import contamination, contamination_warning
-from epi.data.format import IGNORE_INDEX, collate, encode_task
-from epi.data.load import load_tasks
+from epi.data.format import IGNORE_INDEX, collate
+from epi.data.load import encode_tasks, load_tasks
 from epi.data.mixture import MixtureSampler, sampling_weights
 from epi.errors import TrainingDiverged, UserError
 from epi.evaluate import average, evaluate
-from epi.logging import RunLogger
+from epi.masks import Masks
 from epi.models import build_model
 from epi.optim import IsolatedOptimizer, clip_coefficient
-from epi.strategies import Stage, build_strategy
+from epi.schedules import constant
+from epi.strategies import Stage, Strategy, build_strategy
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
@@ -54,22 +65,6 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def lr_factor(schedule: DictConfig, total_steps: int) -> Callable[[int], float]:
-    """Linear warm-up, then cosine / linear decay to `min_lr_ratio`, or constant. `i` counts finished steps."""
-    warmup, floor = schedule.warmup_steps, schedule.min_lr_ratio
-
-    def factor(i: int) -> float:
-        if i < warmup:
-            return (i + 1) / warmup
-        if schedule.decay == "constant":
-            return 1.0
-        progress = min(1.0, (i - warmup) / max(1, total_steps - warmup))
-        shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule.decay == "cosine" else 1 - progress
-        return floor + (1 - floor) * shape
-
-    return factor
 
 
 def default_stages(cfg: DictConfig) -> list[Stage]:
@@ -94,7 +89,7 @@ def format_stats(stats: dict[str, dict[str, int]], data: DictConfig) -> str:
     return "\n".join(lines)
 
 
-def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def causal_lm_loss_sum(logits: Tensor, labels: Tensor) -> Tensor:
     """Summed next-token cross-entropy over the trained positions (labels != IGNORE_INDEX), in fp32.
 
     The caller divides by the global batch's trained-token count (`trained_tokens`); with one
@@ -110,78 +105,160 @@ def trained_tokens(labels: list[int]) -> int:
     return sum(label != IGNORE_INDEX for label in labels[1:])
 
 
+def param_groups(named_params: dict[str, torch.nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
+    """Matrices decay; norms and biases do not."""
+    return [
+        {"params": [p for p in named_params.values() if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in named_params.values() if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
 @dataclass(frozen=True)
 class StepResult:
     loss: float  # the global batch's mean loss per trained token
-    grad_norm: torch.Tensor | float  # the clipped-over norm (isolated coordinates excluded); a tensor until logged
+    grad_norm: Tensor | float  # the clipped-over norm (isolated coordinates excluded); a tensor until logged
     lr: float  # the learning rate this step applied
     tokens: int  # tokens in the global batch, padding excluded
     trained_tokens: int  # of which carry loss
 
 
+@dataclass
+class Learner:
+    """A model in training and everything one `train_step` advances: the run's own, or a copy a strategy trains."""
+
+    name: str  # "run", or e.g. "cpi probe of 'math'": what a divergence message names
+    model: torch.nn.Module
+    forward: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
+    named_params: dict[str, torch.nn.Parameter]
+    optimizer: IsolatedOptimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    sampler: MixtureSampler
+    realised: dict[str, dict[str, int]]  # examples and tokens drawn per task
+
+
+# Optimizer state entries the isolation engine can vouch for: kept for every coordinate (isolated ones
+# included under isolated_moments=track), so a strategy may read them as importance.
+TRACKED_STATE = {torch.optim.Adam: ("exp_avg", "exp_avg_sq"), torch.optim.AdamW: ("exp_avg", "exp_avg_sq")}
+
+
 class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path, resume_state: dict[str, Any] | None = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.strategy = build_strategy(cfg.strategy)  # checks its keys before anything is written
-        self.strategy.check_plan(default_stages(cfg))  # and whether it can serve this run's stages
-        seed_everything(cfg.seed)
-        self.device = pick_device(cfg.device)
-        self.rank, self.world = init_distributed(self.device)
-        if self.device.type == "cuda" and self.world > 1:
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        tasks = load_tasks(cfg.data)
-        self.model, self.tokenizer = build_model(cfg.model)
-        encoded = {name: encode_task(self.tokenizer, task, cfg.data.max_len, cfg.data.truncate) for name, task in tasks.items()}
-        self.tasks = {name: e.task for name, e in encoded.items()}  # eval splits without what max_len cannot hold
-        self.train_sets = {name: e.rows for name, e in encoded.items()}
-        self.trained_counts = {name: [trained_tokens(r["labels"]) for r in rows] for name, rows in self.train_sets.items()}
-        overlap = contamination(tasks)  # eval prompts that are also training prompts, per task and split
-        self.data_stats = {name: {**e.stats, **e.task.input_stats, **overlap[name]} for name, e in encoded.items()}
-        self.realised = {name: {"examples": 0, "tokens": 0} for name in tasks}  # what training actually drew
-        self.model.to(self.device)
-        # Data parallel: DDP averages gradients in backward, so every rank sees the same gradients,
-        # the same importance and therefore the same masks (EPI all-reduces its scores as well).
-        self.forward = torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
-        if cfg.schedule.batch_size % self.world:
-            raise UserError(f"schedule.batch_size={cfg.schedule.batch_size} must be divisible by the number of processes ({self.world})")
-        self.sampler = MixtureSampler(
-            {name: len(rows) for name, rows in self.train_sets.items()},
-            {name: 1.0 for name in self.tasks},
-            seed=cfg.seed,
-        )
-        self.named_params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        s = cfg.schedule
-        decay = [p for p in self.named_params.values() if p.dim() >= 2]  # matrices decay; norms and biases do not
-        no_decay = [p for p in self.named_params.values() if p.dim() < 2]
-        adamw = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=s.lr,
-            betas=tuple(s.betas),
-        )
-        self.optimizer = IsolatedOptimizer(adamw, self.named_params, moments=s.isolated_moments)
-        self.logger = RunLogger(
-            self.run_dir if self.rank == 0 else None,  # one writer: rank 0
-            wandb_mode=cfg.logger.mode if self.rank == 0 else "disabled",
-            project=cfg.logger.project,
-            name=cfg.logger.name,
-            group=cfg.logger.group,
-            config=OmegaConf.to_container(cfg, resolve=True),
-            tags=list(cfg.logger.tags),
-        )
-        if self.rank == 0:
-            print(format_stats(self.data_stats, cfg.data))
-            if warning := contamination_warning(overlap, cfg.data.contamination_warn):
-                print(warning)
-        for task, stats in self.data_stats.items():
-            self.logger.log(0, "data", stats, task=task)
-        self.stages = self.strategy.prepare(self, default_stages(cfg))
-        self.total_steps = sum(stage.steps for stage in self.stages)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.optimizer, lr_factor(s, self.total_steps))
+        self._setup_strategy()
+        self._setup_distributed()
+        self._setup_data()
+        self._setup_model()
+        self._setup_tokenized_data()
+        self._setup_optimizer()
+        self._setup_logger()
+        self.stages = self.strategy.prepare(TrainerContext(self), default_stages(cfg))
+        self._setup_lr_schedule()
         self.step = 0
         self.skipped = 0  # updates dropped for a non-finite loss or gradient (schedule.nonfinite=skip)
         self.last_checkpoint: int | None = None  # step of the newest checkpoint this run wrote
         if resume_state is not None:
             self._load(resume_state)
+
+    # ---------------------------------------------------------------- setup, in order
+    def _setup_strategy(self) -> None:
+        """Built first: its keys and its stage plan are checked before anything is written."""
+        self.strategy: Strategy = build_strategy(self.cfg.strategy)
+        self.strategy.check_plan(default_stages(self.cfg))
+
+    def _setup_distributed(self) -> None:
+        seed_everything(self.cfg.seed)
+        self.device = pick_device(self.cfg.device)
+        self.rank, self.world = init_distributed(self.device)
+        if self.device.type == "cuda" and self.world > 1:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if self.cfg.schedule.batch_size % self.world:
+            raise UserError(f"schedule.batch_size={self.cfg.schedule.batch_size} must be divisible by the number of processes ({self.world})")
+
+    def _setup_data(self) -> None:
+        """The tasks with their splits; before the model, so a bad dataset fails before a slow model load."""
+        self.raw_tasks = load_tasks(self.cfg.data)
+
+    def _setup_model(self) -> None:
+        self.model, self.tokenizer = build_model(self.cfg.model)
+        self.model.to(self.device)
+
+    def _setup_tokenized_data(self) -> None:
+        """Training rows fitted to max_len, eval splits filtered alike, and what that cost (printed and logged at step 0)."""
+        cfg = self.cfg
+        encoded = encode_tasks(self.tokenizer, self.raw_tasks, cfg.data)
+        self.tasks = {name: e.task for name, e in encoded.items()}  # eval splits without what max_len cannot hold
+        self.train_sets = {name: e.rows for name, e in encoded.items()}
+        self.trained_counts = {name: [trained_tokens(r["labels"]) for r in rows] for name, rows in self.train_sets.items()}
+        self.overlap = contamination(self.raw_tasks)  # eval prompts that are also training prompts
+        self.data_stats = {name: {**e.stats, **e.task.input_stats, **self.overlap[name]} for name, e in encoded.items()}
+
+    def _setup_optimizer(self) -> None:
+        """The run's learner: the optimizer config node wrapped by the isolation engine."""
+        self.learner = self._new_learner("run", self.model, {t: 1.0 for t in self.tasks})
+
+    def _setup_logger(self) -> None:
+        cfg = self.cfg
+        make_logger = build(cfg.logger, "logger")
+        self.logger = make_logger(
+            self.run_dir if self.rank == 0 else None,  # one writer: rank 0
+            mode=cfg.logger.mode if self.rank == 0 else "disabled",
+            config=OmegaConf.to_container(cfg, resolve=True),
+        )
+        if self.rank == 0:
+            print(format_stats(self.data_stats, cfg.data))
+            if warning := contamination_warning(self.overlap, cfg.data.contamination_warn):
+                print(warning)
+        for task, stats in self.data_stats.items():
+            self.logger.log(0, "data", stats, task=task)
+
+    def _setup_lr_schedule(self) -> None:
+        """After `prepare`: the schedule spans the steps of the strategy's plan."""
+        self.total_steps = sum(stage.steps for stage in self.stages)
+        self.learner.scheduler = build(self.cfg.lr_scheduler, "lr_scheduler")(self.optimizer.optimizer, total_steps=self.total_steps)
+
+    def _new_learner(self, name: str, model: torch.nn.Module, weights: dict[str, float], **optimizer_args: Any) -> Learner:
+        """A learner over `model`: DDP wrapper, the configured optimizer (`optimizer_args` override its keys)
+        inside the isolation engine, and a mixture sampler seeded with the run's seed."""
+        named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        forward = torch.nn.parallel.DistributedDataParallel(model) if self.world > 1 else model
+        make_optimizer = build(self.cfg.optimizer, "optimizer")
+        target = getattr(make_optimizer, "func", None)
+        if not (inspect.isclass(target) and issubclass(target, torch.optim.Optimizer)) or issubclass(target, torch.optim.LBFGS):
+            raise UserError(
+                f"optimizer._target_={self.cfg.optimizer._target_!r}: the isolation engine holds isolated values around "
+                "a plain torch.optim.Optimizer.step() built with _partial_: true; this is not one (or needs a closure "
+                "per step, as LBFGS does)"
+            )
+        groups = param_groups(named, optimizer_args.pop("weight_decay", self.cfg.schedule.weight_decay))
+        inner = make_optimizer(groups, **optimizer_args)
+        sizes = {task: len(rows) for task, rows in self.train_sets.items() if task in weights}
+        return Learner(
+            name=name,
+            model=model,
+            forward=forward,
+            named_params=named,
+            optimizer=IsolatedOptimizer(inner, named, moments=self.cfg.schedule.isolated_moments),
+            scheduler=None,
+            sampler=MixtureSampler(sizes, weights, seed=self.cfg.seed),
+            realised={task: {"examples": 0, "tokens": 0} for task in sizes},
+        )
+
+    # the run's learner, as the loop and tests see it
+    @property
+    def named_params(self) -> dict[str, torch.nn.Parameter]:
+        return self.learner.named_params
+
+    @property
+    def optimizer(self) -> IsolatedOptimizer:
+        return self.learner.optimizer
+
+    @property
+    def scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
+        return self.learner.scheduler
+
+    @property
+    def sampler(self) -> MixtureSampler:
+        return self.learner.sampler
 
     # ---------------------------------------------------------------- the loop
     def fit(self) -> dict[str, dict[str, float]]:
@@ -195,7 +272,7 @@ class Trainer:
                 weights = {t: stage.weights.get(t, 1.0) if t in stage.tasks else 0.0 for t in self.tasks}
                 self.sampler.set_weights(sampling_weights(self.sampler.sizes, weights, cfg.data.temperature))
                 if self.step == stage_start:
-                    self.strategy.on_stage_start(stage, self.step)
+                    self.strategy.on_stage_start(index, stage, self.step)
                 while self.step < stage_end:
                     self.step += 1
                     step, tic = self.step, time.perf_counter()
@@ -225,61 +302,68 @@ class Trainer:
 
     def close_stage(self, index: int, stage: Stage) -> None:
         """A stage's closing work: the strategy's hook, the realised mixture, the accuracy-matrix row."""
-        self.strategy.on_stage_end(stage, self.step)
+        self.strategy.on_stage_end(index, stage, self.step)
         self.log_realised()
         if len(self.stages) > 1:  # the accuracy matrix of sequential training: every task after every stage
             self.evaluate(self.step, f"{self.cfg.eval.split}/after_stage{index}")
 
-    def train_step(self, step: int) -> StepResult:
-        """One optimizer step with the strategy hooks at their fixed points.
+    def train_step(self, step: int, learner: Learner | None = None, hooks: Strategy | None = None) -> StepResult:
+        """One optimizer step of `learner` (the run's by default) with `hooks` at their fixed points
+        (the run's strategy for the run's learner; none for a copy a strategy trains).
 
         The loss is token-weighted over the whole global batch: every micro-batch on every rank
         adds its summed token losses divided by the global batch's trained-token count, so
         `grad_accum=k` equals one k times larger batch and N ranks equal one process (DDP's
         gradient average is undone by the factor `world`).
         """
+        if learner is None:
+            learner, hooks = self.learner, self.strategy
+        hooks = hooks or Strategy()
         s = self.cfg.schedule
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if s.precision == "bf16" else nullcontext()
-        self.model.train()
-        micro_batches, tokens, trained = self._draw_step()
+        learner.model.train()
+        micro_batches, tokens, trained = self._draw_step(learner)
         loss_sum = torch.zeros((), device=self.device)
         for batch in micro_batches:
             with autocast:
-                logits = self.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                logits = learner.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             token_losses = causal_lm_loss_sum(logits, batch["labels"])
             (token_losses * (self.world / trained)).backward()
             loss_sum += token_losses.detach()  # stays on the device until the one check below
         if self.world > 1:
             dist.all_reduce(loss_sum)  # the logged loss is the global batch's, not this rank's shard's
-        params = list(self.named_params.values())
+        params = list(learner.named_params.values())
         raw_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         loss, raw = (torch.stack([loss_sum / trained, raw_norm.float()])).tolist()  # the step's one host sync
-        lr = self.scheduler.get_last_lr()[0]  # the lr this step applies
+        scheduler = learner.scheduler
+        lr = scheduler.get_last_lr()[0]  # the lr this step applies
         if not (math.isfinite(loss) and math.isfinite(raw)):
-            self._non_finite(step, loss, raw, lr)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
-            self.strategy.after_step(step)
+            self._non_finite(learner, step, loss, raw, lr)
+            learner.optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            hooks.after_step(step)
             return StepResult(loss, raw, lr, tokens, trained)
 
-        self.strategy.after_backward(step)
-        self.optimizer.hide_isolated_grads()
-        if self.optimizer.index:  # the clip norm must not count isolated gradients
+        hooks.after_backward(step)
+        learner.optimizer.hide_isolated_grads()
+        if learner.optimizer.index:  # the clip norm must not count isolated gradients
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         else:
             grad_norm = raw_norm
         if s.clip_norm:
             torch.nn.utils.clip_grads_with_norm_(params, s.clip_norm, grad_norm)
-        self.optimizer.step(clip_coefficient(grad_norm, s.clip_norm) if s.clip_norm else 1.0)
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.strategy.after_step(step)
+        learner.optimizer.step(clip_coefficient(grad_norm, s.clip_norm) if s.clip_norm else 1.0)
+        scheduler.step()
+        learner.optimizer.zero_grad(set_to_none=True)
+        hooks.after_step(step)
         return StepResult(loss, grad_norm, lr, tokens, trained)
 
-    def _non_finite(self, step: int, loss: float, grad_norm: float, lr: float) -> None:
+    def _non_finite(self, learner: Learner, step: int, loss: float, grad_norm: float, lr: float) -> None:
         """`schedule.nonfinite`: `stop` ends the run before the bad update; `skip` drops the update and counts it."""
-        self.logger.log(step, "nonfinite", {"loss": loss, "grad_norm": grad_norm})
         what = f"step {step}: loss {loss:.4g}, gradient norm {grad_norm:.4g}: not finite"
+        if learner is not self.learner:
+            raise TrainingDiverged(f"{learner.name}, {what}; lower its learning rate (now {lr:.3g})")
+        self.logger.log(step, "nonfinite", {"loss": loss, "grad_norm": grad_norm})
         if self.cfg.schedule.nonfinite == "skip":
             self.skipped += 1
             if self.rank == 0:
@@ -292,13 +376,13 @@ class Trainer:
         )
         s = self.cfg.schedule
         raise TrainingDiverged(
-            f"{what}: training diverged and was stopped before the update; {last}, and no model was saved. "
+            f"{what}; training diverged and was stopped before the update; {last}, and no model was saved. "
             f"Usual fixes: a lower schedule.lr (now {s.lr:g}, lr at this step {lr:.3g}), a longer schedule.warmup_steps "
             f"(now {s.warmup_steps}), schedule.clip_norm (now {s.clip_norm}), schedule.precision=fp32 (now {s.precision}); "
             "or schedule.nonfinite=skip to drop such updates and count them."
         )
 
-    def _draw_step(self) -> tuple[list[dict[str, torch.Tensor]], int, int]:
+    def _draw_step(self, learner: Learner) -> tuple[list[dict[str, Tensor]], int, int]:
         """This step's micro-batches (this rank's shards), and the global batch's tokens and trained tokens.
 
         The whole global batch (batch_size x grad_accum examples) is drawn at once, the same on every
@@ -306,12 +390,12 @@ class Trainer:
         examples of one batch k times as large.
         """
         s = self.cfg.schedule
-        picks = self.sampler.next_batch(s.batch_size * s.grad_accum)
+        picks = learner.sampler.next_batch(s.batch_size * s.grad_accum)
         tokens = trained = 0
         for task, i in picks:
             row = self.train_sets[task][i]
-            self.realised[task]["examples"] += 1
-            self.realised[task]["tokens"] += len(row["input_ids"])
+            learner.realised[task]["examples"] += 1
+            learner.realised[task]["tokens"] += len(row["input_ids"])
             tokens += len(row["input_ids"])
             trained += self.trained_counts[task][i]
         micro_batches = []
@@ -323,11 +407,12 @@ class Trainer:
 
     def log_realised(self) -> None:
         """The mixture as trained so far: examples and tokens drawn per task, and each task's share of the tokens."""
-        total = sum(r["tokens"] for r in self.realised.values()) or 1
-        for task, r in self.realised.items():
+        realised = self.learner.realised
+        total = sum(r["tokens"] for r in realised.values()) or 1
+        for task, r in realised.items():
             self.logger.log(self.step, "mixture", {**r, "token_share": r["tokens"] / total}, task=task)
         if self.rank == 0:
-            shares = (f"{t} {r['examples']} ex / {r['tokens']} tok ({r['tokens'] / total:.0%})" for t, r in self.realised.items())
+            shares = (f"{t} {r['examples']} ex / {r['tokens']} tok ({r['tokens'] / total:.0%})" for t, r in realised.items())
             tqdm.write(f"realised mixture at step {self.step}: " + ", ".join(shares))
 
     # ---------------------------------------------------------------- eval, save, resume
@@ -373,7 +458,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "sampler": self.sampler.state_dict(),
-                "realised": self.realised,
+                "realised": self.learner.realised,
                 "skipped": self.skipped,
                 "strategy": self.strategy.state_dict(),
                 "rng": checkpoint.rng_state(),
@@ -387,8 +472,93 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
-        self.realised = state["realised"]
+        self.learner.realised = state["realised"]
         self.skipped = state["skipped"]
         self.strategy.load_state_dict(state["strategy"])
         checkpoint.set_rng_state(state["rng"])
         self.step = state["step"]
+
+
+class TrainerContext:
+    """The `Context` a strategy gets (epi.strategies.base): a narrow view of the run, nothing else of the trainer."""
+
+    def __init__(self, trainer: Trainer):
+        self._trainer = trainer
+        self.named_params = trainer.named_params
+        self.tasks = tuple(trainer.tasks)
+        self.seed = trainer.cfg.seed
+        self.rank = trainer.rank
+        self.steps = trainer.cfg.schedule.steps
+
+    def optimizer_state(self, name: str) -> dict[str, Any]:
+        return self._trainer.optimizer.optimizer.state.get(self.named_params[name], {})
+
+    def optimizer_keeps(self, key: str) -> bool:
+        engine = self._trainer.optimizer
+        kept = next((keys for cls, keys in TRACKED_STATE.items() if isinstance(engine.optimizer, cls)), ())
+        return key in kept and engine.moments == "track"
+
+    def masks(self) -> Masks:
+        return self._trainer.optimizer.masks
+
+    def set_masks(self, masks: Masks) -> dict[str, int]:
+        return self._trainer.optimizer.set_masks(masks)
+
+    def mean_across_ranks(self, tensors: list[Tensor]) -> None:
+        if self._trainer.world > 1:
+            for t in tensors:
+                dist.all_reduce(t, op=dist.ReduceOp.AVG)
+
+    def log(self, step: int, split: str, metrics: dict[str, float], task: str | None = None) -> None:
+        self._trainer.logger.log(step, split, metrics, task=task)
+
+    def info(self, message: str) -> None:
+        if self.rank == 0:
+            print(message)
+
+    def artifact(self, name: str, data: dict[str, Any], *, table: tuple[list[str], list[list[Any]]] | None = None,
+                 heatmap: tuple[list[str], list[list[float]]] | None = None) -> None:
+        """The reporter's job: JSON in the run directory, the table and heatmap to W&B (rank 0 only)."""
+        if self.rank != 0:
+            return
+        path = self._trainer.run_dir / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        logger = self._trainer.logger
+        if table is not None:
+            logger.table(name, *table)
+        if heatmap is not None:
+            from epi.plots import plot_overlap  # matplotlib only when a strategy draws
+
+            logger.image(f"{name}_heatmap", plot_overlap(*heatmap, path.with_suffix(".png")))
+
+    def model_state(self) -> dict[str, Tensor]:
+        return {n: t.detach().cpu().clone() for n, t in self._trainer.model.state_dict().items()}
+
+    def load_model_state(self, state: dict[str, Tensor]) -> None:
+        self._trainer.model.load_state_dict(state)
+
+    def train_copy(self, task: str, steps: int, lr: float) -> dict[str, Tensor]:
+        trainer = self._trainer
+        copy_ = copy.deepcopy(trainer.model)
+        learner = trainer._new_learner(f"cpi probe of {task!r}", copy_, {task: 1.0}, lr=lr, weight_decay=0.0)
+        learner.scheduler = constant(learner.optimizer.optimizer, total_steps=steps)
+        for step in range(1, steps + 1):
+            out = trainer.train_step(step, learner)
+        self.log(0, "cpi", {"probe_final_loss": out.loss}, task=task)
+        return {n: t.detach().cpu().clone() for n, t in copy_.state_dict().items()}
+
+    def fingerprint(self, task: str) -> str:
+        trainer = self._trainer
+        h = hashlib.sha256()
+        h.update(json.dumps(OmegaConf.to_container(trainer.cfg.model, resolve=True), sort_keys=True).encode())
+        for name, tensor in trainer.model.state_dict().items():  # theta0 itself, not just how it was made
+            h.update(name.encode())
+            h.update(tensor.detach().reshape(-1)[:1024].float().cpu().numpy().tobytes())
+            h.update(str(float(tensor.float().sum())).encode())
+        for row in trainer.train_sets[task]:
+            h.update(bytes(str(row["input_ids"]), "utf-8"))
+        s = trainer.cfg.schedule
+        optimizer = OmegaConf.to_container(trainer.cfg.optimizer, resolve=True)
+        h.update(repr((s.batch_size, s.grad_accum, s.precision, s.clip_norm, trainer.cfg.seed, optimizer)).encode())
+        return h.hexdigest()

@@ -53,9 +53,9 @@ CPI_FAST = ["strategy=cpi", "strategy.probe_steps=4", "strategy.p=0.1", "strateg
 class WatchedCPI(CPI):
     """Real CPI that snapshots the weights at each stage start, to check earlier cores afterwards."""
 
-    def on_stage_start(self, stage, step):
-        super().on_stage_start(stage, step)
-        self.snapshots = getattr(self, "snapshots", []) + [{n: p.detach().clone() for n, p in self.trainer.named_params.items()}]
+    def on_stage_start(self, index, stage, step):
+        super().on_stage_start(index, stage, step)
+        self.snapshots = getattr(self, "snapshots", []) + [{n: p.detach().clone() for n, p in self.ctx.named_params.items()}]
 
 
 def test_earlier_cores_bit_identical_through_later_stages(tmp_path: Path) -> None:

@@ -20,13 +20,13 @@ class RankCheckedEPI(WatchedEPI):
 
     def refresh(self, step: int) -> None:
         super().refresh(step)
-        mask_sum = sum(float(idx.sum()) + idx.numel() for idx in self.trainer.optimizer.index.values())
-        weight_sum = sum(float(p.double().sum()) for p in self.trainer.named_params.values())
+        mask_sum = sum(float(m.nonzero().sum()) + float(m.sum()) for m in self.ctx.masks().values())
+        weight_sum = sum(float(p.double().sum()) for p in self.ctx.named_params.values())
         mine = torch.tensor([mask_sum, weight_sum], dtype=torch.float64)
         everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
         dist.all_gather(everyone, mine)
         assert all(torch.equal(x, mine) for x in everyone), f"ranks disagree at step {step}: {everyone}"
-        self.trainer.logger.log(step, "ddp", {"ranks_agree": 1.0})
+        self.ctx.log(step, "ddp", {"ranks_agree": 1.0})
 
 
 def test_two_ranks_share_masks_and_frozen_values(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from epi import checkpoint
 from epi.logging import read_metrics
-from epi.strategies.epi import EPI
+from epi.strategies.epi import EPI, EPIConfig
 from epi.trainer import Trainer
 from tests.conftest import make_cfg
 
@@ -20,12 +21,12 @@ class WatchedEPI(EPI):
     """Real EPI that, after every step, checks each isolated coordinate still holds the value it had when isolated."""
 
     def after_step(self, step: int) -> None:
-        params = self.trainer.named_params
-        for name, mask in self.trainer.optimizer.masks.items():
+        params = self.ctx.named_params
+        for name, mask in self.ctx.masks().items():
             assert torch.equal(params[name].detach()[mask], self.frozen_at[name][mask]), f"{name} moved at step {step}"
-        before = self.trainer.optimizer.masks
+        before = self.ctx.masks()
         super().after_step(step)
-        after = self.trainer.optimizer.masks
+        after = self.ctx.masks()
         if after is not before:
             # value at isolation: kept for coordinates isolated before, current for newly isolated ones
             self.frozen_at = {
@@ -36,21 +37,24 @@ class WatchedEPI(EPI):
             self.snapshot = {name: params[name].detach().clone() for name in params}
         self.history.append((step, after))
 
-    def prepare(self, trainer, stages):
+    def prepare(self, ctx, stages):
         self.frozen_at, self.history = {}, []
-        return super().prepare(trainer, stages)
+        return super().prepare(ctx, stages)
+
+
+@dataclass
+class CrashingConfig(EPIConfig):
+    crash_at: int
 
 
 class CrashingEPI(EPI):
     """Real EPI in a run that is killed after step `crash_at`."""
 
-    def __init__(self, crash_at: int, **kwargs):
-        super().__init__(**kwargs)
-        self.crash_at = crash_at
+    Config = CrashingConfig
 
     def after_step(self, step: int) -> None:
         super().after_step(step)
-        if step == self.crash_at:
+        if step == self.cfg.crash_at:
             raise KeyboardInterrupt
 
 

@@ -85,7 +85,7 @@ TOY = {"toy_bare": "toy_strategy.fixed:FixedModule", "toy_yaml": "toy_strategy.f
 
 
 def test_builtins_are_registered_under_their_yaml_names_with_description_and_keys() -> None:
-    assert list(registry)[: len(BUILTIN)] == ["none", "epi", "random", "cpi", "multistage"]
+    assert list(registry)[: len(BUILTIN)] == ["none", "epi", "random", "cpi", "multistage", "fixed"]
     for name in BUILTIN:
         entry = registry.entries()[name]
         cls = registry[name]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from epi.config import validate
 from epi.data.load import known_tasks
 from epi.logging import read_metrics
+from epi.schema import Schema
 from epi.strategies.none import NoIsolation
 from epi.trainer import Trainer
 from tests.conftest import ROOT, TINY, make_cfg, run_script
@@ -19,7 +21,7 @@ from tests.conftest import ROOT, TINY, make_cfg, run_script
 
 def group_options() -> list[tuple[str, str]]:
     """Every option of every group; arms are composed inside their experiments (tests/test_experiments.py)."""
-    groups = [d for d in sorted((ROOT / "conf").iterdir()) if d.is_dir() and d.name != "arm"]
+    groups = [d for d in sorted((ROOT / "conf").iterdir()) if d.is_dir() and d.name not in ("arm", "shared")]  # shared: included, not chosen
     return [(d.name, f.stem) for d in groups for f in sorted(d.glob("*.yaml"))]
 
 
@@ -67,14 +69,18 @@ def test_same_seed_same_losses_other_seed_differs(tmp_path: Path) -> None:
     assert runs["a"] != runs["c"]
 
 
+@dataclass
+class CrashConfig(Schema):
+    step: int
+
+
 class CrashAfter(NoIsolation):
     """Simulates a run killed between two steps."""
 
-    def __init__(self, step: int):
-        self.crash_step = step
+    Config = CrashConfig
 
     def after_step(self, step: int) -> None:
-        if step == self.crash_step:
+        if step == self.cfg.step:
             raise KeyboardInterrupt
 
 

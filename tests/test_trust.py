@@ -34,12 +34,12 @@ from tests.conftest import ROOT, TINY, make_cfg, run_script
 class GradRecorder(NoIsolation):
     """Keeps a copy of every step's gradients as the strategy sees them (before clipping)."""
 
-    def prepare(self, trainer, stages):
+    def prepare(self, ctx, stages):
         self.grads: list[dict[str, torch.Tensor]] = []
-        return super().prepare(trainer, stages)
+        return super().prepare(ctx, stages)
 
     def after_backward(self, step: int) -> None:
-        self.grads.append({n: p.grad.clone() for n, p in self.trainer.named_params.items()})
+        self.grads.append({n: p.grad.clone() for n, p in self.ctx.named_params.items()})
 
 
 def recorded(tmp_path: Path, *overrides: str) -> Trainer:

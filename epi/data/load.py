@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from epi.data.format import EncodedTask, encode_task
 from epi.data.sources import load_source_task
 from epi.data.tasks import BUILTIN_TASKS, Task, make_builtin_task
 
@@ -25,3 +26,8 @@ def load_tasks(cfg: DictConfig) -> dict[str, Task]:
         else make_builtin_task(name, seed=cfg.seed, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test)
         for name in cfg.tasks
     }
+
+
+def encode_tasks(tokenizer, tasks: dict[str, Task], cfg: DictConfig) -> dict[str, EncodedTask]:
+    """Every task's training rows fitted to `data.max_len` and its eval splits filtered alike (train.py and eval.py)."""
+    return {name: encode_task(tokenizer, task, cfg.max_len, cfg.truncate) for name, task in tasks.items()}

@@ -11,13 +11,13 @@ fails only where it is used.
 A plug-in package declares its class in its own pyproject.toml,
 
     [project.entry-points."epi.strategies"]
-    fixed = "my_pkg.fixed:FixedModule"
+    headlock = "my_pkg.headlock:HeadLock"
 
-and ships its YAML as my_pkg/conf/strategy/fixed.yaml (`_target_: my_pkg.fixed.FixedModule`,
-`name: fixed`, its keys with their defaults; my_pkg/conf/ needs an `__init__.py` to be importable
+and ships its YAML as my_pkg/conf/strategy/headlock.yaml (`_target_: my_pkg.headlock.HeadLock`,
+`name: headlock`, its keys with their defaults; my_pkg/conf/ needs an `__init__.py` to be importable
 as a resource). A run puts that folder on Hydra's search path and picks it like a built-in:
 
-    python train.py 'hydra.searchpath=[pkg://my_pkg.conf]' strategy=fixed strategy.module=lm_head
+    python train.py 'hydra.searchpath=[pkg://my_pkg.conf]' strategy=headlock strategy.module=lm_head
 
 or with `--config-dir path/to/my_pkg/conf` in place of the search path.
 """
@@ -33,7 +33,9 @@ from typing import TypeVar
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
+from epi.components import accepted_keys
 from epi.errors import UserError
+from epi.schema import parse
 from epi.strategies.base import Stage, Strategy
 
 __all__ = ["ENTRY_POINT_GROUP", "Entry", "Registry", "Stage", "Strategy", "build_strategy", "register", "registry"]
@@ -46,6 +48,7 @@ BUILTIN = {
     "random": "epi.strategies.random:RandomIsolation",
     "cpi": "epi.strategies.cpi:CPI",
     "multistage": "epi.strategies.multistage:MultiStage",
+    "fixed": "epi.strategies.fixed:FixedModule",
 }
 
 S = TypeVar("S", bound=type[Strategy])
@@ -54,24 +57,24 @@ _registered: dict[str, type[Strategy]] = {}
 
 
 def build_strategy(cfg: DictConfig) -> Strategy:
-    params = OmegaConf.to_container(cfg, resolve=True)
-    target = params.pop("_target_")
-    name = params.pop("name", target)
-    cls = get_class(target)
-    valid = _keys(cls)
+    """The strategy a `strategy` config node names (`_target_`), its keys checked against the class's
+    `Config` schema (epi.schema: types, allowed values, ranges, cross-key rules) before anything runs."""
+    target = cfg.get("_target_")
+    try:
+        cls = get_class(target)
+    except Exception as e:  # noqa: BLE001 - whatever the import raised, the name is the user's to fix
+        raise UserError(f"strategy._target_={target!r}: cannot be imported ({type(e).__name__}: {e})") from e
+    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+        raise UserError(f"strategy._target_={target!r}: is not a subclass of epi.strategies.Strategy")
+    title = f"strategy={cfg.get('name', target)}"
+    if "cfg" in inspect.signature(cls.__init__).parameters:  # typed keys: the class's Config schema
+        return cls(parse(cfg, cls.Config, "strategy", ignore=("_target_", "name"), title=title))
+    params = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in ("_target_", "name")}
+    valid = accepted_keys(cls)  # plain constructor keywords (a plug-in without a schema): names checked
     unknown = sorted(set(params) - valid)
     if unknown:
-        raise UserError(f"strategy={name}: unknown key(s) {unknown}; valid keys: {sorted(valid)}")
+        raise UserError(f"{title}: unknown key(s) {unknown}; valid keys: {sorted(valid)}")
     return cls(**params)
-
-
-def _keys(cls: type) -> set[str]:
-    """Constructor keywords along the class hierarchy (subclasses pass **kwargs up)."""
-    keys: set[str] = set()
-    for klass in cls.__mro__:
-        if "__init__" in vars(klass):
-            keys |= {p.name for p in inspect.signature(klass.__init__).parameters.values() if p.kind == p.KEYWORD_ONLY or p.kind == p.POSITIONAL_OR_KEYWORD} - {"self"}
-    return keys
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from epi.errors import UserError
+from epi.schema import keys as schema_keys
 from epi.strategies import Entry, Strategy, registry
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -64,8 +65,11 @@ def flatten(node: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]
 
 
 def constructor_keys(cls: type[Strategy]) -> dict[str, Any]:
-    """Keywords the classes below `Strategy` add along the hierarchy (subclasses pass **kwargs up), subclass
+    """A class with a `Config` schema: its keys and types (a schema holds no defaults); otherwise the
+    keywords the classes below `Strategy` add along the hierarchy (subclasses pass **kwargs up), subclass
     first, with defaults; `Strategy`'s own constructor is the framework's, not a config key."""
+    if "cfg" in inspect.signature(cls.__init__).parameters:
+        return {name: f"<{shown}>" for name, shown in schema_keys(cls.Config)}
     keys: dict[str, Any] = {}
     for klass in cls.__mro__[: cls.__mro__.index(Strategy)]:
         if "__init__" not in vars(klass):

@@ -3,25 +3,32 @@
 The trainer owns the loop; a strategy owns which parameters may move. Every step the trainer
 calls, in this order:
 
-    loss.backward()
-    strategy.after_backward(step)   # accumulate importance, hide isolated gradients
-    clip_grad_norm_(...)            # sees only the gradients that will be applied
-    optimizer.step(clip_coef)       # IsolatedOptimizer: isolated coordinates do not move
+    loss.backward()                 # token-weighted over the global batch
+    strategy.after_backward(step)   # accumulate importance from the true gradients
+    clip, optimizer.step(...)       # the isolation engine: isolated coordinates do not move
     strategy.after_step(step)       # e.g. refresh the mask every K steps, log mask statistics
 
 plus `check_plan` at start-up (before any file is written), `prepare` once before training,
 `on_stage_start` / `on_stage_end` around each stage, and `state_dict` / `load_state_dict` for
-exact resume. A new strategy is one module here and one
-YAML file in conf/strategy/ whose `_target_` names its class; nothing in the trainer changes.
+exact resume.
+
+A strategy sees the run only through a `Context`: the parameters, the optimizer state it may
+read, the isolation it may set, a metric log, an artifact writer, the seed and rank, and the
+trainer's own step for training a copy of the model (CPI's probes). It never imports the
+trainer. A new strategy is one module here and one YAML file in conf/strategy/ whose `_target_`
+names its class; nothing in the trainer changes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from epi.trainer import Trainer
+import torch
+from torch import Tensor
+
+from epi.masks import Masks
+from epi.schema import Schema
 
 
 @dataclass(frozen=True)
@@ -34,18 +41,83 @@ class Stage:
     weights: dict[str, float] = field(default_factory=dict)  # per task; missing = 1.0
 
 
+class Context(Protocol):
+    """Everything a strategy may see of a run; the trainer provides it (`epi.trainer.TrainerContext`)."""
+
+    named_params: dict[str, torch.nn.Parameter]  # the trainable parameters, by name, in model order
+    tasks: tuple[str, ...]  # the run's tasks
+    seed: int  # the run's seed: seed every generator a strategy draws from with it
+    rank: int  # this process's data-parallel rank (0 on one process)
+    steps: int  # the run's step budget (`schedule.steps`) before a strategy changes the plan
+
+    def optimizer_state(self, name: str) -> dict[str, Any]:
+        """The optimizer's state of one parameter (e.g. AdamW's `exp_avg_sq`); empty before the first step."""
+
+    def optimizer_keeps(self, key: str) -> bool:
+        """Whether the optimizer keeps `key` (e.g. "exp_avg_sq") for every parameter, tracking isolated ones too."""
+
+    def masks(self) -> Masks:
+        """The isolation now in force: True = frozen."""
+
+    def set_masks(self, masks: Masks) -> dict[str, int]:
+        """Replace the isolation (bool masks of the parameters' shapes); returns churn counts."""
+
+    def mean_across_ranks(self, tensors: list[Tensor]) -> None:
+        """Average tensors over data-parallel ranks in place, so every rank takes the same decision."""
+
+    def log(self, step: int, split: str, metrics: dict[str, float], task: str | None = None) -> None:
+        """Numbers to metrics.jsonl and W&B (rank 0 writes)."""
+
+    def info(self, message: str) -> None:
+        """A line for the console (rank 0 prints)."""
+
+    def artifact(self, name: str, data: dict[str, Any], *, table: tuple[list[str], list[list[Any]]] | None = None,
+                 heatmap: tuple[list[str], list[list[float]]] | None = None) -> None:
+        """A result worth keeping: `data` goes to <run dir>/<name>.json; a `table` to W&B; a `heatmap` to a PNG and W&B."""
+
+    def model_state(self) -> dict[str, Tensor]:
+        """A detached copy of the model's weights (CPU tensors)."""
+
+    def load_model_state(self, state: dict[str, Tensor]) -> None:
+        """Replace the model's weights (e.g. by a fused model) before training starts."""
+
+    def train_copy(self, task: str, steps: int, lr: float) -> dict[str, Tensor]:
+        """A copy of the current model fine-tuned on `task` alone with the trainer's own step (clipping,
+        grad accumulation, precision, token-weighted loss, data parallel), no weight decay, constant lr;
+        returns its weights (CPU). The run's model is not touched."""
+
+    def fingerprint(self, task: str) -> str:
+        """A content key of what `train_copy(task, ...)` depends on besides its arguments: the model's
+        config and weights, the task's training rows, the batch settings and the seed."""
+
+
+@dataclass
+class NoKeys(Schema):
+    """A strategy without keys of its own."""
+
+
 class Strategy:
-    """Full fine-tuning: every parameter moves every step. Subclasses isolate some of them."""
+    """Full fine-tuning: every parameter moves every step. Subclasses isolate some of them.
+
+    `Config` is the schema of the strategy's keys (epi.schema); `build_strategy` checks the YAML's
+    values against it and passes the typed result to the constructor as `cfg`.
+    """
+
+    Config: type[Schema] = NoKeys
+    ctx: Context
+
+    def __init__(self, cfg: Schema | None = None):
+        self.cfg = cfg if cfg is not None else NoKeys()
 
     def check_plan(self, stages: list[Stage]) -> None:
         """Runs at start-up, before anything is written: refuse (UserError) a stage plan this strategy cannot serve."""
 
-    def prepare(self, trainer: Trainer, stages: list[Stage]) -> list[Stage]:
+    def prepare(self, ctx: Context, stages: list[Stage]) -> list[Stage]:
         """Runs once before training; returns the stage plan to train (CPI replaces it by its groups)."""
-        self.trainer = trainer
+        self.ctx = ctx
         return stages
 
-    def on_stage_start(self, stage: Stage, step: int) -> None:
+    def on_stage_start(self, index: int, stage: Stage, step: int) -> None:
         pass
 
     def after_backward(self, step: int) -> None:
@@ -54,7 +126,7 @@ class Strategy:
     def after_step(self, step: int) -> None:
         pass
 
-    def on_stage_end(self, stage: Stage, step: int) -> None:
+    def on_stage_end(self, index: int, stage: Stage, step: int) -> None:
         pass
 
     def state_dict(self) -> dict[str, Any]:

@@ -22,10 +22,10 @@ a single outlier coordinate would otherwise rescale its whole layer.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from epi.errors import TrainingDiverged, UserError
@@ -43,80 +43,67 @@ from epi.masks import (
     top_p,
     unpack,
 )
-from epi.strategies.base import Stage, Strategy
-
-if TYPE_CHECKING:
-    from epi.trainer import Trainer
+from epi.schema import Schema, at_least, within
+from epi.strategies.base import Context, Stage, Strategy
 
 SIGNALS = ("sq_grad", "taylor", "abs_grad")
 
 
-def _choice(key: str, value: Any, valid: tuple) -> None:
-    if value not in valid:
-        raise UserError(f"strategy.{key}={value!r}: must be one of {list(valid)}")
+@dataclass
+class EvolvingConfig(Schema):
+    """Keys of every strategy that refreshes a top-p mask on a schedule (EPI, random); defaults: conf/strategy/shared/evolving.yaml."""
+
+    p: Annotated[float, within(0, 1, open_low=True, why="the fraction of coordinates isolated (e.g. 0.01)")]
+    refresh_every: Annotated[int, at_least(1)]
+    warmup: Annotated[int, at_least(1, "importance needs gradients first")]
+    hysteresis: Annotated[int, at_least(1)]
+    scope: Literal[SCOPES]
+    method: Literal[METHODS]
+    sample_size: Annotated[int, at_least(1)]
+    include: dict[str, bool]
+    allow_no_isolation: bool
 
 
 class EvolvingIsolation(Strategy):
     """Refresh schedule, hysteresis, logging and state shared by EPI and its random control."""
 
-    def __init__(
-        self,
-        p: float = 0.01,
-        refresh_every: int = 100,
-        warmup: int = 100,
-        hysteresis: int = 1,
-        scope: str = "global",
-        method: str = "sampled",
-        sample_size: int = 1_000_000,
-        include: dict[str, bool] | None = None,
-        allow_no_isolation: bool = False,
-    ):
-        if not 0 < p <= 1:
-            raise UserError(f"strategy.p={p!r}: must be in (0, 1], the fraction of coordinates isolated (e.g. 0.01)")
-        for key, value in (("refresh_every", refresh_every), ("hysteresis", hysteresis), ("sample_size", sample_size)):
-            if not isinstance(value, int) or value < 1:
-                raise UserError(f"strategy.{key}={value!r}: must be an integer >= 1")
-        if not isinstance(warmup, int) or warmup < 1:
-            raise UserError(f"strategy.warmup={warmup!r}: must be an integer >= 1 (importance needs gradients first)")
-        _choice("scope", scope, SCOPES)
-        _choice("method", method, METHODS)
-        self.p, self.refresh_every, self.warmup, self.hysteresis = p, refresh_every, warmup, hysteresis
-        self.scope, self.method, self.sample_size = scope, method, sample_size
-        self.include = dict(include or {})
-        self.allow_no_isolation = allow_no_isolation
+    Config = EvolvingConfig
+
+    def __init__(self, cfg: EvolvingConfig):
+        super().__init__(cfg)
         self.refreshes = 0
         self.first_mask: dict[str, dict] | None = None  # bit-packed: the drift curve's reference
         self.misses: dict[str, Tensor] = {}  # hysteresis: consecutive refreshes an isolated coordinate missed the top set
 
-    def prepare(self, trainer: Trainer, stages: list[Stage]) -> list[Stage]:
-        super().prepare(trainer, stages)
+    def prepare(self, ctx: Context, stages: list[Stage]) -> list[Stage]:
+        super().prepare(ctx, stages)
         try:
-            self.params = participating(trainer.named_params, self.include)
+            self.params = participating(ctx.named_params, self.cfg.include)
         except ValueError as e:
             raise UserError(f"strategy.include: {e}") from e
-        self.numels = {n: p.numel() for n, p in trainer.named_params.items()}
-        self.generator = torch.Generator().manual_seed(trainer.cfg.seed)  # same on every rank
+        self.numels = {n: p.numel() for n, p in ctx.named_params.items()}
+        self.generator = torch.Generator().manual_seed(ctx.seed)  # same on every rank
         return stages
 
     def check_plan(self, stages: list[Stage]) -> None:
         """A run whose first mask comes too late is silently plain SFT: refuse it at start-up."""
-        if self.allow_no_isolation:
+        if self.cfg.allow_no_isolation:
             return
         total, first_end = sum(st.steps for st in stages), stages[0].steps
         fix = "lower strategy.warmup (the first mask's step), or set strategy.allow_no_isolation=true to run it anyway"
-        if self.warmup > total:
+        if self.cfg.warmup > total:
             raise UserError(
-                f"strategy.warmup={self.warmup}: the first mask would come after the run's last step ({total}), so "
+                f"strategy.warmup={self.cfg.warmup}: the first mask would come after the run's last step ({total}), so "
                 f"nothing would be isolated and the run would be plain SFT; {fix}"
             )
-        if len(stages) > 1 and self.warmup > first_end:
+        if len(stages) > 1 and self.cfg.warmup > first_end:
             raise UserError(
-                f"strategy.warmup={self.warmup}: the first mask would come after stage {stages[0].name!r} ends at step "
+                f"strategy.warmup={self.cfg.warmup}: the first mask would come after stage {stages[0].name!r} ends at step "
                 f"{first_end}, so stage {stages[1].name!r} would start with nothing isolated to protect it; {fix}"
             )
 
     def is_refresh(self, step: int) -> bool:
-        return step >= self.warmup and (step - self.warmup) % self.refresh_every == 0
+        return step >= self.cfg.warmup and (step - self.cfg.warmup) % self.cfg.refresh_every == 0
 
     def importance(self) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -128,27 +115,24 @@ class EvolvingIsolation(Strategy):
     @torch.no_grad()
     def refresh(self, step: int) -> None:
         tic = time.perf_counter()
-        optimizer = self.trainer.optimizer
         scores = self.importance()
-        if dist.is_available() and dist.is_initialized():  # identical masks on every rank
-            for s in scores.values():
-                dist.all_reduce(s, op=dist.ReduceOp.AVG)
+        self.ctx.mean_across_ranks(list(scores.values()))  # identical masks on every rank
         try:
-            selected = top_p(scores, self.p, self.scope, self.method, self.sample_size, self.generator)
+            selected = top_p(scores, self.cfg.p, self.cfg.scope, self.cfg.method, self.cfg.sample_size, self.generator)
         except NonFiniteScores as e:
             raise TrainingDiverged(
                 f"step {step}: importance {e}: the gradients it averages overflowed or were NaN; no mask was set. "
                 "Lower schedule.lr or set schedule.clip_norm; with strategy.beta=null the importance is AdamW's exp_avg_sq."
             ) from e
-        old = {n: m.cpu() for n, m in optimizer.masks.items()}
-        new = self._apply_hysteresis(old, selected) if self.hysteresis > 1 else selected
-        counts = optimizer.set_masks(new)
+        old = {n: m.cpu() for n, m in self.ctx.masks().items()}
+        new = self._apply_hysteresis(old, selected) if self.cfg.hysteresis > 1 else selected
+        counts = self.ctx.set_masks(new)
         new_cpu = {n: m.cpu() for n, m in new.items()}
         if self.first_mask is None:
             self.first_mask = pack(new_cpu)
         self.refreshes += 1
         stats = mask_stats(new_cpu, self.numels)
-        self.trainer.logger.log(
+        self.ctx.log(
             step,
             "mask",
             {
@@ -168,7 +152,7 @@ class EvolvingIsolation(Strategy):
             was = old.get(name, torch.zeros_like(sel)).to(sel.device)
             misses = self.misses.get(name, torch.zeros(sel.shape, dtype=torch.uint8, device=sel.device))
             misses = torch.where(was & ~sel, misses + 1, torch.zeros_like(misses))
-            keep = was & ~sel & (misses < self.hysteresis)
+            keep = was & ~sel & (misses < self.cfg.hysteresis)
             self.misses[name] = torch.where(keep, misses, torch.zeros_like(misses))
             new[name] = sel | keep
         return new
@@ -188,49 +172,60 @@ class EvolvingIsolation(Strategy):
         self.generator.set_state(state["generator"])
 
 
+@dataclass
+class EPIConfig(EvolvingConfig):
+    """EPI's keys; defaults: conf/strategy/epi.yaml."""
+
+    signal: Literal[SIGNALS]
+    beta: Annotated[float, within(0, 1, open_high=True, why="or null to reuse AdamW's second moment")] | None
+    norm: Literal[NORMALIZE_METHODS]
+
+    def check(self, key: str) -> None:
+        if self.beta is None and self.signal != "sq_grad":
+            raise UserError(f"{key}.beta=null reuses AdamW's EMA of g^2, which only fits signal=sq_grad; set {key}.beta (e.g. 0.99) for signal={self.signal}")
+
+
 class EPI(EvolvingIsolation):
-    def __init__(self, signal: str = "sq_grad", beta: float | None = None, norm: str = "mean", **kwargs: Any):
-        super().__init__(**kwargs)
-        _choice("signal", signal, SIGNALS)
-        _choice("norm", norm, NORMALIZE_METHODS)
-        if beta is None and signal != "sq_grad":
-            raise UserError(f"strategy.beta=null reuses AdamW's EMA of g^2, which only fits signal=sq_grad; set strategy.beta (e.g. 0.99) for signal={signal}")
-        if beta is not None and not 0 <= beta < 1:
-            raise UserError(f"strategy.beta={beta!r}: must be in [0, 1), or null to reuse AdamW's second moment")
-        self.signal, self.beta, self.norm = signal, beta, norm
+    """Evolving Parameter Isolation: the top-p coordinates by online gradient importance, refreshed every K steps."""
+
+    Config = EPIConfig
+
+    def __init__(self, cfg: EPIConfig):
+        super().__init__(cfg)
         self.ema: dict[str, Tensor] = {}
 
-    def prepare(self, trainer: Trainer, stages: list[Stage]) -> list[Stage]:
-        super().prepare(trainer, stages)
-        if self.beta is None and trainer.optimizer.moments != "track":
+    def prepare(self, ctx: Context, stages: list[Stage]) -> list[Stage]:
+        super().prepare(ctx, stages)
+        if self.cfg.beta is None and not ctx.optimizer_keeps("exp_avg_sq"):
             raise UserError(
-                "strategy.beta=null reuses AdamW's second moment, which must keep tracking isolated coordinates: "
-                "set schedule.isolated_moments=track, or give strategy.beta a value for a separate EMA"
+                "strategy.beta=null reuses the optimizer's second moment (Adam's exp_avg_sq), which this run's optimizer "
+                "does not keep for every coordinate (it needs an Adam-type optimizer and schedule.isolated_moments=track); "
+                "give strategy.beta a value for a separate EMA"
             )
-        if self.beta is not None:
+        if self.cfg.beta is not None:
             self.ema = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()}
         return stages
 
     @torch.no_grad()
     def after_backward(self, step: int) -> None:
         """Accumulate importance from the true gradients, before the engine hides isolated ones."""
-        if self.beta is None:
+        if self.cfg.beta is None:
             return
         for name, ema in self.ema.items():
             param = self.params[name]
             g = param.grad
             if g is None:
                 continue
-            signal = g * g if self.signal == "sq_grad" else (g * param if self.signal == "taylor" else g).abs()
-            ema.mul_(self.beta).add_(signal, alpha=1 - self.beta)
+            signal = g * g if self.cfg.signal == "sq_grad" else (g * param if self.cfg.signal == "taylor" else g).abs()
+            ema.mul_(self.cfg.beta).add_(signal, alpha=1 - self.cfg.beta)
 
     def importance(self) -> dict[str, Tensor]:
-        if self.beta is None:
-            state = self.trainer.optimizer.optimizer.state
-            raw = {n: state[p]["exp_avg_sq"] for n, p in self.params.items() if "exp_avg_sq" in state[p]}
+        if self.cfg.beta is None:
+            states = {n: self.ctx.optimizer_state(n) for n in self.params}
+            raw = {n: state["exp_avg_sq"] for n, state in states.items() if "exp_avg_sq" in state}
         else:
             raw = self.ema
-        return normalize(raw, self.norm)
+        return normalize(raw, self.cfg.norm)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "ema": self.ema}

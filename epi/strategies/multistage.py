@@ -9,5 +9,7 @@ from epi.strategies.cpi import CPI
 
 
 class MultiStage(CPI):
+    """CPI-FT's probes, groups and order as stages, with no fusion and no freezing: the multi-stage SFT baseline."""
+
     fuse_models = False
     freeze_cores = False

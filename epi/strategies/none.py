@@ -4,4 +4,4 @@ from epi.strategies.base import Strategy
 
 
 class NoIsolation(Strategy):
-    pass
+    """Full multi-task SFT: nothing is isolated."""

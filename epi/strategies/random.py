@@ -13,5 +13,7 @@ from epi.strategies.epi import EvolvingIsolation
 
 
 class RandomIsolation(EvolvingIsolation):
+    """EPI's budget and refresh schedule with coordinates drawn uniformly at random: the control for importance."""
+
     def importance(self) -> dict[str, Tensor]:
         return {n: torch.rand(p.shape, generator=self.generator).to(p.device) for n, p in self.params.items()}
