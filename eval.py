@@ -23,7 +23,7 @@ from epi.evaluate import evaluate
 from epi.logging import RunLogger, read_metrics
 from epi.models import build_model
 from epi.plots import plot_drift, plot_overlap, plot_scores_over_steps
-from epi.trainer import pick_device
+from epi.distributed import pick_device
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")

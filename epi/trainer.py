@@ -18,14 +18,12 @@ import inspect
 import json
 import math
 import os
-import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
@@ -34,37 +32,19 @@ from tqdm import tqdm
 
 from epi import checkpoint
 from epi.components import build
+from epi.context import TrainerContext
 from epi.data.contamination import contamination, contamination_warning
-from epi.data.format import IGNORE_INDEX, collate
+from epi.data.format import collate
 from epi.data.load import encode_tasks, load_tasks
 from epi.data.mixture import MixtureSampler, sampling_weights
+from epi.distributed import init_distributed, pick_device, seed_everything
 from epi.errors import TrainingDiverged, UserError
 from epi.evaluate import average, evaluate
-from epi.masks import Masks
+from epi.loss import causal_lm_loss_sum, trained_tokens
 from epi.models import build_model
 from epi.optim import IsolatedOptimizer, clip_coefficient
 from epi.schedules import constant
 from epi.strategies import Stage, Strategy, build_strategy
-
-
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world size). Under torchrun (WORLD_SIZE > 1) joins the process group: gloo on CPU, nccl on GPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def default_stages(cfg: DictConfig) -> list[Stage]:
@@ -87,22 +67,6 @@ def format_stats(stats: dict[str, dict[str, int]], data: DictConfig) -> str:
             f"{s['truncated']} truncated, {s['dropped']} dropped; val/test dropped {s['val_dropped']}/{s['test_dropped']}"
         )
     return "\n".join(lines)
-
-
-def causal_lm_loss_sum(logits: Tensor, labels: Tensor) -> Tensor:
-    """Summed next-token cross-entropy over the trained positions (labels != IGNORE_INDEX), in fp32.
-
-    The caller divides by the global batch's trained-token count (`trained_tokens`); with one
-    micro-batch on one process that is exactly the mean Hugging Face's `labels=` loss computes.
-    """
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-
-
-def trained_tokens(labels: list[int]) -> int:
-    """Positions `causal_lm_loss_sum` counts: labels after the first (nothing predicts the first token)."""
-    return sum(label != IGNORE_INDEX for label in labels[1:])
 
 
 def param_groups(named_params: dict[str, torch.nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
@@ -136,11 +100,6 @@ class Learner:
     realised: dict[str, dict[str, int]]  # examples and tokens drawn per task
 
 
-# Optimizer state entries the isolation engine can vouch for: kept for every coordinate (isolated ones
-# included under isolated_moments=track), so a strategy may read them as importance.
-TRACKED_STATE = {torch.optim.Adam: ("exp_avg", "exp_avg_sq"), torch.optim.AdamW: ("exp_avg", "exp_avg_sq")}
-
-
 class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path, resume_state: dict[str, Any] | None = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
@@ -151,7 +110,12 @@ class Trainer:
         self._setup_tokenized_data()
         self._setup_optimizer()
         self._setup_logger()
-        self.stages = self.strategy.prepare(TrainerContext(self), default_stages(cfg))
+        ctx = TrainerContext(
+            model=self.model, engine=self.optimizer, logger=self.logger, run_dir=self.run_dir, tasks=tuple(self.tasks),
+            seed=cfg.seed, rank=self.rank, world=self.world, steps=cfg.schedule.steps,
+            train_copy=self.train_copy, fingerprint=self.fingerprint,
+        )
+        self.stages = self.strategy.prepare(ctx, default_stages(cfg))
         self._setup_lr_schedule()
         self.step = 0
         self.skipped = 0  # updates dropped for a non-finite loss or gradient (schedule.nonfinite=skip)
@@ -415,6 +379,32 @@ class Trainer:
             shares = (f"{t} {r['examples']} ex / {r['tokens']} tok ({r['tokens'] / total:.0%})" for t, r in realised.items())
             tqdm.write(f"realised mixture at step {self.step}: " + ", ".join(shares))
 
+    # ---------------------------------------------------------------- for strategies (through the context)
+    def train_copy(self, task: str, steps: int, lr: float) -> dict[str, Tensor]:
+        """A copy of the model trained on `task` alone with `train_step` (no weight decay, constant lr); its weights."""
+        model = copy.deepcopy(self.model)
+        learner = self._new_learner(f"cpi probe of {task!r}", model, {task: 1.0}, lr=lr, weight_decay=0.0)
+        learner.scheduler = constant(learner.optimizer.optimizer, total_steps=steps)
+        for step in range(1, steps + 1):
+            out = self.train_step(step, learner)
+        self.logger.log(0, "cpi", {"probe_final_loss": out.loss}, task=task)
+        return {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}
+
+    def fingerprint(self, task: str) -> str:
+        """A content key of what `train_copy(task, ...)` depends on besides its arguments."""
+        h = hashlib.sha256()
+        h.update(json.dumps(OmegaConf.to_container(self.cfg.model, resolve=True), sort_keys=True).encode())
+        for name, tensor in self.model.state_dict().items():  # theta0 itself, not just how it was made
+            h.update(name.encode())
+            h.update(tensor.detach().reshape(-1)[:1024].float().cpu().numpy().tobytes())
+            h.update(str(float(tensor.float().sum())).encode())
+        for row in self.train_sets[task]:
+            h.update(bytes(str(row["input_ids"]), "utf-8"))
+        s = self.cfg.schedule
+        optimizer = OmegaConf.to_container(self.cfg.optimizer, resolve=True)
+        h.update(repr((s.batch_size, s.grad_accum, s.precision, s.clip_norm, self.cfg.seed, optimizer)).encode())
+        return h.hexdigest()
+
     # ---------------------------------------------------------------- eval, save, resume
     def evaluate(self, step: int, split_name: str) -> dict[str, dict[str, float]]:
         e = self.cfg.eval
@@ -477,88 +467,3 @@ class Trainer:
         self.strategy.load_state_dict(state["strategy"])
         checkpoint.set_rng_state(state["rng"])
         self.step = state["step"]
-
-
-class TrainerContext:
-    """The `Context` a strategy gets (epi.strategies.base): a narrow view of the run, nothing else of the trainer."""
-
-    def __init__(self, trainer: Trainer):
-        self._trainer = trainer
-        self.named_params = trainer.named_params
-        self.tasks = tuple(trainer.tasks)
-        self.seed = trainer.cfg.seed
-        self.rank = trainer.rank
-        self.steps = trainer.cfg.schedule.steps
-
-    def optimizer_state(self, name: str) -> dict[str, Any]:
-        return self._trainer.optimizer.optimizer.state.get(self.named_params[name], {})
-
-    def optimizer_keeps(self, key: str) -> bool:
-        engine = self._trainer.optimizer
-        kept = next((keys for cls, keys in TRACKED_STATE.items() if isinstance(engine.optimizer, cls)), ())
-        return key in kept and engine.moments == "track"
-
-    def masks(self) -> Masks:
-        return self._trainer.optimizer.masks
-
-    def set_masks(self, masks: Masks) -> dict[str, int]:
-        return self._trainer.optimizer.set_masks(masks)
-
-    def mean_across_ranks(self, tensors: list[Tensor]) -> None:
-        if self._trainer.world > 1:
-            for t in tensors:
-                dist.all_reduce(t, op=dist.ReduceOp.AVG)
-
-    def log(self, step: int, split: str, metrics: dict[str, float], task: str | None = None) -> None:
-        self._trainer.logger.log(step, split, metrics, task=task)
-
-    def info(self, message: str) -> None:
-        if self.rank == 0:
-            print(message)
-
-    def artifact(self, name: str, data: dict[str, Any], *, table: tuple[list[str], list[list[Any]]] | None = None,
-                 heatmap: tuple[list[str], list[list[float]]] | None = None) -> None:
-        """The reporter's job: JSON in the run directory, the table and heatmap to W&B (rank 0 only)."""
-        if self.rank != 0:
-            return
-        path = self._trainer.run_dir / f"{name}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=2) + "\n")
-        logger = self._trainer.logger
-        if table is not None:
-            logger.table(name, *table)
-        if heatmap is not None:
-            from epi.plots import plot_overlap  # matplotlib only when a strategy draws
-
-            logger.image(f"{name}_heatmap", plot_overlap(*heatmap, path.with_suffix(".png")))
-
-    def model_state(self) -> dict[str, Tensor]:
-        return {n: t.detach().cpu().clone() for n, t in self._trainer.model.state_dict().items()}
-
-    def load_model_state(self, state: dict[str, Tensor]) -> None:
-        self._trainer.model.load_state_dict(state)
-
-    def train_copy(self, task: str, steps: int, lr: float) -> dict[str, Tensor]:
-        trainer = self._trainer
-        copy_ = copy.deepcopy(trainer.model)
-        learner = trainer._new_learner(f"cpi probe of {task!r}", copy_, {task: 1.0}, lr=lr, weight_decay=0.0)
-        learner.scheduler = constant(learner.optimizer.optimizer, total_steps=steps)
-        for step in range(1, steps + 1):
-            out = trainer.train_step(step, learner)
-        self.log(0, "cpi", {"probe_final_loss": out.loss}, task=task)
-        return {n: t.detach().cpu().clone() for n, t in copy_.state_dict().items()}
-
-    def fingerprint(self, task: str) -> str:
-        trainer = self._trainer
-        h = hashlib.sha256()
-        h.update(json.dumps(OmegaConf.to_container(trainer.cfg.model, resolve=True), sort_keys=True).encode())
-        for name, tensor in trainer.model.state_dict().items():  # theta0 itself, not just how it was made
-            h.update(name.encode())
-            h.update(tensor.detach().reshape(-1)[:1024].float().cpu().numpy().tobytes())
-            h.update(str(float(tensor.float().sum())).encode())
-        for row in trainer.train_sets[task]:
-            h.update(bytes(str(row["input_ids"]), "utf-8"))
-        s = trainer.cfg.schedule
-        optimizer = OmegaConf.to_container(trainer.cfg.optimizer, resolve=True)
-        h.update(repr((s.batch_size, s.grad_accum, s.precision, s.clip_norm, trainer.cfg.seed, optimizer)).encode())
-        return h.hexdigest()

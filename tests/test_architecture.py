@@ -115,14 +115,12 @@ def test_epi_refreshes_on_a_bare_context_without_a_trainer() -> None:
 
 def test_a_probe_under_grad_accum_equals_a_probe_with_twice_the_batch(tmp_path: Path) -> None:
     """CPI's probes run the trainer's own step: accumulation, token weighting and clipping included."""
-    from epi.trainer import TrainerContext
-
     probes = []
     for name, overrides in (("accum", ["schedule.batch_size=4", "schedule.grad_accum=2"]), ("big", ["schedule.batch_size=8"])):
         (tmp_path / name).mkdir()
         trainer = Trainer(make_cfg("strategy=none", *overrides), tmp_path / name)
         theta0 = {n: t.clone() for n, t in trainer.model.state_dict().items()}
-        probes.append(TrainerContext(trainer).train_copy("math", steps=3, lr=1e-2))
+        probes.append(trainer.train_copy("math", steps=3, lr=1e-2))
         assert all(torch.equal(t, theta0[n]) for n, t in trainer.model.state_dict().items())  # the run's model is untouched
     for name in probes[0]:
         torch.testing.assert_close(probes[0][name], probes[1][name], rtol=1e-5, atol=1e-5, msg=name)  # Adam at lr 1e-2 amplifies float noise

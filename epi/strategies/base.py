@@ -42,7 +42,7 @@ class Stage:
 
 
 class Context(Protocol):
-    """Everything a strategy may see of a run; the trainer provides it (`epi.trainer.TrainerContext`)."""
+    """Everything a strategy may see of a run; the trainer provides it (`epi.context.TrainerContext`)."""
 
     named_params: dict[str, torch.nn.Parameter]  # the trainable parameters, by name, in model order
     tasks: tuple[str, ...]  # the run's tasks
