@@ -20,7 +20,7 @@ from epi.cli import exit_on_user_error, write_results
 from epi.data.load import encode_tasks, load_tasks
 from epi.errors import UserError
 from epi.evaluate import evaluate
-from epi.logging import RunLogger, read_metrics
+from epi.logging import RunLogger
 from epi.models import build_model
 from epi.plots import plot_drift, plot_overlap, plot_scores_over_steps
 from epi.distributed import pick_device
@@ -65,14 +65,18 @@ def evaluate_model(cfg: DictConfig, out_dir: Path) -> None:
 
 
 def tabulate(cfg: DictConfig, out_dir: Path) -> None:
-    """Per-setting scores (mean ± std over seeds), normalised score, transfer, plots: markdown, CSV, JSON."""
+    """Per-setting scores (mean ± std over seeds), normalised score, compute, transfer, the runs that did
+    not finish, plots: markdown, CSV, JSON."""
     paths = [Path(p) for p in (cfg.runs if OmegaConf.is_list(cfg.runs) else [cfg.runs])]
     split = cfg.eval.split
-    runs = [report.load_run(p, split) for p in report.find_runs(paths)]
-    report.shorten(runs)
+    runs, unfinished = report.load_runs(paths, split)
+    report.shorten(runs, unfinished)
     tasks, rows = report.score_table(runs)
-    columns = ["setting", "seeds", *tasks, "avg", "normalised"]
-    sections = [f"## Scores ({split} split, mean ± std over seeds)\n\n" + report.markdown(columns, rows)]
+    columns = ["setting", "seeds", *tasks, "avg", "normalised", *report.COMPUTE]
+    scores = f"## Scores ({split} split, mean ± std over seeds)\n\n" + report.markdown(columns, rows)
+    if left_out := report.left_out_of_normalised(runs):
+        scores += "\n\nLeft out of the normalised score: " + ", ".join(f"{t} ({why})" for t, why in left_out.items()) + "."
+    sections = [scores]
     (out_dir / "scores.csv").write_text(report.csv(columns, rows))
 
     transfers = []
@@ -88,15 +92,15 @@ def tabulate(cfg: DictConfig, out_dir: Path) -> None:
             + "\n".join(f"- {r.path} ({r.setting}, seed {r.seed}): stage(s) {r.missing_stages}" for r in gaps)
         )
         (out_dir / "transfer.csv").write_text(report.csv(["setting", "seeds", *report.TRANSFER], transfers))
+    if unfinished:
+        sections.append(
+            f"## Runs that did not finish\n\nNo eval_{split}.json (failed, killed, or still running); not in the tables above:\n\n"
+            + "\n".join(f"- {u.path} ({u.name}): {u.error}" for u in unfinished)
+        )
 
-    curves: dict[str, dict[str, dict[int, list[float]]]] = {task: {} for task in [*tasks, "avg"]}
-    for run in runs:
-        for e in read_metrics(run.path):
-            if e["split"] == split and e["metric"] in ("score", "avg_score"):
-                panel = e["task"] if e["metric"] == "score" else "avg"
-                curves[panel].setdefault(run.setting, {}).setdefault(e["step"], []).append(e["value"])
-    if curves := {panel: c for panel, c in curves.items() if c}:
-        plot_scores_over_steps(curves, out_dir / "scores_over_steps.png", f"{split} score over steps (mean over seeds, band: min..max)")
+    if curves := report.score_curves(runs, split):
+        experts = {r.setting for r in runs if r.expert_of}
+        plot_scores_over_steps(curves, out_dir / "scores_over_steps.png", f"{split} score over steps (mean over seeds, band: min..max)", experts)
     drift = plot_drift({f"{r.setting} seed={r.seed}": r.path for r in runs}, out_dir / "drift.png")
     for setting, group in report.by_setting(runs).items():
         if overlap := report.core_overlap(group):
@@ -109,8 +113,10 @@ def tabulate(cfg: DictConfig, out_dir: Path) -> None:
             {
                 "split": split,
                 "scores": rows,
+                "left_out_of_normalised": left_out,
                 "transfer": transfers,
-                "runs": [{"path": str(r.path), "setting": r.setting, "seed": r.seed, "scores": r.scores, "accuracy_matrix": r.matrix, "missing_stages": r.missing_stages, "stages": r.stages} for r in runs],
+                "runs": [{"path": str(r.path), "setting": r.setting, "seed": r.seed, "scores": r.scores, "compute": r.compute, "accuracy_matrix": r.matrix, "missing_stages": r.missing_stages, "stages": r.stages} for r in runs],
+                "unfinished": [{"path": str(u.path), "name": u.name, "overrides": u.overrides, "error": u.error} for u in unfinished],
             },
             indent=2,
         )
@@ -120,7 +126,8 @@ def tabulate(cfg: DictConfig, out_dir: Path) -> None:
     print(f"plots: {', '.join(p.name for p in out_dir.glob('*.png'))}" + ("" if drift else " (no mask drift: no EPI runs)"))
     if cfg.logger.mode != "disabled":
         logger = RunLogger(out_dir, mode=cfg.logger.mode, project=cfg.logger.project, name=cfg.logger.name or "eval", group="eval", config=OmegaConf.to_container(cfg, resolve=True))
-        logger.table("eval/scores", ["setting", *tasks, "avg", "normalised"], [[r["setting"], *[report.fmt(r[t]) for t in tasks], report.fmt(r["avg"]), report.fmt(r["normalised"])] for r in rows])
+        shown = [c for c in columns if c != "seeds"]
+        logger.table("eval/scores", shown, [[report.fmt(r[c]) for c in shown] for r in rows])
         logger.close()
 
 

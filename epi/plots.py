@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 import matplotlib
@@ -64,18 +65,20 @@ def plot_overlap(tasks: list[str], overlap: list[list[float]], out: Path) -> Pat
     return _save(fig, out)
 
 
-def plot_scores_over_steps(curves: dict[str, dict[str, dict[int, list[float]]]], out: Path, title: str) -> Path:
+def plot_scores_over_steps(curves: dict[str, dict[str, dict[int, list[float]]]], out: Path, title: str, experts: Collection[str] = ()) -> Path:
     """Score vs step, one panel per task (and `avg`), one line per setting: mean over seeds, band = min..max.
 
-    `curves[panel][setting][step]` holds one value per seed.
+    `curves[panel][setting][step]` holds one value per seed; settings keep their order (the report's).
+    The single-task `experts` are drawn dashed: a reference in their own task's panel, where the caller
+    puts them (not in `avg`, which would mix one task's score into the multi-task averages).
     """
-    settings = sorted({setting for by_setting in curves.values() for setting in by_setting})
-    styles = {s: {"color": plt.get_cmap("tab10")(i % 10), "linestyle": "-" if i < 10 else "--"} for i, s in enumerate(settings)}
+    settings = sorted(dict.fromkeys(s for by_setting in curves.values() for s in by_setting), key=lambda s: s in experts)
+    styles = {s: {"color": plt.get_cmap("tab10")(i % 10), "linestyle": "--" if s in experts else "-" if i < 10 else ":"} for i, s in enumerate(settings)}
     cols = min(3, len(curves))
     rows = -(-len(curves) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols + 2.5, 3 * rows), squeeze=False, sharex=True)
     for ax, (panel, by_setting) in zip(axes.flat, curves.items()):
-        for setting, by_step in sorted(by_setting.items()):
+        for setting, by_step in by_setting.items():
             steps = sorted(by_step)
             means = [sum(by_step[s]) / len(by_step[s]) for s in steps]
             ax.plot(steps, means, marker="o", markersize=3, label=setting, **styles[setting])
@@ -85,6 +88,6 @@ def plot_scores_over_steps(curves: dict[str, dict[str, dict[int, list[float]]]],
     for ax in list(axes.flat)[len(curves) :]:
         ax.axis("off")
     handles = [plt.Line2D([], [], marker="o", markersize=3, **styles[s]) for s in settings]
-    fig.legend(handles, settings, loc="center right", fontsize=7, frameon=False)
+    fig.legend(handles, [f"{s} (expert)" if s in experts else s for s in settings], loc="center right", fontsize=7, frameon=False)
     fig.suptitle(title)
     return _save(fig, out, rect=(0, 0, 1 - 1.9 / fig.get_figwidth(), 1))

@@ -8,13 +8,20 @@ of one setting are averaged. Definitions (also in the README):
   over seeds; a task whose expert scores 0 has no normalised score (left out, and reported).
 - accuracy matrix of a sequential run: A[k][t] = score of task t after stage k.
 - BWT (backward transfer) = mean over tasks trained before the last stage of
-  A[last][t] - A[s(t)][t], s(t) the stage that trained t; forgetting = mean of
-  max_k<last A[k][t] - A[last][t] over the same tasks (>= 0; BWT < 0 means forgetting).
+  A[last][t] - A[s(t)][t], s(t) the stage that trained t (< 0 means forgetting); forgetting =
+  mean of max_k<last A[k][t] - A[last][t] over the same tasks, k over every stage before the
+  last (also those before t was trained). Positive means forgetting; it is not clipped at 0: it
+  is negative when the last stage lifted the earlier tasks above their best earlier score.
+  Since s(t) < last, forgetting >= -BWT, and both lie in [-1, 1] for scores in [0, 1].
 - delta_A / delta_B (the papers' "train A then B" table): the change over the last stage of
   the scores of the first stage's tasks (A: forgetting when negative) and of the last
   stage's tasks (B: the gain).
+- compute of a setting: the optimizer steps and trained tokens its runs logged (split
+  `compute`, probes included), mean over seeds; none when a run lacks them (older runs).
 A run whose metrics lack a stage's evaluation keeps that row as a gap (None) and is left out
-of the transfer numbers, with its name and the missing stages in the report.
+of the transfer numbers, with its name and the missing stages in the report. A run without
+eval_<split>.json (failed, killed, or still running) is listed with its overrides and the
+error line it left, so that a sweep's failures are not silently missing from the tables.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +39,11 @@ from epi.errors import UserError
 from epi.logging import read_metrics
 
 TRANSFER = ("delta_A", "delta_B", "bwt", "forgetting")
+COMPUTE = {"steps": "optimizer_steps", "tokens": "trained_tokens"}  # score-table column: metric of the `compute` split
+# train.py's own record of a failure, then Hydra's job log; train.py prints `error: ...` to
+# stderr, which Hydra does not copy into the job log and the joblib launcher does not keep
+ERROR_FILES = ("error.txt", "train.log")
+NO_ERROR = "no error recorded (see the launcher's output)"
 
 
 @dataclass
@@ -43,20 +56,71 @@ class Run:
     stages: list[list[str]] = field(default_factory=list)  # tasks trained in each stage
     matrix: list[dict[str, float] | None] = field(default_factory=list)  # after each stage: task -> score; None = not evaluated
     missing_stages: list[int] = field(default_factory=list)  # stages whose after-stage evaluation is not in metrics.jsonl
+    compute: dict[str, float] = field(default_factory=dict)  # COMPUTE column -> value; empty for runs from before it was logged
 
     @property
     def expert_of(self) -> str | None:
         return self.tasks[0] if len(self.tasks) == 1 else None
 
 
+@dataclass
+class Unfinished:
+    """A run directory without eval_<split>.json: its job failed, was killed, or is still running."""
+
+    path: Path
+    overrides: list[str]  # the job's command-line overrides (.hydra/overrides.yaml), in full
+    error: str  # the last `error:` line it left, or NO_ERROR
+    name: str  # the overrides that tell it apart within the report (`shorten` drops the shared ones)
+
+
 def find_runs(paths: list[Path]) -> list[Path]:
-    """Run directories under the given paths (a multirun dir, a run dir, or a mix), in the sweep's
-    order: Hydra's job numbers compare as numbers (2 before 10), so tables list the arms as swept."""
-    found = {p.parent for path in paths for p in Path(path).rglob("config.yaml") if (p.parent / "metrics.jsonl").is_file()}
-    found = sorted(found, key=lambda d: [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in d.parts])
+    """Run directories under the given paths (a multirun dir, a run dir, or a mix), finished or not, in the
+    sweep's order: Hydra's job numbers compare as numbers (2 before 10), so tables list the arms as swept.
+
+    A run directory holds train.py's config.yaml and metrics.jsonl, or is a Hydra job of train.py: a run
+    that failed before training leaves only that job's .hydra/ (eval.py's own jobs are not runs)."""
+    found: set[Path] = set()
+    for path in map(Path, paths):
+        found |= {p.parent for p in path.rglob("config.yaml") if (p.parent / "metrics.jsonl").is_file()}
+        found |= {p.parent.parent for p in path.rglob("hydra.yaml") if p.parent.name == ".hydra" and _job_name(p) == "train"}
     if not found:
-        raise UserError(f"runs={[str(p) for p in paths]}: no run directories (with config.yaml and metrics.jsonl) found there")
-    return found
+        raise UserError(f"runs={[str(p) for p in paths]}: no run directories (train.py runs or their Hydra jobs) found there")
+    return sorted(found, key=lambda d: [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in d.parts])
+
+
+def _job_name(hydra_yaml: Path) -> str | None:
+    return OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.job.name")
+
+
+def load_runs(paths: list[Path], split: str) -> tuple[list[Run], list[Unfinished]]:
+    """The runs with eval_<split>.json, and the others, each in the sweep's order.
+
+    Raises a UserError when none finished: then the split is the likelier mistake than the runs."""
+    found = find_runs(paths)
+    done = [p for p in found if (p / f"eval_{split}.json").is_file()]
+    if not done:
+        first_error = next((e for e in map(error_line, found) if e != NO_ERROR), NO_ERROR)
+        raise UserError(
+            f"runs={[str(p) for p in paths]}: none of the {len(found)} run directories has eval_{split}.json: they did not "
+            f"finish, or were evaluated on another split than eval.split={split} (first error: {first_error})"
+        )
+    return [load_run(p, split) for p in done], [unfinished(p) for p in found if p not in done]
+
+
+def unfinished(path: Path) -> Unfinished:
+    overrides = path / ".hydra" / "overrides.yaml"
+    listed = list(OmegaConf.load(overrides)) if overrides.is_file() else []
+    return Unfinished(path=path, overrides=listed, error=error_line(path), name=_label(listed, set()))
+
+
+def error_line(run_dir: Path) -> str:
+    """The last line starting with `error:` in the first of ERROR_FILES that has one, else NO_ERROR."""
+    for name in ERROR_FILES:
+        file = run_dir / name
+        lines = [line for line in file.read_text(errors="replace").splitlines() if line.startswith("error:")] if file.is_file() else []
+        if lines:
+            return lines[-1]
+    return NO_ERROR
 
 
 def load_run(path: Path, split: str) -> Run:
@@ -83,7 +147,14 @@ def load_run(path: Path, split: str) -> Run:
         stages=stages,
         matrix=[after.get(k) for k in expected],
         missing_stages=[k for k in expected if k not in after],
+        compute=_compute(events),
     )
+
+
+def _compute(events: list[dict]) -> dict[str, float]:
+    """The COMPUTE metrics a run logged once at its end (split `compute`, no task)."""
+    metrics = {metric: column for column, metric in COMPUTE.items()}
+    return {metrics[e["metric"]]: e["value"] for e in events if e["split"] == "compute" and e["metric"] in metrics}
 
 
 def _stages(path: Path, cfg) -> list[list[str]]:
@@ -114,32 +185,61 @@ def split_overrides(setting: str) -> list[str]:
     return parts + [current]
 
 
-def shorten(runs: list[Run]) -> None:
-    """Drop the overrides every run shares (e.g. experiment=..., model size) from the setting labels."""
+def shorten(runs: list[Run], unfinished: Sequence[Unfinished] = ()) -> None:
+    """Drop the overrides every run shares (e.g. experiment=..., model size) from the setting labels, and
+    name the unfinished runs by the rest of theirs, so a failed arm reads like the arms around it."""
     parts = {r.setting: split_overrides(r.setting) for r in runs}
-    common = set.intersection(*(set(p) for p in parts.values())) if len(parts) > 1 else set()
+    labels = [*parts.values(), *(u.overrides for u in unfinished)]
+    common = set.intersection(*(set(p) for p in labels)) if len(labels) > 1 else set()
     for r in runs:
-        r.setting = ",".join(p.lstrip("+") for p in parts[r.setting] if p not in common) or "default"
+        r.setting = _label(parts[r.setting], common)
+    for u in unfinished:
+        u.name = _label(u.overrides, common)
+
+
+def _label(overrides: list[str], common: set[str]) -> str:
+    return ",".join(p.lstrip("+") for p in overrides if p not in common) or "default"
 
 
 def by_setting(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs per setting in the sweep's order (of each setting's first run), single-task experts last:
+    they are the reference the multi-task settings are read against, not one of the arms."""
     out: dict[str, list[Run]] = {}
     for run in runs:
         out.setdefault(run.setting, []).append(run)
-    return out
+    return dict(sorted(out.items(), key=lambda item: all(r.expert_of for r in item[1])))
+
+
+def multitask_tasks(runs: list[Run]) -> list[str]:
+    """The score table's task columns: the tasks of the runs that are not single-task experts."""
+    return sorted({t for r in runs if r.expert_of is None for t in r.tasks})
+
+
+def expert_means(runs: list[Run]) -> dict[str, float]:
+    """Each expert's score on its task, mean over seeds (a perplexity-scored expert has none)."""
+    scores: dict[str, list[float]] = {}
+    for r in runs:
+        if r.expert_of in r.scores:
+            scores.setdefault(r.expert_of, []).append(r.scores[r.expert_of])
+    return {t: statistics.fmean(v) for t, v in scores.items()}
+
+
+def left_out_of_normalised(runs: list[Run]) -> dict[str, str]:
+    """Scored tasks the normalised score skips, and why; empty when no run is an expert (no normalised score)."""
+    means = expert_means(runs)
+    if not means:
+        return {}
+    scored = [t for t in multitask_tasks(runs) if any(t in r.scores for r in runs)]
+    return {t: "its expert scored 0" if t in means else "no single-task expert among these runs" for t in scored if not means.get(t)}
 
 
 def score_table(runs: list[Run]) -> tuple[list[str], list[dict]]:
-    """Rows per setting: per-task mean/std over seeds, average, normalised score vs the experts."""
-    settings = by_setting(runs)
-    tasks = sorted({t for r in runs if r.expert_of is None for t in r.tasks})
-    experts = {r.expert_of: [] for r in runs if r.expert_of}
-    for r in runs:
-        if r.expert_of:
-            experts[r.expert_of].append(r.scores[r.expert_of])
-    expert_mean = {t: statistics.fmean(v) for t, v in experts.items()}
+    """Rows per setting (see `by_setting` for the order): per-task mean/std over seeds, average, normalised
+    score vs the experts, and the compute spent (COMPUTE columns)."""
+    tasks = multitask_tasks(runs)
+    expert_mean = expert_means(runs)
     rows = []
-    for setting, group in settings.items():
+    for setting, group in by_setting(runs).items():
         row: dict = {"setting": setting, "seeds": len(group)}
         for t in tasks:
             values = [r.scores[t] for r in group if t in r.scores]
@@ -148,8 +248,28 @@ def score_table(runs: list[Run]) -> tuple[list[str], list[dict]]:
         row["avg"] = mean_std(per_seed_avg) if per_seed_avg else None
         ratios = [row[t][0] / expert_mean[t] for t in tasks if row.get(t) and expert_mean.get(t)]
         row["normalised"] = statistics.fmean(ratios) if ratios else None
+        for column in COMPUTE:
+            values = [r.compute.get(column) for r in group]
+            row[column] = None if None in values else round(statistics.fmean(values))  # a mean over part of the seeds would misstate it
         rows.append(row)
     return tasks, rows
+
+
+def score_curves(runs: list[Run], split: str) -> dict[str, dict[str, dict[int, list[float]]]]:
+    """`curves[panel][setting][step]`, one value per seed: a panel per task and `avg`, settings in table order.
+
+    An expert's scores go to its own task's panel only: its average is one task's score, and in the
+    `avg` panel it would read as a multi-task average."""
+    curves: dict[str, dict[str, dict[int, list[float]]]] = {task: {} for task in [*multitask_tasks(runs), "avg"]}
+    for group in by_setting(runs).values():
+        for run in group:
+            for e in read_metrics(run.path):
+                if e["split"] != split or e["metric"] not in ("score", "avg_score"):
+                    continue
+                panel = e["task"] if e["metric"] == "score" else "avg"
+                if run.expert_of is None or panel == run.expert_of:
+                    curves.setdefault(panel, {}).setdefault(run.setting, {}).setdefault(e["step"], []).append(e["value"])
+    return {panel: c for panel, c in curves.items() if c}
 
 
 def core_overlap(group: list[Run]) -> tuple[list[str], list[list[float]]] | None:

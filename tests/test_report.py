@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from epi import report
+from epi import plots, report
+from epi.errors import UserError
 from tests.conftest import run_script
 
 
 def fake_run(root: Path, name: str, *, group: str, seed: int, tasks: list[str], scores: dict[str, float],
-             stages: list[list[str]] | None = None, matrix: list[dict[str, float]] | None = None, curve: list[float] = ()) -> Path:
+             stages: list[list[str]] | None = None, matrix: list[dict[str, float]] | None = None, curve: list[float] = (),
+             task_curves: dict[str, list[float]] | None = None, compute: dict[str, float] | None = None) -> Path:
     run = root / name
     run.mkdir(parents=True)
     cfg = {
@@ -25,9 +27,26 @@ def fake_run(root: Path, name: str, *, group: str, seed: int, tasks: list[str], 
     (run / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
     (run / "eval_test.json").write_text(json.dumps({t: {"score": s, "loss": 1.0} for t, s in scores.items()}))
     events = [{"step": 10 * (i + 1), "split": "test", "task": None, "metric": "avg_score", "value": v} for i, v in enumerate(curve)]
+    for task, values in (task_curves or {}).items():
+        events += [{"step": 10 * (i + 1), "split": "test", "task": task, "metric": "score", "value": v} for i, v in enumerate(values)]
     for k, row in enumerate(matrix or []):
         events += [{"step": 10 * (k + 1), "split": f"test/after_stage{k}", "task": t, "metric": "score", "value": v} for t, v in row.items()]
+    # as train.py logs them once at the end: split `compute`, no task
+    events += [{"step": 100, "split": "compute", "task": None, "metric": m, "value": v} for m, v in (compute or {}).items()]
     (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    return run
+
+
+def fake_job(root: Path, name: str, overrides: list[str], *, job: str = "train", files: dict[str, str] | None = None) -> Path:
+    """What a Hydra job leaves before train.py writes anything: .hydra/ and an empty job log (seen in a real
+    sweep whose second job failed validation), plus `files` (e.g. error.txt)."""
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "hydra.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create({"hydra": {"job": {"name": job}}})))
+    (run / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))
+    (run / f"{job}.log").write_text("")
+    for file, text in (files or {}).items():
+        (run / file).write_text(text)
     return run
 
 
@@ -67,7 +86,7 @@ def test_eval_py_runs_writes_tables_and_plots(runs: Path, tmp_path: Path) -> Non
     assert "| strategy=none | 2 | 0.500 ± 0.141 | 0.300 ± 0.141 | 0.400 ± 0.141 | 0.562 |" in md
     assert "| seq | 1 | -0.400 ± 0.000 | 0.800 ± 0.000 | -0.400 ± 0.000 | 0.400 ± 0.000 |" in md
     csv = (out / "scores.csv").read_text().splitlines()
-    assert csv[0] == "setting,seeds,a_mean,a_std,b_mean,b_std,avg_mean,avg_std,normalised"
+    assert csv[0] == "setting,seeds,a_mean,a_std,b_mean,b_std,avg_mean,avg_std,normalised,steps,tokens"
     assert (out / "scores_over_steps.png").is_file()
     data = json.loads((out / "report.json").read_text())
     assert {r["setting"] for r in data["scores"]} == {"strategy=none", "data.tasks=[a]", "data.tasks=[b]", "seq"}
@@ -114,3 +133,118 @@ def test_a_missing_stage_evaluation_is_marked_not_closed_up(tmp_path: Path) -> N
     md = (out / "report.md").read_text()
     assert "Runs left out of the transfer numbers" in md and "stage(s) [1]" in md
     assert json.loads((out / "report.json").read_text())["runs"][0]["accuracy_matrix"][1] is None
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    """A sweep as Hydra lays it out: experts interleaved with the arms, a job that failed with a recorded
+    error, one that left none, one whose Hydra log has it, b's expert at 0, compute logged by the new runs."""
+    root = tmp_path / "sweep"
+    spent = {"optimizer_steps": 100, "trained_tokens": 1000}
+    fake_run(root, "0", group="data.tasks=[a]", seed=0, tasks=["a"], scores={"a": 0.8}, task_curves={"a": [0.4, 0.8]}, curve=[0.4, 0.8])
+    fake_run(root, "1", group="strategy=none", seed=0, tasks=["a", "b"], scores={"a": 0.4, "b": 0.2},
+             task_curves={"a": [0.2, 0.4]}, curve=[0.1, 0.3], compute=spent)
+    fake_job(root, "2", ["strategy=epi", "schedule.lr=-1", "seed=0"], files={"error.txt": "error: schedule.lr=-1: must be > 0 (e.g. schedule.lr=3e-3)\n"})
+    fake_run(root, "3", group="data.tasks=[b]", seed=0, tasks=["b"], scores={"b": 0.0})
+    fake_run(root, "4", group="strategy=random", seed=0, tasks=["a", "b"], scores={"a": 0.6, "b": 0.2}, curve=[0.2, 0.4])
+    fake_run(root, "5", group="strategy=none", seed=1, tasks=["a", "b"], scores={"a": 0.6, "b": 0.4},
+             curve=[0.2, 0.5], compute={"optimizer_steps": 100, "trained_tokens": 1004})
+    fake_job(root, "6", ["strategy=cpi", "seed=0"])
+    fake_job(root, "7", ["strategy=cpi", "seed=1"], files={"train.log": "error: a first error\n[INFO] more\nerror: the last error\n"})
+    fake_job(tmp_path / "sweep", "eval_out", ["runs=x"], job="eval")  # eval.py's own output dir is not a run
+    return root
+
+
+def test_failed_runs_are_listed_with_their_error_line(sweep: Path) -> None:
+    runs, unfinished = report.load_runs([sweep], "test")
+    assert [r.path.name for r in runs] == ["0", "1", "3", "4", "5"]  # the other runs still tabulate
+    assert [(u.path.name, u.overrides, u.error) for u in unfinished] == [
+        ("2", ["strategy=epi", "schedule.lr=-1", "seed=0"], "error: schedule.lr=-1: must be > 0 (e.g. schedule.lr=3e-3)"),
+        ("6", ["strategy=cpi", "seed=0"], report.NO_ERROR),
+        ("7", ["strategy=cpi", "seed=1"], "error: the last error"),
+    ]
+
+
+def test_no_finished_run_names_the_split(sweep: Path) -> None:
+    with pytest.raises(UserError, match=r"none of the 1 run directories has eval_val.json.*eval.split=val.*first error: error: the last error"):
+        report.load_runs([sweep / "7"], "val")
+    with pytest.raises(UserError, match=r"none of the 8 .*first error: error: schedule.lr=-1"):
+        report.load_runs([sweep], "val")
+
+
+def test_settings_in_sweep_order_experts_last(sweep: Path) -> None:
+    runs, _ = report.load_runs([sweep], "test")
+    tasks, rows = report.score_table(runs)
+    assert [r["setting"] for r in rows] == ["strategy=none", "strategy=random", "data.tasks=[a]", "data.tasks=[b]"]
+    assert list(report.by_setting(runs)) == [r["setting"] for r in rows]
+
+
+def test_a_task_whose_expert_scored_0_is_named(sweep: Path) -> None:
+    runs, _ = report.load_runs([sweep], "test")
+    assert report.left_out_of_normalised(runs) == {"b": "its expert scored 0"}
+    del runs[0]  # without a's expert: a has no ratio either
+    assert report.left_out_of_normalised(runs) == {"a": "no single-task expert among these runs", "b": "its expert scored 0"}
+    assert report.left_out_of_normalised([r for r in runs if r.expert_of is None]) == {}  # no experts: no normalised score at all
+
+
+def test_compute_columns_are_the_mean_over_seeds_or_a_dash(sweep: Path) -> None:
+    runs, _ = report.load_runs([sweep], "test")
+    assert runs[1].compute == {"steps": 100, "tokens": 1000} and runs[0].compute == {}
+    _, rows = report.score_table(runs)
+    by = {r["setting"]: r for r in rows}
+    assert (by["strategy=none"]["steps"], by["strategy=none"]["tokens"]) == (100, 1002)
+    assert by["strategy=random"]["steps"] is None  # an older run: no compute events
+    runs[4].compute = {}  # one seed of a setting lacks them: no mean over the others
+    assert report.score_table(runs)[1][0]["tokens"] is None
+
+
+def test_experts_are_a_dashed_reference_in_their_own_panel_not_in_avg(sweep: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runs, _ = report.load_runs([sweep], "test")
+    curves = report.score_curves(runs, "test")
+    assert list(curves["avg"]) == ["strategy=none", "strategy=random"]  # a's expert logged avg_score too
+    assert curves["a"]["data.tasks=[a]"] == {10: [0.4], 20: [0.8]}
+    drawn = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, out, rect=None: drawn.setdefault("fig", fig))
+    plots.plot_scores_over_steps(curves, tmp_path / "p.png", "t", experts={"data.tasks=[a]"})
+    axes = {ax.get_title(): ax for ax in drawn["fig"].axes}
+    styles = {line.get_label(): line.get_linestyle() for line in axes["a"].get_lines()}
+    assert styles == {"strategy=none": "-", "data.tasks=[a]": "--"}
+    assert "data.tasks=[a]" not in {line.get_label() for line in axes["avg"].get_lines()}
+    assert "data.tasks=[a] (expert)" in [t.get_text() for t in drawn["fig"].legends[0].get_texts()]
+
+
+def test_forgetting_sign_and_range_as_documented() -> None:
+    """Hand-computed: forgetting is the drop from a task's best score before the last stage, not clipped at 0."""
+    mixed = report.Run(path=Path("x"), setting="s", seed=0, tasks=["a", "b", "c"], scores={}, stages=[["a"], ["b"], ["c"]],
+                       matrix=[{"a": 0.5, "b": 0.0, "c": 0.0}, {"a": 0.4, "b": 0.6, "c": 0.1}, {"a": 0.7, "b": 0.2, "c": 0.9}])
+    # bwt: ((0.7 - 0.5) + (0.2 - 0.6)) / 2; forgetting: ((max(0.5, 0.4) - 0.7) + (max(0.0, 0.6) - 0.2)) / 2
+    assert report.transfer(mixed) == pytest.approx({"bwt": -0.1, "forgetting": 0.1, "delta_A": 0.7 - 0.4, "delta_B": 0.9 - 0.1})
+    gain = report.Run(path=Path("x"), setting="s", seed=0, tasks=["a", "b"], scores={}, stages=[["a"], ["b"]],
+                      matrix=[{"a": 0.3, "b": 0.0}, {"a": 0.8, "b": 0.9}])
+    t = report.transfer(gain)
+    assert t["forgetting"] == pytest.approx(-0.5) and t["bwt"] == pytest.approx(0.5)  # the last stage lifted a: negative
+    for run in (mixed, gain):
+        t = report.transfer(run)
+        assert -1 <= t["forgetting"] <= 1 and t["forgetting"] >= -t["bwt"] - 1e-12
+
+
+def test_eval_py_report_sections(sweep: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = run_script("eval.py", f"runs={sweep}", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    md = (out / "report.md").read_text()
+    assert "| setting | seeds | a | b | avg | normalised | steps | tokens |" in md
+    assert "| strategy=none | 2 | 0.500 ± 0.141 | 0.300 ± 0.141 | 0.400 ± 0.141 | 0.625 | 100 | 1002 |" in md
+    assert md.index("| strategy=random |") < md.index("| data.tasks=[a] |") < md.index("| data.tasks=[b] |")
+    assert "| strategy=random | 1 | 0.600 ± 0.000 | 0.200 ± 0.000 | 0.400 ± 0.000 | 0.750 | – | – |" in md
+    assert "\n\nLeft out of the normalised score: b (its expert scored 0).\n" in md
+    assert "## Runs that did not finish" in md
+    assert f"- {sweep / '2'} (strategy=epi,schedule.lr=-1,seed=0): error: schedule.lr=-1: must be > 0 (e.g. schedule.lr=3e-3)" in md
+    assert f"- {sweep / '6'} (strategy=cpi,seed=0): {report.NO_ERROR}" in md
+    assert "eval_out" not in md
+    data = json.loads((out / "report.json").read_text())
+    assert data["left_out_of_normalised"] == {"b": "its expert scored 0"}
+    assert data["unfinished"][0] == {"path": str(sweep / "2"), "name": "strategy=epi,schedule.lr=-1,seed=0",
+                                     "overrides": ["strategy=epi", "schedule.lr=-1", "seed=0"], "error": "error: schedule.lr=-1: must be > 0 (e.g. schedule.lr=3e-3)"}
+    assert (out / "scores.csv").read_text().splitlines()[1].endswith(",0.625,100,1002")
+    assert (out / "scores_over_steps.png").is_file()
