@@ -225,7 +225,7 @@ def test_unknown_source_key_names_the_valid_keys() -> None:
         validate(cfg, known_tasks(cfg.data))
     assert str(err.value) == (
         "data.sources.gsm8k.holdot=0.1: unknown key; valid keys: "
-        "['config', 'eval', 'fields', 'format', 'holdout', 'hub', 'scorer', 'train']"
+        "['config', 'eval', 'fields', 'format', 'holdout', 'hub', 'scorer', 'train', 'val']"
     )
 
 

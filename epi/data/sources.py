@@ -3,17 +3,17 @@
 A task config (`conf/data/task/*.yaml`, under `data.sources.<task>`) names where its rows
 come from and which columns hold what (keys it leaves out take `SOURCE_DEFAULTS`):
 
-- `hub` + `config` + split names in `train`/`eval`, or `hub: null` and local files
+- `hub` + `config` + split names in `train`/`val`/`eval`, or `hub: null` and local files
   (a path, a glob or a list of them; JSONL, JSON, CSV or Parquet, each possibly gzipped,
-  or a `datasets` save_to_disk directory) in `train`/`eval`;
+  or a `datasets` save_to_disk directory) in `train`/`val`/`eval`;
 - `fields`: `prompt` (a column or a list of columns joined by a blank line) and
   `response`; optionally `options` (a list column, rendered `A. ...` under the prompt,
   the response column then holding the correct option as an index or a letter); or
   `messages` (a list of {role, content}: a multi-turn chat, every assistant turn trained).
 
-Splits: `eval` rows are the test split; `holdout` of the training rows (by a hash of
-the prompt, so no prompt is in two splits) is the val split, and with `eval: null` a
-second `holdout` is the test split. Each split is then shuffled with `data.seed` and
+Splits: `val` rows are the val split and `eval` rows the test split; each one left null is
+a `holdout` of the training rows instead (by a hash of the prompt, so no prompt is in two
+splits), val first. Each split is then shuffled with `data.seed` and
 cut to `data.n_<split>`.
 
 Values are read as written: a row with a null or empty prompt or response is dropped and
@@ -48,14 +48,14 @@ from epi.errors import UserError
 FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 GZIP_MAGIC = b"\x1f\x8b"
 SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")  # what datasets' save_to_disk writes
-SAVED_SPLITS = {"train": "train", "eval": "test"}  # the split of a saved DatasetDict that `train` / `eval` read
+SAVED_SPLITS = {"train": "train", "val": "validation", "eval": "test"}  # the split of a saved DatasetDict each key reads
 ROLES = ("system", "user", "assistant")
 LETTERS = "ABCDEFGHIJ"
 FIELD_SETS = ({"prompt", "response"}, {"prompt", "response", "options"}, {"messages"})
 MAX_DROPPED = 0.5  # a file that loses more than this fraction of its rows to null or empty fields is mapped wrong
 # Every key of a data source and its default: a source need not inherit a task config; `train` and `fields` are required.
 SOURCE_DEFAULTS: dict[str, Any] = {
-    "hub": None, "config": None, "train": None, "eval": None, "holdout": 0.05, "format": None, "fields": None, "scorer": "exact_match",
+    "hub": None, "config": None, "train": None, "val": None, "eval": None, "holdout": 0.05, "format": None, "fields": None, "scorer": "exact_match",
 }
 
 Row = dict[str, Any]
@@ -86,7 +86,7 @@ def validate_source(key: str, source: DictConfig) -> None:
         "must map prompt and response (optionally options), or messages, to columns (e.g. {prompt: question, response: answer})",
     )
     _require(source.train is not None, f"{key}.train", source.train, "must name a hub split, or local file(s) when hub is null")
-    _require(0 <= source.holdout < 0.5, f"{key}.holdout", source.holdout, "must be in [0, 0.5), the fraction held out as val")
+    _require(0 <= source.holdout < 0.5, f"{key}.holdout", source.holdout, "must be in [0, 0.5), the fraction of training rows held out for val (and test) when no file gives it")
     _require(source.format is None or source.format in FORMATS.values(), f"{key}.format", source.format, f"must be one of {sorted(set(FORMATS.values()))} or null")
 
 
@@ -225,7 +225,7 @@ def read_saved_dataset(path: Path, key: str, split: str) -> list[Row]:
 
 
 def local_files(task: str, key: str, spec: str | list[str]) -> list[Path]:
-    """The files (or save_to_disk directories) a `train`/`eval` entry names: paths or globs, each matching at least one."""
+    """The files (or save_to_disk directories) a `train`/`val`/`eval` entry names: paths or globs, each matching at least one."""
     paths = []
     for pattern in [spec] if isinstance(spec, str) else spec:
         found = sorted(glob.glob(str(Path(pattern).expanduser()))) if glob.has_magic(pattern) else [pattern]
@@ -267,7 +267,7 @@ def hub_rows(task: str, path: str, config: str | None, split: str) -> list[Row]:
 
 
 def _origins(task: str, source: DictConfig, key: str) -> list[tuple[str, list[Row]]]:
-    """(where the rows came from, rows) for each file, or for the hub split, of `train` or `eval`."""
+    """(where the rows came from, rows) for each file, or for the hub split, of `train`, `val` or `eval`."""
     spec = source[key]
     if source.hub:
         return [(f"hub dataset {source.hub} split {spec}", hub_rows(task, source.hub, source.config, spec))]
@@ -409,7 +409,7 @@ def _check_dropped(task: str, origin: str, fields: DictConfig, tally: Tally) -> 
 
 
 def _examples(task: str, source: DictConfig, key: str, tally: Tally) -> list[Example | Chat]:
-    """The examples of every file (or the hub split) of `train` or `eval`; each file's dropped rows are checked and added to `tally`."""
+    """The examples of every file (or the hub split) of `train`, `val` or `eval`; each file's dropped rows are checked and added to `tally`."""
     examples = []
     for origin, rows in _origins(task, source, key):
         counts = Tally(rows=len(rows))
@@ -440,19 +440,21 @@ def load_source_task(name: str, source: DictConfig, data: DictConfig) -> Task:
     source, tally = with_defaults(source), Tally()
     train = _examples(name, source, "train", tally)
     splits: dict[str, list] = {s: [] for s in SPLITS}
+    held_out = [split for split, key in (("val", "val"), ("test", "eval")) if source[key] is None]
     for ex in train:
         bucket = _holdout_bucket(ex)
-        held = "val" if bucket < source.holdout else "test" if source.eval is None and bucket < 2 * source.holdout else "train"
-        splits[held].append(ex)
-    if source.eval is not None:
-        splits["test"] = _examples(name, source, "eval", tally)
+        slot = next((split for i, split in enumerate(held_out) if bucket < (i + 1) * source.holdout), "train")
+        splits[slot].append(ex)
+    for split, key in (("val", "val"), ("test", "eval")):
+        if source[key] is not None:
+            splits[split] = _examples(name, source, key, tally)
     for split in SPLITS:
         random.Random(f"{name}:{split}:{data.seed}").shuffle(splits[split])
         splits[split] = splits[split][: data[f"n_{split}"]]
         if not splits[split]:
             raise UserError(
                 f"task {name!r}: no {split} examples (from {len(train)} training rows, holdout={source.holdout}); "
-                f"give more rows, a larger data.sources.{name}.holdout, or an eval split"
+                f"give more rows, a larger data.sources.{name}.holdout, or its own rows in data.sources.{name}.{'val' if split == 'val' else 'eval'}"
             )
     stats = {"rows": tally.rows, "empty_dropped": sum(tally.dropped.values()), "converted": tally.converted}
     if stats["empty_dropped"] or stats["converted"]:
