@@ -65,7 +65,7 @@ def task_folders(root: Path) -> dict[str, Path]:
         raise UserError(f"data.root={str(root)!r}: no such directory; point data.root at a directory holding one folder per task")
     folders = {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")}
     if not folders:
-        raise UserError(f"data.root={str(root)!r}: no task folders in it; put each task's files in a folder of its own ({root}/<task>/{EXTENSIONS.split()[0]})")
+        raise UserError(f"data.root={str(root)!r}: no task folders in it; put each task's files in a folder of its own ({root}/<task>/train.jsonl)")
     return folders
 
 
@@ -95,7 +95,7 @@ def folder_source(name: str, folder: Path, given: dict[str, Any]) -> dict[str, A
 
 
 def task_yaml(folder: Path) -> dict[str, Any]:
-    """The folder's task.yaml, its train/val/eval paths made relative to the folder; {} without one."""
+    """The folder's task.yaml, {} without one; its train/val/eval paths are read from the folder, where the user wrote them."""
     path = folder / TASK_FILE
     if not path.is_file():
         return {}
