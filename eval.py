@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from epi import report
 from epi.cli import exit_on_user_error, write_results
 from epi.data.load import encode_tasks, load_tasks
+from epi.data.local import expand_root
 from epi.errors import UserError
 from epi.evaluate import evaluate
 from epi.logging import RunLogger
@@ -41,26 +42,31 @@ def main(cfg: DictConfig) -> None:
 
 
 def evaluate_model(cfg: DictConfig, out_dir: Path) -> None:
-    data, model_dir = cfg.data, cfg.model_dir
-    if cfg.run_dir is not None:
-        run_cfg = Path(cfg.run_dir) / "config.yaml"
-        if not (Path(cfg.run_dir) / "model").is_dir() or not run_cfg.is_file():
-            raise UserError(f"run_dir={cfg.run_dir!r} has no model/ and config.yaml; is it a finished train.py run directory?")
+    data, model_dir, run_dir = cfg.data, cfg.model_dir, cfg.run_dir
+    if model_dir is not None and (Path(model_dir).parent / "config.yaml").is_file():
+        run_dir = str(Path(model_dir).parent)  # a run's model/: scored on the run's own tasks, not the data defaults
+        print(f"model_dir={model_dir!r} is a run's model: evaluating on that run's data config ({run_dir}/config.yaml)")
+    if run_dir is not None:
+        run_cfg = Path(run_dir) / "config.yaml"
+        if not (Path(run_dir) / "model").is_dir() or not run_cfg.is_file():
+            raise UserError(f"run_dir={run_dir!r} has no model/ and config.yaml; is it a finished train.py run directory?")
         # over the `data` defaults: a run from before a data key existed gets that key's default
         defaults = OmegaConf.create(OmegaConf.to_container(cfg.data))  # a plain copy: the run may add keys (sources)
-        data, model_dir = OmegaConf.merge(defaults, OmegaConf.load(run_cfg).data), str(Path(cfg.run_dir) / "model")
+        data, model_dir = OmegaConf.merge(defaults, OmegaConf.load(run_cfg).data), str(Path(run_dir) / "model")
+    data = expand_root(data)  # data=local: one task per folder under data.root
     cfg.model.name_or_path = model_dir  # composed from conf/model/hf.yaml (eval.yaml's defaults)
     model, tok = build_model(cfg.model)
     model.to(pick_device(cfg.device))
     e = cfg.eval
     tasks = {name: encoded.task for name, encoded in encode_tasks(tok, load_tasks(data), data).items()}
+    predictions: list[dict] = []
     results = evaluate(
         model, tok, tasks, split=e.split, n_examples=e.n_examples, batch_size=e.batch_size,
-        max_new_tokens=e.max_new_tokens, max_len=data.max_len, truncate=data.truncate,
+        max_new_tokens=e.max_new_tokens, max_len=data.max_len, truncate=data.truncate, predictions=predictions,
     )
     scorers = {name: task.scorer for name, task in tasks.items()}
-    print(write_results(out_dir, e.split, results, scorers, f"{model_dir} ({e.split} split)"))
-    if cfg.run_dir is not None and plot_drift({Path(cfg.run_dir).name: Path(cfg.run_dir)}, out_dir / "drift.png"):
+    print(write_results(out_dir, e.split, results, scorers, f"{model_dir} ({e.split} split)", predictions))
+    if run_dir is not None and plot_drift({Path(run_dir).name: Path(run_dir)}, out_dir / "drift.png"):
         print(f"mask drift plot: {out_dir / 'drift.png'}")
 
 

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from epi import checkpoint
 from epi.cli import exit_on_user_error, run_name, write_results
 from epi.config import validate
 from epi.data.load import known_tasks
+from epi.data.local import expand_root
 from epi.errors import UserError
 from epi.evaluate import average
-from epi.logging import METRICS, restore_metrics
+from epi.logging import METRICS, restore_metrics, short_name
 from epi.trainer import Trainer
 
 # Sections of the config a resumed run must share with its checkpoint.
@@ -29,7 +34,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
 
     Callable without Hydra (tests do); `main` below only adds Hydra's run directory and run names.
     """
+    cfg.data = expand_root(cfg.data)  # data=local: one task per folder under data.root
     validate(cfg, known_tasks(cfg.data))
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     run_dir = Path(run_dir)
     source = checkpoint.find(cfg.resume) if cfg.resume else None
     in_place = source is not None and source.parent.resolve() == run_dir.resolve()
@@ -55,18 +63,44 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
     results = trainer.fit()
     if writer:
         scorers = {name: task.scorer for name, task in trainer.tasks.items()}
-        print(write_results(run_dir, cfg.eval.split, results, scorers, f"{cfg.logger.name} ({cfg.eval.split} split, {run_dir})"))
+        title = f"{short_name(cfg.logger.name or 'run')} ({cfg.eval.split} split, {run_dir})"
+        print(write_results(run_dir, cfg.eval.split, results, scorers, title, trainer.predictions))
     return results
+
+
+def auto_threads(hc: Any) -> int:
+    """Torch threads for one job: the cores this process may use, shared by the jobs that run at once
+    (the joblib launcher's n_jobs in a sweep, the local ranks under torchrun), so they do not thrash."""
+    cores = len(os.sched_getaffinity(0))
+    jobs = hc.launcher.get("n_jobs", 1) if hc.mode == RunMode.MULTIRUN else 1
+    jobs = cores if jobs is None or jobs < 1 else jobs  # joblib: -1 means one job per core
+    jobs *= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, cores // min(jobs, cores))
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 @exit_on_user_error
 def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
+    if cfg.threads is None:
+        cfg.threads = auto_threads(hc)  # recorded in config.yaml
     overrides = [o for o in hc.overrides.task if not o.startswith("resume=")]
     cfg.logger.name = cfg.logger.name or run_name(overrides)
     cfg.logger.group = cfg.logger.group or run_name(overrides, drop=("seed",))
-    results = train(cfg, Path(hc.runtime.output_dir))
+    run_dir = Path(hc.runtime.output_dir)
+    try:
+        results = train(cfg, run_dir)
+    except Exception as e:
+        if hc.mode != RunMode.MULTIRUN:
+            raise  # one run: one line on stderr (a UserError) or the traceback of a bug, and its exit code
+        message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+        if int(os.environ.get("RANK", "0")) == 0:  # what eval.py runs= lists for a job that did not finish
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "error.txt").write_text(f"error: {message}\n")
+        if not isinstance(e, UserError):
+            raise
+        print(f"error: {message} (job {hc.job.num} recorded as failed in {run_dir / 'error.txt'}; the sweep goes on)", file=sys.stderr)
+        return None
     return average(results).get("score")  # the sweeper's objective; None when every task is scored by perplexity
 
 

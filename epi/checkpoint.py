@@ -27,7 +27,7 @@ from epi.errors import UserError
 FILENAME = "checkpoint.pt"
 # What Trainer.save_checkpoint writes and a resume reads.
 REQUIRED = frozenset(
-    {"step", "model", "optimizer", "scheduler", "sampler", "realised", "skipped", "strategy", "rng", "config", "metrics_lines"}
+    {"step", "model", "optimizer", "scheduler", "sampler", "realised", "skipped", "compute", "strategy", "rng", "config", "metrics_lines"}
 )
 
 

@@ -39,9 +39,15 @@ def run_name(overrides: list[str], drop: tuple[str, ...] = ()) -> str:
     return ",".join(keep) or "default"
 
 
-def write_results(out_dir: Path, split: str, results: dict[str, dict[str, float]], scorers: dict[str, str], title: str) -> str:
-    """Writes eval_<split>.json and .md next to each other; returns the markdown table."""
+def write_results(out_dir: Path, split: str, results: dict[str, dict[str, float]], scorers: dict[str, str], title: str,
+                  predictions: list[dict] | None = None) -> str:
+    """Writes eval_<split>.json and .md next to each other, and predictions_<split>.jsonl (one line per
+    evaluated example: task, prompt, reference, prediction, score, loss) so any number can be audited
+    without code; returns the markdown table."""
     table = format_table(results, scorers, title)
     (out_dir / f"eval_{split}.json").write_text(json.dumps(results, indent=2) + "\n")
     (out_dir / f"eval_{split}.md").write_text(table + "\n")
+    if predictions is not None:
+        lines = (json.dumps(record, ensure_ascii=False) + "\n" for record in predictions)
+        (out_dir / f"predictions_{split}.jsonl").write_text("".join(lines), encoding="utf-8")
     return table

@@ -138,6 +138,8 @@ def validate(cfg: DictConfig, known_tasks: set[str]) -> None:
     """Every group against its schema, then the rules between groups; the first problem is one UserError line."""
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise fail("seed", cfg.seed, "must be an integer")
+    if cfg.threads is not None and (not isinstance(cfg.threads, int) or isinstance(cfg.threads, bool) or cfg.threads < 1):
+        raise fail("threads", cfg.threads, "must be a positive integer, or null for cores / concurrent jobs")
     if cfg.device not in DEVICES:
         raise fail("device", cfg.device, f"must be one of {list(DEVICES)}")
     if cfg.model.kind not in MODELS:
@@ -149,7 +151,7 @@ def validate(cfg: DictConfig, known_tasks: set[str]) -> None:
     parse(cfg.logger, LoggerConfig, "logger", ignore=("_target_", "_partial_"))
     check_keys(cfg.optimizer, "optimizer")
     check_keys(cfg.lr_scheduler, "lr_scheduler")
-    build_strategy(cfg.strategy)  # the strategy's own schema (Strategy.Config)
+    build_strategy(cfg.strategy, quiet=True)  # the strategy's own schema (Strategy.Config)
 
     for task in data.tasks:
         if task not in known_tasks:

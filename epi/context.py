@@ -37,12 +37,13 @@ class TrainerContext:
         rank: int,
         world: int,
         steps: int,
-        train_copy: Callable[[str, int, float], dict[str, Tensor]],
+        train_copy: Callable[[str, int, float], tuple[dict[str, Tensor], int]],
         fingerprint: Callable[[str], str],
+        charge: Callable[[int, int], None],
     ):
         self.named_params = engine.named_params
         self.tasks, self.seed, self.rank, self.steps = tasks, seed, rank, steps
-        self.train_copy, self.fingerprint = train_copy, fingerprint
+        self.train_copy, self.fingerprint, self.charge = train_copy, fingerprint, charge
         self._model, self._engine, self._logger, self._run_dir, self._world = model, engine, logger, run_dir, world
 
     def optimizer_state(self, name: str) -> dict[str, Any]:

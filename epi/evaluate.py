@@ -8,6 +8,7 @@ fraction correct). Open-ended tasks (scorer `perplexity`) have no score: they re
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -42,15 +43,26 @@ def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, examples: lis
 @torch.no_grad()
 def response_loss(
     model: PreTrainedModel, tok: PreTrainedTokenizerBase, examples: list[Example | Chat], max_len: int, truncate: str
-) -> float:
-    """Mean cross-entropy per response token (the training objective, on held-out data)."""
+) -> tuple[float, list[float]]:
+    """Mean cross-entropy per response token over the batch (the training objective, on held-out data),
+    and each example's own mean (for its line in the predictions file)."""
     device = next(model.parameters()).device
     batch = collate([encode_example(tok, ex, max_len, truncate) for ex in examples], tok.pad_token_id)
     logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
     labels = batch["labels"][:, 1:].to(device)
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX
-    ).item()
+    flat_logits = logits[:, :-1].flatten(0, 1).float()
+    mean = torch.nn.functional.cross_entropy(flat_logits, labels.flatten(), ignore_index=IGNORE_INDEX).item()
+    per_token = torch.nn.functional.cross_entropy(flat_logits, labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+    trained = labels != IGNORE_INDEX
+    per_example = (per_token.view_as(labels) * trained).sum(1) / trained.sum(1).clamp(min=1)
+    return mean, per_example.tolist()
+
+
+def prompt_text(ex: Example | Chat) -> str:
+    """What a reader of the predictions file needs to see of the input: the prompt, or a chat's earlier turns."""
+    if isinstance(ex, Chat):
+        return "\n".join(f"{role}: {content}" for role, content in ex.messages[:-1])
+    return ex.prompt
 
 
 def evaluate(
@@ -64,8 +76,13 @@ def evaluate(
     max_new_tokens: int,
     max_len: int,
     truncate: str,
+    predictions: list[dict[str, Any]] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """{task: {"score" or "perplexity", "loss"}} on the first n examples of `split`."""
+    """{task: {"score" or "perplexity", "loss"}} on the first n examples of `split`.
+
+    With a `predictions` list, every example adds one record to it: task, prompt, reference,
+    prediction (null for perplexity-scored tasks, which generate nothing), score and its own loss.
+    """
     was_training = model.training
     model.eval()
     results = {}
@@ -74,10 +91,18 @@ def evaluate(
         scores, losses = [], []
         for i in range(0, len(examples), batch_size):
             chunk = examples[i : i + batch_size]
+            generated: list[str | None] = [None] * len(chunk)
             if task.scorer not in FROM_LOSS:
-                predictions = generate(model, tok, chunk, max_new_tokens)
-                scores += [task.score(p, ex) for p, ex in zip(predictions, chunk)]
-            losses.append(response_loss(model, tok, chunk, max_len, truncate) * len(chunk))
+                generated = generate(model, tok, chunk, max_new_tokens)
+                scores += [task.score(p, ex) for p, ex in zip(generated, chunk)]
+            mean, per_example = response_loss(model, tok, chunk, max_len, truncate)
+            losses.append(mean * len(chunk))
+            if predictions is not None:
+                chunk_scores = scores[-len(chunk):] if task.scorer not in FROM_LOSS else [None] * len(chunk)
+                predictions += [
+                    {"task": name, "prompt": prompt_text(ex), "reference": ex.response, "prediction": p, "score": sc, "loss": lo}
+                    for ex, p, sc, lo in zip(chunk, generated, chunk_scores, per_example)
+                ]
         loss = sum(losses) / len(examples)
         quality = {"perplexity": math.exp(loss)} if task.scorer in FROM_LOSS else {"score": sum(scores) / len(scores)}
         results[name] = {**quality, "loss": loss}

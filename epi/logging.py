@@ -6,6 +6,7 @@ run-level numbers. W&B is a mirror: if it fails, training goes on and the jsonl 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import warnings
@@ -14,6 +15,14 @@ from typing import Any
 
 WANDB_MODES = ("offline", "online", "disabled")
 METRICS = "metrics.jsonl"
+SHORT_NAME = 64  # characters of a W&B run or group name; the full overrides stay in the run's config
+
+
+def short_name(text: str, limit: int = SHORT_NAME) -> str:
+    """`text` if it fits, else its start and a hash of all of it: readable on a dashboard, still unique."""
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 9]}~{hashlib.sha1(text.encode()).hexdigest()[:8]}"
 
 
 class RunLogger:
@@ -42,8 +51,8 @@ class RunLogger:
                 lambda: __import__("wandb").init(
                     mode=mode,
                     project=project,
-                    name=name,
-                    group=group,
+                    name=short_name(name),
+                    group=short_name(group),
                     config=config,
                     tags=tags or [],
                     dir=str(run_dir),

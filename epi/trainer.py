@@ -100,9 +100,13 @@ class Learner:
     realised: dict[str, dict[str, int]]  # examples and tokens drawn per task
 
 
+PREDICTION_SAMPLE = 10  # predictions per task in the W&B table
+
+
 class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path, resume_state: dict[str, Any] | None = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.compute = {"optimizer_steps": 0, "trained_tokens": 0}  # what the run consumed, probes included
         self._setup_strategy()
         self._setup_distributed()
         self._setup_data()
@@ -113,7 +117,7 @@ class Trainer:
         ctx = TrainerContext(
             model=self.model, engine=self.optimizer, logger=self.logger, run_dir=self.run_dir, tasks=tuple(self.tasks),
             seed=cfg.seed, rank=self.rank, world=self.world, steps=cfg.schedule.steps,
-            train_copy=self.train_copy, fingerprint=self.fingerprint,
+            train_copy=self.train_copy, fingerprint=self.fingerprint, charge=self.charge,
         )
         self.stages = self.strategy.prepare(ctx, default_stages(cfg))
         self._setup_lr_schedule()
@@ -259,7 +263,12 @@ class Trainer:
                         self.save_checkpoint()
         if self.last_checkpoint != self.step:
             self.save_checkpoint()
-        results = self.evaluate(self.step, cfg.eval.split)
+        self.logger.log(self.step, "compute", dict(self.compute))  # the run's cost, for equal-compute comparisons
+        self.predictions: list[dict[str, Any]] = []
+        results = self.evaluate(self.step, cfg.eval.split, self.predictions)
+        for task in self.tasks:  # a few predictions per task on the dashboard; all of them in predictions_<split>.jsonl
+            rows = [[r["prompt"], r["reference"], r["prediction"], r["score"], r["loss"]] for r in self.predictions if r["task"] == task]
+            self.logger.table(f"predictions/{task}", ["prompt", "reference", "prediction", "score", "loss"], rows[:PREDICTION_SAMPLE])
         self.save_model(self.run_dir / "model")
         self.logger.close()
         return results
@@ -287,6 +296,7 @@ class Trainer:
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if s.precision == "bf16" else nullcontext()
         learner.model.train()
         micro_batches, tokens, trained = self._draw_step(learner)
+        self.charge(1, trained)  # every step of every learner, probes and skipped steps included
         loss_sum = torch.zeros((), device=self.device)
         for batch in micro_batches:
             with autocast:
@@ -380,15 +390,23 @@ class Trainer:
             tqdm.write(f"realised mixture at step {self.step}: " + ", ".join(shares))
 
     # ---------------------------------------------------------------- for strategies (through the context)
-    def train_copy(self, task: str, steps: int, lr: float) -> dict[str, Tensor]:
-        """A copy of the model trained on `task` alone with `train_step` (no weight decay, constant lr); its weights."""
+    def train_copy(self, task: str, steps: int, lr: float) -> tuple[dict[str, Tensor], int]:
+        """A copy of the model trained on `task` alone with `train_step` (no weight decay, constant lr):
+        its weights and the trained tokens it consumed (counted in the run's compute too)."""
         model = copy.deepcopy(self.model)
         learner = self._new_learner(f"cpi probe of {task!r}", model, {task: 1.0}, lr=lr, weight_decay=0.0)
         learner.scheduler = constant(learner.optimizer.optimizer, total_steps=steps)
+        tokens = 0
         for step in range(1, steps + 1):
             out = self.train_step(step, learner)
+            tokens += out.trained_tokens
         self.logger.log(0, "cpi", {"probe_final_loss": out.loss}, task=task)
-        return {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}
+        return {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}, tokens
+
+    def charge(self, optimizer_steps: int, trained_tokens: int) -> None:
+        """Compute the run consumed without spending it here (a probe read from the cache)."""
+        self.compute["optimizer_steps"] += optimizer_steps
+        self.compute["trained_tokens"] += trained_tokens
 
     def fingerprint(self, task: str) -> str:
         """A content key of what `train_copy(task, ...)` depends on besides its arguments."""
@@ -406,7 +424,7 @@ class Trainer:
         return h.hexdigest()
 
     # ---------------------------------------------------------------- eval, save, resume
-    def evaluate(self, step: int, split_name: str) -> dict[str, dict[str, float]]:
+    def evaluate(self, step: int, split_name: str, predictions: list[dict[str, Any]] | None = None) -> dict[str, dict[str, float]]:
         e = self.cfg.eval
         results = evaluate(
             self.model,
@@ -418,6 +436,7 @@ class Trainer:
             max_new_tokens=e.max_new_tokens,
             max_len=self.cfg.data.max_len,
             truncate=self.cfg.data.truncate,
+            predictions=predictions,
         )
         for task, metrics in results.items():
             self.logger.log(step, split_name, metrics, task=task)
@@ -450,6 +469,7 @@ class Trainer:
                 "sampler": self.sampler.state_dict(),
                 "realised": self.learner.realised,
                 "skipped": self.skipped,
+                "compute": self.compute,
                 "strategy": self.strategy.state_dict(),
                 "rng": checkpoint.rng_state(),
                 "config": OmegaConf.to_container(self.cfg, resolve=True),
@@ -464,6 +484,7 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.learner.realised = state["realised"]
         self.skipped = state["skipped"]
+        self.compute = state["compute"]
         self.strategy.load_state_dict(state["strategy"])
         checkpoint.set_rng_state(state["rng"])
         self.step = state["step"]

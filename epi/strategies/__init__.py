@@ -24,6 +24,7 @@ or with `--config-dir path/to/my_pkg/conf` in place of the search path.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import inspect
 from collections.abc import Callable, Iterator, Mapping
@@ -56,9 +57,14 @@ S = TypeVar("S", bound=type[Strategy])
 _registered: dict[str, type[Strategy]] = {}
 
 
-def build_strategy(cfg: DictConfig) -> Strategy:
+def build_strategy(cfg: DictConfig, *, quiet: bool = False) -> Strategy:
     """The strategy a `strategy` config node names (`_target_`), its keys checked against the class's
-    `Config` schema (epi.schema: types, allowed values, ranges, cross-key rules) before anything runs."""
+    `Config` schema (epi.schema: types, allowed values, ranges, cross-key rules) before anything runs.
+
+    A key this strategy lacks but another built-in has is ignored with a note (`quiet` silences it):
+    that is what a sweep across strategies passes, e.g. `-m strategy=none,cpi ++strategy.probe_steps=2`.
+    A key no strategy has is still an error.
+    """
     target = cfg.get("_target_")
     try:
         cls = get_class(target)
@@ -66,15 +72,25 @@ def build_strategy(cfg: DictConfig) -> Strategy:
         raise UserError(f"strategy._target_={target!r}: cannot be imported ({type(e).__name__}: {e})") from e
     if not (isinstance(cls, type) and issubclass(cls, Strategy)):
         raise UserError(f"strategy._target_={target!r}: is not a subclass of epi.strategies.Strategy")
-    title = f"strategy={cfg.get('name', target)}"
-    if "cfg" in inspect.signature(cls.__init__).parameters:  # typed keys: the class's Config schema
-        return cls(parse(cfg, cls.Config, "strategy", ignore=("_target_", "name"), title=title))
+    name = cfg.get("name", target)
     params = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in ("_target_", "name")}
-    valid = accepted_keys(cls)  # plain constructor keywords (a plug-in without a schema): names checked
-    unknown = sorted(set(params) - valid)
+    typed = "cfg" in inspect.signature(cls.__init__).parameters  # keys declared by a Config schema, else by keywords
+    own = {f.name for f in dataclasses.fields(cls.Config)} if typed else accepted_keys(cls)
+    foreign = sorted((set(params) - own) & _builtin_keys())
+    if foreign and not quiet:
+        print(f"strategy={name} ignores {', '.join(f'strategy.{k}' for k in foreign)} (keys of other strategies)")
+    params = {k: v for k, v in params.items() if k not in foreign}
+    if typed:
+        return cls(parse(params, cls.Config, "strategy", title=f"strategy={name}"))
+    unknown = sorted(set(params) - own)
     if unknown:
-        raise UserError(f"{title}: unknown key(s) {unknown}; valid keys: {sorted(valid)}")
+        raise UserError(f"strategy={name}: unknown key(s) {unknown}; valid keys: {sorted(own)}")
     return cls(**params)
+
+
+def _builtin_keys() -> set[str]:
+    """Every key of a built-in strategy's schema."""
+    return {f.name for value in BUILTIN.values() for f in dataclasses.fields(get_class(value.replace(":", ".")).Config)}
 
 
 @dataclass(frozen=True)

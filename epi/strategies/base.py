@@ -81,10 +81,14 @@ class Context(Protocol):
     def load_model_state(self, state: dict[str, Tensor]) -> None:
         """Replace the model's weights (e.g. by a fused model) before training starts."""
 
-    def train_copy(self, task: str, steps: int, lr: float) -> dict[str, Tensor]:
+    def train_copy(self, task: str, steps: int, lr: float) -> tuple[dict[str, Tensor], int]:
         """A copy of the current model fine-tuned on `task` alone with the trainer's own step (clipping,
         grad accumulation, precision, token-weighted loss, data parallel), no weight decay, constant lr;
-        returns its weights (CPU). The run's model is not touched."""
+        returns its weights (CPU) and the trained tokens it consumed, both counted in the run's compute.
+        The run's model is not touched."""
+
+    def charge(self, optimizer_steps: int, trained_tokens: int) -> None:
+        """Count compute the run used but did not spend now (e.g. a probe read from a cache)."""
 
     def fingerprint(self, task: str) -> str:
         """A content key of what `train_copy(task, ...)` depends on besides its arguments: the model's

@@ -102,6 +102,7 @@ class CPIConfig(Schema):
     scope: Literal[SCOPES]
     include: dict[str, bool]
     cache_dir: str
+    count_probes_in_budget: bool
 
     def check(self, key: str) -> None:
         if self.order == "given" and not self.given_order:
@@ -159,8 +160,20 @@ class CPI(Strategy):
             ctx.artifact("cpi/fusion_paths", paths)
             totals = {k: sum(v[k] for v in paths.values()) for k in ("slerp", "linear", "zero")}
             ctx.log(0, "cpi", {f"fusion_{k}": v for k, v in totals.items()})
-        steps = self.cfg.stage_steps or max(1, ctx.steps // len(self.groups))
+        steps = self.cfg.stage_steps or max(1, self._budget(ctx, len(tasks)) // len(self.groups))
         return [Stage(f"group{i}", tuple(g if self.cfg.stage_data == "group" else tasks), steps) for i, g in enumerate(self.groups)]
+
+    def _budget(self, ctx: Context, n_tasks: int) -> int:
+        """Steps left for the stages: the run's, less the probes' when `count_probes_in_budget` (equal compute)."""
+        if not self.cfg.count_probes_in_budget:
+            return ctx.steps
+        left = ctx.steps - self.cfg.probe_steps * n_tasks
+        if left < 1:
+            raise UserError(
+                f"strategy.count_probes_in_budget=true: the {n_tasks} probes of strategy.probe_steps={self.cfg.probe_steps} "
+                f"take all of schedule.steps={ctx.steps}; raise schedule.steps or lower strategy.probe_steps"
+            )
+        return left
 
     def on_stage_start(self, index: int, stage: Stage, step: int) -> None:
         """Stage k of the plan `prepare` returned trains group k, with the cores of groups 0..k-1 frozen."""
@@ -174,18 +187,21 @@ class CPI(Strategy):
 
     # ------------------------------------------------------------ probes
     def probe(self, task: str) -> dict[str, Tensor]:
-        """theta_i: a copy of theta0 fine-tuned on `task` alone; loaded from the cache when the same probe ran before."""
+        """theta_i: a copy of theta0 fine-tuned on `task` alone; loaded from the cache when the same probe ran before
+        (its compute is charged to this run all the same, so compute columns compare like with like)."""
         key = f"{task}-{self.probe_key(task)}"
         path = self.cache_dir / f"{key}.pt"
         if path.is_file():
             self.ctx.log(0, "cpi", {"probe_cache_hit": 1.0}, task=task)
             self.ctx.info(f"cpi: probe of {task!r} from cache {path}")
-            return load_tensors(path, f"cpi: cached probe of {task!r} (delete it to probe again):")
+            cached = load_tensors(path, f"cpi: cached probe of {task!r} (delete it to probe again):")
+            self.ctx.charge(self.cfg.probe_steps, cached["trained_tokens"])
+            return cached["weights"]
         self.ctx.log(0, "cpi", {"probe_cache_hit": 0.0}, task=task)
-        tuned = self.ctx.train_copy(task, self.cfg.probe_steps, self.cfg.probe_lr)
+        tuned, trained_tokens = self.ctx.train_copy(task, self.cfg.probe_steps, self.cfg.probe_lr)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")  # data-parallel ranks probe too: no shared temp file
-        torch.save(tuned, tmp)
+        torch.save({"weights": tuned, "trained_tokens": trained_tokens}, tmp)
         tmp.replace(path)
         return tuned
 
