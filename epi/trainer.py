@@ -124,6 +124,7 @@ class Trainer:
         self.step = 0
         self.skipped = 0  # updates dropped for a non-finite loss or gradient (schedule.nonfinite=skip)
         self.last_checkpoint: int | None = None  # step of the newest checkpoint this run wrote
+        self._evaluated: tuple[int, dict, list] | None = None  # (step, results, predictions) of the last evaluation
         if resume_state is not None:
             self._load(resume_state)
 
@@ -425,19 +426,30 @@ class Trainer:
 
     # ---------------------------------------------------------------- eval, save, resume
     def evaluate(self, step: int, split_name: str, predictions: list[dict[str, Any]] | None = None) -> dict[str, dict[str, float]]:
-        e = self.cfg.eval
-        results = evaluate(
-            self.model,
-            self.tokenizer,
-            self.tasks,
-            split=e.split,
-            n_examples=e.n_examples,
-            batch_size=e.batch_size,
-            max_new_tokens=e.max_new_tokens,
-            max_len=self.cfg.data.max_len,
-            truncate=self.cfg.data.truncate,
-            predictions=predictions,
-        )
+        """Every task on `eval.split`, logged under `split_name`; `predictions` receives one record per example.
+
+        The weights change only with a step, so a second evaluation at the same step (the final one
+        right after the last stage's) reuses the first instead of generating everything again.
+        """
+        if self._evaluated is not None and self._evaluated[0] == step:
+            results, records = self._evaluated[1], self._evaluated[2]
+        else:
+            e, records = self.cfg.eval, []
+            results = evaluate(
+                self.model,
+                self.tokenizer,
+                self.tasks,
+                split=e.split,
+                n_examples=e.n_examples,
+                batch_size=e.batch_size,
+                max_new_tokens=e.max_new_tokens,
+                max_len=self.cfg.data.max_len,
+                truncate=self.cfg.data.truncate,
+                predictions=records,
+            )
+            self._evaluated = (step, results, records)
+        if predictions is not None:
+            predictions += records
         for task, metrics in results.items():
             self.logger.log(step, split_name, metrics, task=task)
         self.logger.log(step, split_name, {f"avg_{k}": v for k, v in average(results).items()})

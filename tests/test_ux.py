@@ -117,3 +117,19 @@ def test_a_failing_job_is_recorded_the_sweep_goes_on_and_the_report_lists_it(tmp
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = (out / "report.md").read_text()
     assert "Runs that did not finish" in report and "error: schedule.lr=-1" in report
+
+
+def test_the_final_evaluation_reuses_the_last_stage_evaluation(tmp_path: Path, monkeypatch) -> None:
+    import epi.trainer
+
+    calls = []
+    real = epi.trainer.evaluate
+    monkeypatch.setattr(epi.trainer, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    stages = "schedule.stages=[{name: a, tasks: [math], steps: 3}, {name: b, tasks: [code], steps: 3}]"
+    trainer = Trainer(make_cfg("strategy=none", stages), tmp_path)
+    final = trainer.fit()
+    assert len(calls) == 2  # after stage a, after stage b; the final table is stage b's (same weights, same step)
+    events = read_metrics(tmp_path)
+    after_b = {e["task"]: e["value"] for e in events if e["split"] == "test/after_stage1" and e["metric"] == "score"}
+    assert after_b == {t: r["score"] for t, r in final.items()} and len(trainer.predictions) == 4 * len(TASKS)
+    assert {e["task"] for e in events if e["split"] == "test" and e["metric"] == "score"} == set(TASKS)
