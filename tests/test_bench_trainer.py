@@ -1,0 +1,28 @@
+"""Smoke test of bench/bench_trainer.py: `--quick` runs every side end to end and prints the markdown table."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def test_quick_prints_the_table() -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_trainer.py"), "--quick", "--threads", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert "| model | params | batch | side | trained tok/s | tok/s | s/step | padding | peak memory | project / side |" in lines
+    rows = {cells[4]: cells for line in lines if len(cells := [c.strip() for c in line.split("|")]) > 10 and cells[1] == "tiny"}
+    expected = {"project", "trainer", "trainer-stream"} | ({"trl"} if importlib.util.find_spec("trl") else set())
+    assert set(rows) == expected, out.stdout
+    for name, cells in rows.items():
+        assert float(cells[5]) > 0 and float(cells[6]) > float(cells[5]), cells  # trained tok/s < tok/s
+        assert (cells[10] == "–") if name == "project" else cells[10].endswith("x"), cells
+    if "trl" not in rows:
+        assert "TRL: not installed" in lines
