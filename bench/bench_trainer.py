@@ -19,8 +19,8 @@ encoded by `epi`, and the mixture sampler's stream of examples. The sides:
 Every side trains its own copy of the same initial weights on the same token ids (the project's
 collated rows: HF's sides get a dataset built from the sampler stream and the project's `collate`),
 with the same batch size, precision, AdamW hyper-parameters (lr, betas, eps, weight decay on matrices
-only), clipping and a warm-up + cosine schedule. A repeat gives every side the next 1 + steps batches
-of the stream; the first step is untimed (optimizer state, lazy initialisation), and each repeat
+only), clipping and a warm-up + cosine schedule. Every repeat gives every side the stream's first
+1 + steps batches; the first step is untimed (optimizer state, lazy initialisation), and each repeat
 builds new HF trainers, as a new run would. Sides run one after another inside a repeat, in an order
 rotated every repeat, so machine noise hits all alike; the table holds medians over repeats.
 
@@ -410,15 +410,20 @@ def make_sides(names: list[str], project: Trainer, work: Work) -> list[Side]:
 
 # ---------------------------------------------------------------- the benchmark
 def bench(work: Work, sides: list[str], repeats: int) -> tuple[int, dict[str, Summary]]:
-    """Parameters, and each side's summary, after `repeats` interleaved repeats of 1 + steps steps."""
+    """Parameters, and each side's summary, after `repeats` interleaved repeats of the same 1 + steps batches.
+
+    Every repeat trains the same batches (the project's sampler is rewound to where it started), so the
+    repeats differ by machine noise only and the medians of all sides are over the same tokens.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         project = project_trainer(work, Path(tmp))
-        chunks = stream(project, repeats * (work.steps + 1))
+        batches = stream(project, work.steps + 1)
+        start = project.sampler.state_dict()
         runners = make_sides(sides, project, work)
         runs: dict[str, list[Run]] = {s.name: [] for s in runners}
         for r in range(repeats):
-            batches = chunks[r * (work.steps + 1) : (r + 1) * (work.steps + 1)]
             for side in runners[r % len(runners) :] + runners[: r % len(runners)]:
+                project.sampler.load_state_dict(start)
                 runs[side.name].append(side.run(batches))
             check_same_work(runs, r)
         params = sum(p.numel() for p in project.model.parameters())
@@ -497,7 +502,7 @@ def main() -> None:
         print("\n".join(table(work, params, results)), flush=True)
         if others := [r.others for s in results.values() for r in s.runs if r.others is not None]:
             print(f"{work.model}: other processes kept {statistics.mean(others):.2f} cores busy on average during the steps "
-                  f"(most {max(others):.2f}); well above 0, the numbers are not clean")
+                  f"(most {max(others):.2f}): near 0 on a quiet machine; well above 0, the numbers are not clean")
         if torch.get_num_threads() != args.threads:
             print(f"note: torch threads changed to {torch.get_num_threads()} during the run")
 
