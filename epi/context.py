@@ -37,7 +37,7 @@ class TrainerContext:
         rank: int,
         world: int,
         steps: int,
-        train_copy: Callable[[str, int, float], tuple[dict[str, Tensor], int]],
+        train_copy: Callable[[str, int, float], tuple[dict[str, Tensor], int, float]],
         fingerprint: Callable[[str], str],
         charge: Callable[[int, int], None],
     ):

@@ -90,7 +90,7 @@ class StepResult:
 class Learner:
     """A model in training and everything one `train_step` advances: the run's own, or a copy a strategy trains."""
 
-    name: str  # "run", or e.g. "cpi probe of 'math'": what a divergence message names
+    name: str  # "run", or e.g. "a copy trained on 'math'": what a divergence message names
     model: torch.nn.Module
     forward: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
     named_params: dict[str, torch.nn.Parameter]
@@ -101,6 +101,7 @@ class Learner:
 
 
 PREDICTION_SAMPLE = 10  # predictions per task in the W&B table
+NO_HOOKS = Strategy()  # a copy a strategy trains runs the step without any strategy's hooks
 
 
 class Trainer:
@@ -292,7 +293,7 @@ class Trainer:
         """
         if learner is None:
             learner, hooks = self.learner, self.strategy
-        hooks = hooks or Strategy()
+        hooks = hooks or NO_HOOKS
         s = self.cfg.schedule
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if s.precision == "bf16" else nullcontext()
         learner.model.train()
@@ -391,18 +392,17 @@ class Trainer:
             tqdm.write(f"realised mixture at step {self.step}: " + ", ".join(shares))
 
     # ---------------------------------------------------------------- for strategies (through the context)
-    def train_copy(self, task: str, steps: int, lr: float) -> tuple[dict[str, Tensor], int]:
+    def train_copy(self, task: str, steps: int, lr: float) -> tuple[dict[str, Tensor], int, float]:
         """A copy of the model trained on `task` alone with `train_step` (no weight decay, constant lr):
-        its weights and the trained tokens it consumed (counted in the run's compute too)."""
+        its weights, the trained tokens it consumed (counted in the run's compute too) and its last loss."""
         model = copy.deepcopy(self.model)
-        learner = self._new_learner(f"cpi probe of {task!r}", model, {task: 1.0}, lr=lr, weight_decay=0.0)
+        learner = self._new_learner(f"a copy trained on {task!r}", model, {task: 1.0}, lr=lr, weight_decay=0.0)
         learner.scheduler = constant(learner.optimizer.optimizer, total_steps=steps)
         tokens = 0
         for step in range(1, steps + 1):
             out = self.train_step(step, learner)
             tokens += out.trained_tokens
-        self.logger.log(0, "cpi", {"probe_final_loss": out.loss}, task=task)
-        return {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}, tokens
+        return {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}, tokens, out.loss
 
     def charge(self, optimizer_steps: int, trained_tokens: int) -> None:
         """Compute the run consumed without spending it here (a probe read from the cache)."""

@@ -81,10 +81,10 @@ class Context(Protocol):
     def load_model_state(self, state: dict[str, Tensor]) -> None:
         """Replace the model's weights (e.g. by a fused model) before training starts."""
 
-    def train_copy(self, task: str, steps: int, lr: float) -> tuple[dict[str, Tensor], int]:
+    def train_copy(self, task: str, steps: int, lr: float) -> tuple[dict[str, Tensor], int, float]:
         """A copy of the current model fine-tuned on `task` alone with the trainer's own step (clipping,
         grad accumulation, precision, token-weighted loss, data parallel), no weight decay, constant lr;
-        returns its weights (CPU) and the trained tokens it consumed, both counted in the run's compute.
+        returns its weights (CPU), the trained tokens it consumed (counted in the run's compute) and its last loss.
         The run's model is not touched."""
 
     def charge(self, optimizer_steps: int, trained_tokens: int) -> None:

@@ -198,7 +198,8 @@ class CPI(Strategy):
             self.ctx.charge(self.cfg.probe_steps, cached["trained_tokens"])
             return cached["weights"]
         self.ctx.log(0, "cpi", {"probe_cache_hit": 0.0}, task=task)
-        tuned, trained_tokens = self.ctx.train_copy(task, self.cfg.probe_steps, self.cfg.probe_lr)
+        tuned, trained_tokens, final_loss = self.ctx.train_copy(task, self.cfg.probe_steps, self.cfg.probe_lr)
+        self.ctx.log(0, "cpi", {"probe_final_loss": final_loss}, task=task)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")  # data-parallel ranks probe too: no shared temp file
         torch.save({"weights": tuned, "trained_tokens": trained_tokens}, tmp)
