@@ -29,6 +29,14 @@ def accepted_keys(target: Any) -> set[str] | None:
     return None if not inspect.isclass(target) else keys
 
 
+def import_target(name: str, key: str) -> Any:
+    """What a `_target_` names; an import failure of any kind is one line naming the node."""
+    try:
+        return get_object(name)
+    except Exception as e:  # noqa: BLE001 - whatever the import raised, the name is the user's to fix
+        raise UserError(f"{key}._target_={name!r}: cannot be imported ({type(e).__name__}: {e})") from e
+
+
 def check_keys(node: DictConfig, key: str) -> None:
     """The node's target imports and takes every key the node gives (what `build` checks first)."""
     _resolve(node, key)
@@ -50,10 +58,7 @@ def _resolve(node: DictConfig, key: str, given: tuple[str, ...] = ()) -> tuple[A
     if target_name is None:
         raise UserError(f"{key}: no _target_ naming what to build")
     partial = params.pop("_partial_", False)
-    try:
-        target = get_object(target_name)
-    except Exception as e:  # noqa: BLE001 - an import error of any kind means the name is wrong
-        raise UserError(f"{key}._target_={target_name!r}: cannot be imported ({type(e).__name__}: {e})") from e
+    target = import_target(target_name, key)
     valid = accepted_keys(target)
     unknown = sorted(set(params) - valid) if valid is not None else []
     if unknown:

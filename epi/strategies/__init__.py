@@ -34,7 +34,7 @@ from typing import TypeVar
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from epi.components import accepted_keys
+from epi.components import accepted_keys, import_target
 from epi.errors import UserError
 from epi.schema import parse
 from epi.strategies.base import Stage, Strategy
@@ -66,10 +66,7 @@ def build_strategy(cfg: DictConfig, *, quiet: bool = False) -> Strategy:
     A key no strategy has is still an error.
     """
     target = cfg.get("_target_")
-    try:
-        cls = get_class(target)
-    except Exception as e:  # noqa: BLE001 - whatever the import raised, the name is the user's to fix
-        raise UserError(f"strategy._target_={target!r}: cannot be imported ({type(e).__name__}: {e})") from e
+    cls = import_target(target, "strategy")
     if not (isinstance(cls, type) and issubclass(cls, Strategy)):
         raise UserError(f"strategy._target_={target!r}: is not a subclass of epi.strategies.Strategy")
     name = cfg.get("name", target)
