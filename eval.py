@@ -20,7 +20,7 @@ from epi.cli import exit_on_user_error, write_results
 from epi.data.load import encode_tasks, load_tasks
 from epi.data.local import expand_root
 from epi.errors import UserError
-from epi.evaluate import evaluate
+from epi.evaluate import evaluate, generation_limits
 from epi.logging import RunLogger
 from epi.models import build_model
 from epi.plots import plot_drift, plot_overlap, plot_scores_over_steps
@@ -58,11 +58,13 @@ def evaluate_model(cfg: DictConfig, out_dir: Path) -> None:
     model, tok = build_model(cfg.model)
     model.to(pick_device(cfg.device))
     e = cfg.eval
-    tasks = {name: encoded.task for name, encoded in encode_tasks(tok, load_tasks(data), data).items()}
+    encoded = encode_tasks(tok, load_tasks(data), data)
+    tasks = {name: enc.task for name, enc in encoded.items()}
+    limits = generation_limits({name: enc.longest_reply for name, enc in encoded.items()}, e.max_new_tokens, e.fit_generation)
     predictions: list[dict] = []
     results = evaluate(
         model, tok, tasks, split=e.split, n_examples=e.n_examples, batch_size=e.batch_size,
-        max_new_tokens=e.max_new_tokens, max_len=data.max_len, truncate=data.truncate, predictions=predictions,
+        max_new_tokens=limits, max_len=data.max_len, truncate=data.truncate, predictions=predictions,
     )
     scorers = {name: task.scorer for name, task in tasks.items()}
     print(write_results(out_dir, e.split, results, scorers, f"{model_dir} ({e.split} split)", predictions))

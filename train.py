@@ -25,6 +25,9 @@ from epi.trainer import Trainer
 
 # Sections of the config a resumed run must share with its checkpoint.
 RESUME_MUST_MATCH = ("model", "data", "strategy", "schedule", "seed")
+# Keys inside them that only decide which files a finished run keeps, not what it trains: a resume may change
+# them, and a checkpoint written before they existed still resumes.
+RESUME_MAY_DIFFER = {"schedule": ("keep_checkpoint",)}
 # Files that mark a directory as holding a run: a new run there would mix its events into the old one's.
 RUN_FILES = ("config.yaml", METRICS, checkpoint.FILENAME, "model")
 
@@ -39,6 +42,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(run_dir)
+    if cfg.resume:
+        refuse_finished(cfg.resume)
     source = checkpoint.find(cfg.resume) if cfg.resume else None
     in_place = source is not None and source.parent.resolve() == run_dir.resolve()
     taken = [name for name in RUN_FILES if (run_dir / name).exists()]
@@ -51,7 +56,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume_state is not None:
         saved, now = resume_state["config"], OmegaConf.to_container(cfg, resolve=True)
-        changed = [k for k in RESUME_MUST_MATCH if saved.get(k) != now[k]]
+        changed = [k for k in RESUME_MUST_MATCH if trained_settings(saved, k) != trained_settings(now, k)]
         if changed:
             raise UserError(f"resume={cfg.resume!r}: the checkpoint was trained with different {changed}; resume with the same settings.")
         if int(os.environ.get("RANK", "0")) == 0 and not restore_metrics(source.parent / METRICS, run_dir / METRICS, resume_state["metrics_lines"]):
@@ -65,7 +70,33 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
         scorers = {name: task.scorer for name, task in trainer.tasks.items()}
         title = f"{short_name(cfg.logger.name or 'run')} ({cfg.eval.split} split, {run_dir})"
         print(write_results(run_dir, cfg.eval.split, results, scorers, title, trainer.predictions))
+        if not cfg.schedule.keep_checkpoint:  # the run is complete: nothing is left to resume
+            (run_dir / checkpoint.FILENAME).unlink(missing_ok=True)
     return results
+
+
+def trained_settings(config: dict[str, Any], section: str) -> Any:
+    """`config[section]` as far as it decides what a run trains: without its RESUME_MAY_DIFFER keys."""
+    value = config.get(section)
+    if isinstance(value, dict):
+        value = {k: v for k, v in value.items() if k not in RESUME_MAY_DIFFER.get(section, ())}
+    return value
+
+
+def refuse_finished(resume: str) -> None:
+    """A run that finished removed its checkpoint (schedule.keep_checkpoint=false): resuming it says so in
+    one line, instead of only that the file is missing."""
+    path = Path(resume)
+    run = path.parent if path.name == checkpoint.FILENAME else path
+    results = sorted(run.glob("eval_*.json"))
+    if (run / checkpoint.FILENAME).exists() or not (run / "model").is_dir() or not results:
+        return
+    raise UserError(
+        f"resume={resume!r}: {run} holds a run that already finished (model/ and {results[0].name} written), and "
+        f"its {checkpoint.FILENAME} was removed then (schedule.keep_checkpoint=false); there is nothing left to "
+        f"resume. Evaluate it with eval.py run_dir={run}, or train further from its weights as a new run: "
+        f"model=hf model.name_or_path={run / 'model'} hydra.run.dir=<a new directory>."
+    )
 
 
 def auto_threads(hc: Any) -> int:

@@ -140,7 +140,8 @@ def find(resume: str) -> Path:
     if not path.is_file():
         raise UserError(
             f"resume={resume!r}: no checkpoint at {path}. Pass a run directory that holds {FILENAME} "
-            "(runs write one every schedule.checkpoint_every steps and at the end)."
+            "(runs write one every schedule.checkpoint_every steps and at the end, removed once the run finishes unless "
+            "schedule.keep_checkpoint=true)."
         )
     return path
 

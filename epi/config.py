@@ -18,6 +18,7 @@ from epi.data.format import TRUNCATE
 from epi.data.sources import validate_source
 from epi.data.tasks import BUILTIN_TASKS, MAX_PER_SPLIT
 from epi.logging import WANDB_MODES
+from epi.loss import LM_HEAD
 from epi.models import DTYPES
 from epi.optim import MOMENT_POLICIES
 from epi.schedules import DECAYS
@@ -53,12 +54,15 @@ class ScheduleConfig(Schema):
     min_lr_ratio: Annotated[float, within(0, 1)]
     clip_norm: Annotated[float, Rule(lambda v: v > 0, "must be > 0, or null for no clipping")] | None
     precision: Literal[PRECISIONS]
+    lm_head: Literal[LM_HEAD]
+    group_by_length: Annotated[int, Rule(lambda v: v >= 0, "must be an integer >= 0 (0 = off; HF's mega-batch is 50)")]
     nonfinite: Literal[NONFINITE]
     isolated_moments: Literal[MOMENT_POLICIES]
     stages: list[StageConfig] | None
     log_every: Every
     eval_every: Every
     checkpoint_every: Every
+    keep_checkpoint: bool  # a finished run's checkpoint.pt: kept, or removed once model/ and the results are written
 
     def check(self, key: str) -> None:
         if len(self.betas) != 2:
@@ -79,6 +83,7 @@ class DataConfig(Schema):
     contamination_warn: Annotated[float, within(0, 1, why="a fraction")]
     sources: dict[str, Any]
     root: str | None
+    system_prompt: str | None  # null: conversations as they are; a string ("" too): the system turn of those without one
 
     def check(self, key: str) -> None:
         if not self.tasks:
@@ -98,6 +103,7 @@ class EvalConfig(Schema):
     n_examples: Positive
     batch_size: Positive
     max_new_tokens: Positive
+    fit_generation: bool = True  # conf/eval/default.yaml sets it; optional here so an eval node written before the key parses
 
 
 @dataclass

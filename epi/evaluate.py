@@ -8,6 +8,7 @@ fraction correct). Open-ended tasks (scorer `perplexity`) have no score: they re
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -59,10 +60,24 @@ def response_loss(
 
 
 def prompt_text(ex: Example | Chat) -> str:
-    """What a reader of the predictions file needs to see of the input: the prompt, or a chat's earlier turns."""
+    """What a reader of the predictions file needs to see of the input: the prompt, or a chat's earlier turns
+    (an empty system turn, as data.system_prompt="" adds, shows nothing)."""
     if isinstance(ex, Chat):
-        return "\n".join(f"{role}: {content}" for role, content in ex.messages[:-1])
+        return "\n".join(f"{role}: {content}" for role, content in ex.messages[:-1] if content or role != "system")
     return ex.prompt
+
+
+def generation_limits(longest_replies: Mapping[str, int | None], max_new_tokens: int, fit: bool) -> dict[str, int]:
+    """New tokens each task may generate (eval.fit_generation): no more than its longest training reply with
+    its EOS, a length read from the training split only, and never more than `max_new_tokens`.
+
+    Generation of a batch stops once every row has produced EOS; a model that does not stop (early in
+    training) otherwise spends `max_new_tokens` steps on every task, however short its answers.
+    """
+    return {
+        task: min(max_new_tokens, longest) if fit and longest else max_new_tokens
+        for task, longest in longest_replies.items()
+    }
 
 
 def evaluate(
@@ -73,12 +88,14 @@ def evaluate(
     split: str,
     n_examples: int,
     batch_size: int,
-    max_new_tokens: int,
+    max_new_tokens: int | Mapping[str, int],
     max_len: int,
     truncate: str,
     predictions: list[dict[str, Any]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """{task: {"score" or "perplexity", "loss"}} on the first n examples of `split`.
+
+    `max_new_tokens` caps generation for every task, or per task (`generation_limits`).
 
     With a `predictions` list, every example adds one record to it: task, prompt, reference,
     prediction (null for perplexity-scored tasks, which generate nothing), score and its own loss.
@@ -88,12 +105,13 @@ def evaluate(
     results = {}
     for name, task in tasks.items():
         examples = task.splits[split][:n_examples]
+        limit = max_new_tokens if isinstance(max_new_tokens, int) else max_new_tokens[name]
         scores, losses = [], []
         for i in range(0, len(examples), batch_size):
             chunk = examples[i : i + batch_size]
             generated: list[str | None] = [None] * len(chunk)
             if task.scorer not in FROM_LOSS:
-                generated = generate(model, tok, chunk, max_new_tokens)
+                generated = generate(model, tok, chunk, limit)
                 scores += [task.score(p, ex) for p, ex in zip(generated, chunk)]
             mean, per_example = response_loss(model, tok, chunk, max_len, truncate)
             losses.append(mean * len(chunk))

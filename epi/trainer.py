@@ -39,8 +39,8 @@ from epi.data.load import encode_tasks, load_tasks
 from epi.data.mixture import MixtureSampler, sampling_weights
 from epi.distributed import init_distributed, pick_device, seed_everything
 from epi.errors import TrainingDiverged, UserError
-from epi.evaluate import average, evaluate
-from epi.loss import causal_lm_loss_sum, trained_tokens
+from epi.evaluate import average, evaluate, generation_limits
+from epi.loss import CausalLMLoss, trained_tokens
 from epi.models import build_model
 from epi.optim import IsolatedOptimizer, clip_coefficient
 from epi.schedules import constant
@@ -92,12 +92,13 @@ class Learner:
 
     name: str  # "run", or e.g. "a copy trained on 'math'": what a divergence message names
     model: torch.nn.Module
-    forward: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
+    forward: torch.nn.Module  # the model's summed loss (`CausalLMLoss`), or its DistributedDataParallel wrapper
     named_params: dict[str, torch.nn.Parameter]
     optimizer: IsolatedOptimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     sampler: MixtureSampler
     realised: dict[str, dict[str, int]]  # examples and tokens drawn per task
+    horizon: int = 0  # the last step of the current sampler weights: length-grouped pools end there
 
 
 PREDICTION_SAMPLE = 10  # predictions per task in the W&B table
@@ -151,6 +152,8 @@ class Trainer:
     def _setup_model(self) -> None:
         self.model, self.tokenizer = build_model(self.cfg.model)
         self.model.to(self.device)
+        vocab = self.model.get_output_embeddings().out_features
+        CausalLMLoss(self.model, self.cfg.schedule.lm_head).check(vocab, self.device)
 
     def _setup_tokenized_data(self) -> None:
         """Training rows fitted to max_len, eval splits filtered alike, and what that cost (printed and logged at step 0)."""
@@ -158,6 +161,7 @@ class Trainer:
         encoded = encode_tasks(self.tokenizer, self.raw_tasks, cfg.data)
         self.tasks = {name: e.task for name, e in encoded.items()}  # eval splits without what max_len cannot hold
         self.train_sets = {name: e.rows for name, e in encoded.items()}
+        self.longest_replies = {name: e.longest_reply for name, e in encoded.items()}  # eval.fit_generation's limits
         self.trained_counts = {name: [trained_tokens(r["labels"]) for r in rows] for name, rows in self.train_sets.items()}
         self.overlap = contamination(self.raw_tasks)  # eval prompts that are also training prompts
         self.data_stats = {name: {**e.stats, **e.task.input_stats, **self.overlap[name]} for name, e in encoded.items()}
@@ -190,7 +194,8 @@ class Trainer:
         """A learner over `model`: DDP wrapper, the configured optimizer (`optimizer_args` override its keys)
         inside the isolation engine, and a mixture sampler seeded with the run's seed."""
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        forward = torch.nn.parallel.DistributedDataParallel(model) if self.world > 1 else model
+        loss = CausalLMLoss(model, self.cfg.schedule.lm_head)
+        forward = torch.nn.parallel.DistributedDataParallel(loss) if self.world > 1 else loss
         make_optimizer = build(self.cfg.optimizer, "optimizer")
         target = getattr(make_optimizer, "func", None)
         if not (inspect.isclass(target) and issubclass(target, torch.optim.Optimizer)) or issubclass(target, torch.optim.LBFGS):
@@ -202,6 +207,7 @@ class Trainer:
         groups = param_groups(named, optimizer_args.pop("weight_decay", self.cfg.schedule.weight_decay))
         inner = make_optimizer(groups, **optimizer_args)
         sizes = {task: len(rows) for task, rows in self.train_sets.items() if task in weights}
+        lengths = {task: [len(r["input_ids"]) for r in self.train_sets[task]] for task in sizes}
         return Learner(
             name=name,
             model=model,
@@ -209,7 +215,7 @@ class Trainer:
             named_params=named,
             optimizer=IsolatedOptimizer(inner, named, moments=self.cfg.schedule.isolated_moments),
             scheduler=None,
-            sampler=MixtureSampler(sizes, weights, seed=self.cfg.seed),
+            sampler=MixtureSampler(sizes, weights, seed=self.cfg.seed, lengths=lengths),
             realised={task: {"examples": 0, "tokens": 0} for task in sizes},
         )
 
@@ -241,6 +247,7 @@ class Trainer:
                     continue  # finished, closing work included, before a resume
                 weights = {t: stage.weights.get(t, 1.0) if t in stage.tasks else 0.0 for t in self.tasks}
                 self.sampler.set_weights(sampling_weights(self.sampler.sizes, weights, cfg.data.temperature))
+                self.learner.horizon = stage_end
                 if self.step == stage_start:
                     self.strategy.on_stage_start(index, stage, self.step)
                 while self.step < stage_end:
@@ -297,13 +304,12 @@ class Trainer:
         s = self.cfg.schedule
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if s.precision == "bf16" else nullcontext()
         learner.model.train()
-        micro_batches, tokens, trained = self._draw_step(learner)
+        micro_batches, tokens, trained = self._draw_step(learner, step)
         self.charge(1, trained)  # every step of every learner, probes and skipped steps included
         loss_sum = torch.zeros((), device=self.device)
         for batch in micro_batches:
             with autocast:
-                logits = learner.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            token_losses = causal_lm_loss_sum(logits, batch["labels"])
+                token_losses = learner.forward(batch["input_ids"], batch["attention_mask"], batch["labels"])
             (token_losses * (self.world / trained)).backward()
             loss_sum += token_losses.detach()  # stays on the device until the one check below
         if self.world > 1:
@@ -358,15 +364,17 @@ class Trainer:
             "or schedule.nonfinite=skip to drop such updates and count them."
         )
 
-    def _draw_step(self, learner: Learner) -> tuple[list[dict[str, Tensor]], int, int]:
+    def _draw_step(self, learner: Learner, step: int) -> tuple[list[dict[str, Tensor]], int, int]:
         """This step's micro-batches (this rank's shards), and the global batch's tokens and trained tokens.
 
         The whole global batch (batch_size x grad_accum examples) is drawn at once, the same on every
         rank, so its trained-token count needs no communication and `grad_accum=k` sees exactly the
-        examples of one batch k times as large.
+        examples of one batch k times as large. Under `schedule.group_by_length` the pool of
+        length-grouped batches ends with the current weights (`learner.horizon`).
         """
         s = self.cfg.schedule
-        picks = learner.sampler.next_batch(s.batch_size * s.grad_accum)
+        group = min(s.group_by_length, learner.horizon - step + 1) if s.group_by_length else 0
+        picks = learner.sampler.next_batch(s.batch_size * s.grad_accum, group)
         tokens = trained = 0
         for task, i in picks:
             row = self.train_sets[task][i]
@@ -398,6 +406,7 @@ class Trainer:
         model = copy.deepcopy(self.model)
         learner = self._new_learner(f"a copy trained on {task!r}", model, {task: 1.0}, lr=lr, weight_decay=0.0)
         learner.scheduler = constant(learner.optimizer.optimizer, total_steps=steps)
+        learner.horizon = steps
         tokens = 0
         for step in range(1, steps + 1):
             out = self.train_step(step, learner)
@@ -421,12 +430,13 @@ class Trainer:
             h.update(bytes(str(row["input_ids"]), "utf-8"))
         s = self.cfg.schedule
         optimizer = OmegaConf.to_container(self.cfg.optimizer, resolve=True)
-        h.update(repr((s.batch_size, s.grad_accum, s.precision, s.clip_norm, self.cfg.seed, optimizer)).encode())
+        h.update(repr((s.batch_size, s.grad_accum, s.group_by_length, s.precision, s.lm_head, s.clip_norm, self.cfg.seed, optimizer)).encode())
         return h.hexdigest()
 
     # ---------------------------------------------------------------- eval, save, resume
     def evaluate(self, step: int, split_name: str, predictions: list[dict[str, Any]] | None = None) -> dict[str, dict[str, float]]:
         """Every task on `eval.split`, logged under `split_name`; `predictions` receives one record per example.
+        Generation per task stops at its longest training reply (`generation_limits`, eval.fit_generation).
 
         The weights change only with a step, so a second evaluation at the same step (the final one
         right after the last stage's) reuses the first instead of generating everything again.
@@ -442,7 +452,7 @@ class Trainer:
                 split=e.split,
                 n_examples=e.n_examples,
                 batch_size=e.batch_size,
-                max_new_tokens=e.max_new_tokens,
+                max_new_tokens=generation_limits(self.longest_replies, e.max_new_tokens, e.fit_generation),
                 max_len=self.cfg.data.max_len,
                 truncate=self.cfg.data.truncate,
                 predictions=records,

@@ -43,4 +43,4 @@ def test_two_ranks_share_masks_and_frozen_values(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
     agree = [e["step"] for e in read_metrics(run) if e["split"] == "ddp"]
     assert agree == [2, 5, 8, 11, 14]
-    assert (run / "model").is_dir() and (run / "checkpoint.pt").is_file()
+    assert (run / "model").is_dir() and not (run / "checkpoint.pt").exists()  # rank 0 removed it once the run finished

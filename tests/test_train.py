@@ -41,11 +41,13 @@ def train_losses(run_dir: Path) -> list[float]:
     return [e["value"] for e in read_metrics(run_dir) if e["split"] == "train" and e["metric"] == "loss"]
 
 
-def test_run_directory_holds_config_metrics_model_checkpoint(tmp_path: Path) -> None:
+def test_run_directory_holds_config_metrics_model_results(tmp_path: Path) -> None:
     proc = run_script("train.py", *TINY, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
-    assert {"config.yaml", "metrics.jsonl", "checkpoint.pt", "eval_test.json", "model"} <= {p.name for p in run.iterdir()}
+    names = {p.name for p in run.iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "eval_test.json", "model"} <= names
+    assert "checkpoint.pt" not in names  # a finished run has nothing to resume (schedule.keep_checkpoint=false)
     events = read_metrics(run)
     assert all(set(e) == {"step", "split", "task", "metric", "value"} for e in events)
     assert len(train_losses(run)) == 6

@@ -49,6 +49,18 @@ def turns(ex: Example | Chat) -> tuple[Turn, ...]:
     return (("user", ex.prompt), ("assistant", ex.response))
 
 
+def with_system_prompt(ex: Example | Chat, system: str) -> Example | Chat:
+    """`ex` with a leading ("system", `system`) turn unless it has a system turn of its own (data.system_prompt).
+
+    A chat template may add a default system prompt to a conversation without one (SmolLM2's: ~16 tokens
+    of every example, never trained on); an explicit turn, even an empty one, replaces it.
+    """
+    messages = turns(ex)
+    if any(role == "system" for role, _ in messages):
+        return ex
+    return Chat(ex.task, (("system", system), *messages))
+
+
 def render(tokenizer, context: tuple[Turn, ...]) -> str:
     """The text of `context` followed by whatever opens the next assistant reply."""
     if tokenizer.chat_template:
@@ -99,7 +111,7 @@ def _fit(ex: Example | Chat, ids: list[int], labels: list[int], max_len: int, tr
     if first >= max_len:
         raise TooLong(
             f"task {ex.task!r}: the prompt is {first} tokens, max_len={max_len} leaves no room for the response "
-            f"(prompt {turns(ex)[0][1][:80]!r})"
+            f"(prompt {next(c for r, c in turns(ex) if r != 'system')[:80]!r})"
         )
     if len(ids) > max_len and truncate == "drop":
         raise TooLong(f"task {ex.task!r}: example is {len(ids)} tokens > max_len={max_len} (data.truncate=drop)")
@@ -121,18 +133,36 @@ def _evaluable(tokenizer, ex: Example | Chat, max_len: int, truncate: str) -> bo
     return start < max_len and (truncate == "response" or len(ids) <= max_len)
 
 
+def longest_reply(labels: list[int], eos_id: int) -> int:
+    """The most tokens of one reply in `labels`, its EOS included: a reply is a run of trained labels ending
+    at EOS (a row of a chat holds several, two of them possibly adjacent), or at the row's end if cut."""
+    longest = run = 0
+    for label in labels:
+        run = 0 if label == IGNORE_INDEX else run + 1
+        longest = max(longest, run)
+        if label == eos_id:
+            run = 0
+    return longest
+
+
 @dataclass
 class EncodedTask:
-    """A task's training rows and its eval splits, both restricted to what fits max_len, and how much was cut."""
+    """A task's training rows and its eval splits, both restricted to what fits max_len, and how much was cut.
+
+    `longest_reply` is the most tokens (EOS included) of one reply in the kept training examples, counted
+    before truncation: the most new tokens a generation for this task needs (eval.fit_generation); None
+    when no training example is left.
+    """
 
     rows: list[dict[str, list[int]]]
     task: Task
     stats: dict[str, int]
+    longest_reply: int | None = None
 
 
 def encode_task(tokenizer, task: Task, max_len: int, truncate: str) -> EncodedTask:
     """Encode the training split and keep the val/test examples that can be evaluated (`_evaluable`); a split emptied is an error."""
-    rows, stats = [], {"truncated": 0, "dropped": 0}
+    rows, stats, longest = [], {"truncated": 0, "dropped": 0}, None
     for ex in task.splits["train"]:
         ids, labels, _ = _encode_turns(tokenizer, turns(ex))
         try:
@@ -141,6 +171,7 @@ def encode_task(tokenizer, task: Task, max_len: int, truncate: str) -> EncodedTa
             stats["dropped"] += 1
             continue
         stats["truncated"] += len(ids) > max_len
+        longest = max(longest or 0, longest_reply(labels, tokenizer.eos_token_id))
     splits = {"train": task.splits["train"]}
     for split in ("val", "test"):
         splits[split] = [ex for ex in task.splits[split] if _evaluable(tokenizer, ex, max_len, truncate)]
@@ -155,7 +186,7 @@ def encode_task(tokenizer, task: Task, max_len: int, truncate: str) -> EncodedTa
     stats["examples"] = len(rows)
     stats["tokens"] = sum(len(r["input_ids"]) for r in rows)
     stats["trained_tokens"] = sum(sum(label != IGNORE_INDEX for label in r["labels"]) for r in rows)
-    return EncodedTask(rows, replace(task, splits=splits), stats)
+    return EncodedTask(rows, replace(task, splits=splits), stats, longest)
 
 
 def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

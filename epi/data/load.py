@@ -6,11 +6,14 @@ name in `data.tasks` is a built-in generated task.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from omegaconf import DictConfig
 
-from epi.data.format import EncodedTask, encode_task
+from epi.data.format import EncodedTask, encode_task, with_system_prompt
 from epi.data.sources import load_source_task
 from epi.data.tasks import BUILTIN_TASKS, Task, make_builtin_task
+from epi.schema import fail
 
 
 def known_tasks(cfg: DictConfig) -> set[str]:
@@ -18,14 +21,30 @@ def known_tasks(cfg: DictConfig) -> set[str]:
 
 
 def load_tasks(cfg: DictConfig) -> dict[str, Task]:
-    """Tasks come from `data.seed`, not the run's seed, so every seed of a sweep sees the same eval set."""
+    """Tasks come from `data.seed`, not the run's seed, so every seed of a sweep sees the same eval set.
+
+    `data.system_prompt` is applied here, after the splits are drawn (so they do not depend on it), and
+    train.py and eval.py both load through here: training rows, generation prompts, response loss and
+    contamination all see the same conversations.
+    """
     sources = cfg.sources or {}
-    return {
+    tasks = {
         name: load_source_task(name, sources[name], cfg)
         if name in sources
         else make_builtin_task(name, seed=cfg.seed, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test)
         for name in cfg.tasks
     }
+    system = cfg.get("system_prompt")  # absent from a data config written before the key: leave them alone
+    if system is None:
+        return tasks
+    if not isinstance(system, str):  # eval.py loads without train.py's schema check
+        raise fail("data.system_prompt", system, "must be a string or null (\"\" for an empty system turn)")
+    return {name: _with_system_prompt(task, system) for name, task in tasks.items()}
+
+
+def _with_system_prompt(task: Task, system: str) -> Task:
+    """Every example of every split without a system turn gets ("system", `system`) first (data.system_prompt)."""
+    return replace(task, splits={split: [with_system_prompt(ex, system) for ex in examples] for split, examples in task.splits.items()})
 
 
 def encode_tasks(tokenizer, tasks: dict[str, Task], cfg: DictConfig) -> dict[str, EncodedTask]:
