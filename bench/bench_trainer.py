@@ -9,7 +9,13 @@
 
 Everything comes from this project's config: the model, its tokenizer, the built-in task mixture
 encoded by `epi`, and the mixture sampler's stream of examples. The sides:
-- `project`: `epi.trainer.Trainer.train_step` with `strategy=none`.
+- the project's `epi.trainer.Trainer.train_step` with `strategy=none`, as a ladder of configs, each
+  rung adding one change to the rung before it (`LADDER`): `project-before` (the step before issue 15:
+  LM head at every position, for-loop AdamW, batches in stream order), `+trained-head`
+  (`schedule.lm_head=trained`), `+fused-adamw` (`optimizer.fused=true`), `project` (+ length grouping,
+  `schedule.group_by_length=50`: today's defaults with grouping on, the row the ratios are against),
+  then for a model with a chat template `+no-system-prompt` (`data.system_prompt=''`: fewer tokens per
+  example, the same trained tokens) and, in an fp32 run, `+bf16` (`schedule.precision=bf16`);
 - `trainer`: `transformers.Trainer` at its best settings: fused AdamW where the device has it, and
   `train_sampling_strategy="group_by_length"` (the same examples, batched by similar length).
 - `trainer-stream`: the same, with the stream's batches in the stream's order: what is left when
@@ -66,7 +72,19 @@ from epi.trainer import Trainer  # noqa: E402
 
 Row = dict[str, list[int]]
 Batch = list[Row]
-SIDES = ("project", "trainer", "trainer-stream", "trl")
+GROUP = 50  # the project's length-grouping pool, in batches: HF's mega-batch (capped by a repeat's timed steps)
+# The project's rungs, each the rung before it plus one change; the overrides give each rung's whole difference
+# from today's defaults. `+no-system-prompt` and `+bf16` change the work (tokens, precision): they are measured
+# against `project-before` for the step-time target, not against HF's sides.
+LADDER: dict[str, list[str]] = {
+    "project-before": ["schedule.lm_head=all", "optimizer.fused=false", "schedule.group_by_length=0"],
+    "+trained-head": ["optimizer.fused=false", "schedule.group_by_length=0"],
+    "+fused-adamw": ["schedule.group_by_length=0"],
+    "project": [f"schedule.group_by_length={GROUP}"],
+    "+no-system-prompt": [f"schedule.group_by_length={GROUP}", "data.system_prompt=''"],
+    "+bf16": [f"schedule.group_by_length={GROUP}", "data.system_prompt=''", "schedule.precision=bf16"],
+}
+SIDES = (*LADDER, "trainer", "trainer-stream", "trl")
 N_TRAIN = 512  # examples per task: the stream only needs a few hundred, and encoding 4000 per task is slow for SmolLM2
 
 
@@ -230,16 +248,17 @@ class Work:
     device: torch.device
 
 
-def project_trainer(work: Work, run_dir: Path) -> Trainer:
-    """The project's trainer for `work`, built as train.py builds it (its data summary is not printed)."""
+def project_trainer(work: Work, run_dir: Path, extra: list[str] = ()) -> Trainer:
+    """The project's trainer for `work` plus `extra` overrides, built as train.py builds it (its data summary is not printed)."""
     overrides = [
         f"model={work.model}", "strategy=none", "logger=jsonl", f"device={work.device.type}",
         f"data.n_train={N_TRAIN}", "data.n_val=8", "data.n_test=8", f"data.max_len={work.max_len}",
         f"schedule.batch_size={work.batch_size}", f"schedule.precision={work.precision}",
-        f"schedule.steps={work.steps + 1}", "schedule.grad_accum=1",
+        f"schedule.steps={work.steps + 1}", "schedule.grad_accum=1", *extra,
     ]
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
+    run_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.redirect_stdout(io.StringIO()):
         return Trainer(cfg, run_dir)
 
@@ -282,10 +301,11 @@ class Side:
     """One way of training: `run` trains one repeat's batches (first step untimed) and measures it."""
 
     name: str
+    same_data = True  # trains the stream's token ids (False: the same examples and trained tokens, encoded otherwise)
 
-    def __init__(self, model: torch.nn.Module, work: Work):
+    def __init__(self, model: torch.nn.Module, work: Work, counted: torch.nn.Module | None = None):
         self.model, self.work = model, work
-        self.forwards = CountForwards(model)
+        self.forwards = CountForwards(counted or model)
 
     def run(self, batches: list[Batch]) -> Run:
         with PeakMemory(self.work.device) as peak, OtherProcesses() as others:
@@ -300,14 +320,15 @@ class Side:
 
 
 class ProjectSide(Side):
-    """`Trainer.train_step`: draws from the project's own sampler, rewound every repeat to where it
-    started, so it yields exactly the batches the other sides get."""
+    """`Trainer.train_step` of one rung: draws from that trainer's own sampler, rewound every repeat to
+    where it started, so it yields the examples the other sides get. Its forwards are counted at the
+    decoder (the trained-positions head never calls the whole model). Under length grouping the first,
+    untimed step is the stream's first batch and one pool holds the timed batches, as on HF's grouped side."""
 
-    name = "project"
-
-    def __init__(self, project: Trainer, work: Work):
-        super().__init__(project.model, work)
-        self.project = project
+    def __init__(self, name: str, project: Trainer, work: Work):
+        super().__init__(project.model, work, counted=project.model.get_decoder())
+        self.name, self.project = name, project
+        self.same_data = project.cfg.data.get("system_prompt") is None
         self.start = project.sampler.state_dict()
         self.step = 0
 
@@ -316,6 +337,8 @@ class ProjectSide(Side):
         seconds = []
         for i in range(len(batches)):
             self.step += 1
+            # the pool of step 1 is one batch (the stream's first); the next pool spans the timed steps
+            self.project.learner.horizon = self.step if i == 0 else self.step + len(batches) - 1 - i
             tic = time.perf_counter()
             out = self.project.train_step(self.step)
             sync(self.work.device)
@@ -400,10 +423,28 @@ def trl_available() -> bool:
     return importlib.util.find_spec("trl") is not None
 
 
-def make_sides(names: list[str], project: Trainer, work: Work) -> list[Side]:
-    """The sides asked for, each over its own copy of the project's initial weights."""
+def rungs_for(work: Work, chat_template: bool) -> dict[str, list[str]]:
+    """The ladder for this work: `+no-system-prompt` only where a chat template adds one, `+bf16` only in an fp32 run."""
+    ladder = dict(LADDER)
+    if not chat_template:
+        del ladder["+no-system-prompt"]
+        ladder["+bf16"] = [o for o in ladder["+bf16"] if not o.startswith("data.system_prompt")]
+    if work.precision == "bf16":
+        del ladder["+bf16"]
+    return ladder
+
+
+def make_sides(names: list[str], project: Trainer, work: Work, run_dir: Path) -> list[Side]:
+    """The sides asked for, each over its own copy of the project's initial weights (a rung builds its own
+    trainer: the same seed or checkpoint gives the same initial weights)."""
+    ladder = rungs_for(work, bool(project.tokenizer.chat_template))
+    names = [n for n in names if n in ladder or n not in LADDER]
+
+    def rung(name: str) -> Callable[[], Side]:
+        return lambda: ProjectSide(name, project_trainer(work, run_dir / name, ladder[name]), work)
+
     factories: dict[str, Callable[[], Side]] = {
-        "project": lambda: ProjectSide(project, work),
+        **{name: rung(name) for name in ladder},
         "trainer": lambda: HFSide("trainer", copy.deepcopy(project.model), project, work, "group_by_length"),
         "trainer-stream": lambda: HFSide("trainer-stream", copy.deepcopy(project.model), project, work, "sequential"),
         "trl": lambda: TRLSide("trl", copy.deepcopy(project.model), project, work, "sequential"),
@@ -419,22 +460,25 @@ def bench(work: Work, sides: list[str], repeats: int) -> tuple[int, dict[str, Su
     of all sides are over the same tokens.
     """
     with tempfile.TemporaryDirectory() as tmp:
-        project = project_trainer(work, Path(tmp))
+        project = project_trainer(work, Path(tmp) / "base", LADDER["project-before"])
         batches = stream(project, work.steps + 1)
-        runners = make_sides(sides, project, work)
+        runners = make_sides(sides, project, work, Path(tmp))
         runs: dict[str, list[Run]] = {s.name: [] for s in runners}
         for r in range(repeats):
             for side in runners[r % len(runners) :] + runners[: r % len(runners)]:
                 runs[side.name].append(side.run(batches))
-            check_same_work(runs, r)
+            check_same_work(runs, {s.name for s in runners if s.same_data}, r)
         params = sum(p.numel() for p in project.model.parameters())
     return params, {name: summarise(rs) for name, rs in runs.items()}
 
 
-def check_same_work(runs: dict[str, list[Run]], repeat: int) -> None:
-    """Every side trained the same tokens, and the same tokens carrying loss, in the repeat's timed steps."""
-    totals = {name: (rs[repeat].total.tokens, rs[repeat].total.trained) for name, rs in runs.items()}
-    assert len(set(totals.values())) <= 1, f"repeat {repeat}: the sides trained different tokens: {totals}"
+def check_same_work(runs: dict[str, list[Run]], same_data: set[str], repeat: int) -> None:
+    """In the repeat's timed steps every side trained the same tokens carrying loss, and every side on the
+    stream's token ids (`same_data`) the same tokens."""
+    trained = {name: rs[repeat].total.trained for name, rs in runs.items()}
+    assert len(set(trained.values())) <= 1, f"repeat {repeat}: the sides trained different tokens: {trained}"
+    tokens = {name: rs[repeat].total.tokens for name, rs in runs.items() if name in same_data}
+    assert len(set(tokens.values())) <= 1, f"repeat {repeat}: the sides trained different tokens: {tokens}"
 
 
 def mib(n: int | None) -> str:
@@ -506,6 +550,22 @@ def main() -> None:
                   f"(most {max(others):.2f}): near 0 on a quiet machine; well above 0, the numbers are not clean")
         if torch.get_num_threads() != args.threads:
             print(f"note: torch threads changed to {torch.get_num_threads()} during the run")
+        print("\n".join(ladder_table(work, results)), flush=True)
+
+
+def ladder_table(work: Work, results: dict[str, Summary]) -> list[str]:
+    """Each rung's step time against the rung before it and against `project-before`: what each change bought."""
+    rungs = [name for name in LADDER if name in results]
+    if len(rungs) < 2:
+        return []
+    lines = [f"{work.model}: the project's step, one change at a time (s/step; ratios below 1 are faster)",
+             "| model | rung | s/step | vs the rung before | vs project-before |", "|---|---|---:|---:|---:|"]
+    first = results[rungs[0]].s_per_step
+    for before, name in zip([None, *rungs], rungs):
+        step = results[name].s_per_step
+        previous = "–" if before is None else f"{step / results[before].s_per_step:.2f}x"
+        lines.append(f"| {work.model} | {name} | {step:.3f} | {previous} | {step / first:.2f}x |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -19,10 +19,14 @@ def test_quick_prints_the_table() -> None:
     lines = out.stdout.splitlines()
     assert "| model | params | batch | side | trained tok/s | tok/s | s/step | padding | peak memory | project / side |" in lines
     rows = {cells[4]: cells for line in lines if len(cells := [c.strip() for c in line.split("|")]) > 10 and cells[1] == "tiny"}
-    expected = {"project", "trainer", "trainer-stream"} | ({"trl"} if importlib.util.find_spec("trl") else set())
+    ladder = {"project-before", "+trained-head", "+fused-adamw", "project", "+bf16"}  # tiny has no chat template
+    expected = ladder | {"trainer", "trainer-stream"} | ({"trl"} if importlib.util.find_spec("trl") else set())
     assert set(rows) == expected, out.stdout
     for name, cells in rows.items():
         assert float(cells[5]) > 0 and float(cells[6]) > float(cells[5]), cells  # trained tok/s < tok/s
         assert (cells[10] == "–") if name == "project" else cells[10].endswith("x"), cells
+    steps = {c[2]: c for line in lines if len(c := [x.strip() for x in line.split("|")]) == 7 and c[1] == "tiny"}
+    assert set(steps) == ladder and steps["project-before"][4] == "–", out.stdout  # the step-time ladder
+    assert all(c[5].endswith("x") for c in steps.values()), out.stdout
     if "trl" not in rows:
         assert "TRL: not installed" in lines
