@@ -23,7 +23,7 @@ from epi.errors import UserError
 from epi.evaluate import evaluate, generation_limits
 from epi.logging import RunLogger
 from epi.models import build_model
-from epi.plots import plot_drift, plot_overlap, plot_scores_over_steps
+from epi.plots import plot_drift, plot_overlap, plot_scores_over_steps, plot_task_drift
 from epi.distributed import pick_device
 
 
@@ -70,6 +70,8 @@ def evaluate_model(cfg: DictConfig, out_dir: Path) -> None:
     print(write_results(out_dir, e.split, results, scorers, f"{model_dir} ({e.split} split)", predictions))
     if run_dir is not None and plot_drift({Path(run_dir).name: Path(run_dir)}, out_dir / "drift.png"):
         print(f"mask drift plot: {out_dir / 'drift.png'}")
+    if run_dir is not None and plot_task_drift(Path(run_dir), out_dir / "task_drift.png"):
+        print(f"per-task mask drift and overlap (exclusive isolation): {out_dir / 'task_drift.png'}")
 
 
 def tabulate(cfg: DictConfig, out_dir: Path) -> None:
@@ -111,6 +113,8 @@ def tabulate(cfg: DictConfig, out_dir: Path) -> None:
         plot_scores_over_steps(curves, out_dir / "scores_over_steps.png", f"{split} score over steps (mean over seeds, band: min..max)", experts)
     drift = plot_drift({f"{r.setting} seed={r.seed}": r.path for r in runs}, out_dir / "drift.png")
     for setting, group in report.by_setting(runs).items():
+        first = min(group, key=lambda r: r.seed)  # one run per setting: the per-task curves do not average over seeds
+        plot_task_drift(first.path, out_dir / f"task_drift_{re.sub(r'[^A-Za-z0-9_.=-]+', '_', setting)}.png")
         if overlap := report.core_overlap(group):
             plot_overlap(*overlap, out_dir / f"overlap_{re.sub(r'[^A-Za-z0-9_.=-]+', '_', setting)}.png")
 

@@ -103,7 +103,8 @@ class EvalConfig(Schema):
     n_examples: Positive
     batch_size: Positive
     max_new_tokens: Positive
-    fit_generation: bool = True  # conf/eval/default.yaml sets it; optional here so an eval node written before the key parses
+    fit_generation: bool = True
+    retention: Annotated[int, Rule(lambda v: v >= 0, "must be an integer >= 0 (passages of held-out text; 0 = off)")] = 0  # conf/eval/default.yaml sets it; optional here so an eval node written before the key parses
 
 
 @dataclass

@@ -40,10 +40,11 @@ class TrainerContext:
         train_copy: Callable[[str, int, float], tuple[dict[str, Tensor], int, float]],
         fingerprint: Callable[[str], str],
         charge: Callable[[int, int], None],
+        task_gradient: Callable[[str, int], dict[str, Tensor]],
     ):
         self.named_params = engine.named_params
         self.tasks, self.seed, self.rank, self.steps = tasks, seed, rank, steps
-        self.train_copy, self.fingerprint, self.charge = train_copy, fingerprint, charge
+        self.train_copy, self.fingerprint, self.charge, self.task_gradient = train_copy, fingerprint, charge, task_gradient
         self._model, self._engine, self._logger, self._run_dir, self._world = model, engine, logger, run_dir, world
 
     def optimizer_state(self, name: str) -> dict[str, Any]:
@@ -58,6 +59,12 @@ class TrainerContext:
 
     def set_masks(self, masks: Masks) -> dict[str, int]:
         return self._engine.set_masks(masks)
+
+    def exclusive_masks(self) -> dict[str, Masks]:
+        return self._engine.exclusive_masks
+
+    def set_exclusive(self, masks: dict[str, Masks]) -> dict[str, int]:
+        return self._engine.set_exclusive(masks)
 
     def mean_across_ranks(self, tensors: list[Tensor]) -> None:
         if self._world > 1:

@@ -298,3 +298,22 @@ def unpack(packed: dict[str, dict]) -> Masks:
         bits = np.unpackbits(entry["bits"].numpy(), count=math.prod(shape)).astype(bool)
         out[name] = torch.from_numpy(bits).reshape(shape)
     return out
+
+
+def indices(masks: Masks) -> dict[str, Tensor]:
+    """Flat indices of each mask's True elements, int32 where they fit: 4 bytes per isolated coordinate,
+    where a packed mask costs 1 bit per coordinate of the whole parameter (cheaper only above p = 1/32)."""
+    out = {}
+    for name, mask in masks.items():
+        flat = mask.reshape(-1).nonzero().squeeze(1)
+        out[name] = flat.to(torch.int32) if mask.numel() < 2**31 else flat
+    return out
+
+
+def from_indices(index: dict[str, Tensor], shapes: dict[str, torch.Size]) -> Masks:
+    """The masks `indices` came from, given the parameters' shapes."""
+    out: Masks = {}
+    for name, idx in index.items():
+        mask = torch.zeros(math.prod(shapes[name]), dtype=torch.bool)
+        out[name] = mask.index_fill_(0, idx.long().cpu(), True).view(shapes[name])
+    return out

@@ -5,6 +5,15 @@ decay and stale momentum still move it), so the wrapper holds the parameter
 VALUES: it copies the isolated values out before the inner step and writes
 them back after it. Gradients are only hidden so that frozen coordinates do
 not inflate the gradient-clipping norm.
+
+Two readings of "isolating task-critical parameters" (PAPERS.md):
+- freeze (`set_masks`): an isolated coordinate is held for every task;
+- exclusive (`set_exclusive`): a coordinate critical to task t is updated by t's gradient
+  only. The step runs task-homogeneous micro-batches; `begin_task(t)`/`end_task(t)` around
+  t's backward put back the gradient of every coordinate t does not own but another task
+  does, so t's contribution never reaches it; and a step whose batch holds none of a
+  coordinate's owners holds its value, as a frozen one. Its optimizer state therefore
+  integrates its owners' gradients only (zero in the steps it is held).
 """
 
 from __future__ import annotations
@@ -44,6 +53,10 @@ class IsolatedOptimizer:
         self.named_params = dict(named_params)
         self.moments = moments
         self.index: dict[str, Tensor] = {}  # flat indices of isolated elements, per parameter with any
+        self.owned: dict[str, dict[str, Tensor]] = {}  # task -> flat indices of the coordinates exclusive to it
+        self._shielded: dict[str, dict[str, Tensor]] = {}  # task -> owned by another task and not by this one
+        self._held: dict[frozenset[str], dict[str, Tensor]] = {}  # tasks in a batch -> exclusive coordinates held
+        self._task_stash: dict[str, Tensor | None] = {}  # grads of shielded coordinates, between begin_task and end_task
         self._stash: dict[str, Tensor] = {}  # isolated grads, compact, between hide and step
         self._hidden = False
 
@@ -88,6 +101,92 @@ class IsolatedOptimizer:
         self.index = {name: mask.reshape(-1).nonzero().squeeze(1) for name, mask in new.items()}
         return counts
 
+    # ---------------------------------------------------------------- exclusive isolation
+    @property
+    def exclusive_masks(self) -> dict[str, Masks]:
+        """Each task's exclusive coordinates as bool masks (stored as flat indices)."""
+        return {task: self._as_masks(index) for task, index in self.owned.items()}
+
+    def _as_masks(self, index: dict[str, Tensor]) -> Masks:
+        out: Masks = {}
+        for name, idx in index.items():
+            mask = torch.zeros(self.named_params[name].numel(), dtype=torch.bool, device=idx.device)
+            out[name] = mask.index_fill_(0, idx, True).view(self.named_params[name].shape)
+        return out
+
+    def set_exclusive(self, masks: dict[str, Masks]) -> dict[str, int]:
+        """Replace the exclusive coordinates (task -> masks); a coordinate in several tasks' masks is
+        updated by each of them. Returns churn counts of their union. Call between steps."""
+        if self._hidden or self._task_stash:
+            raise RuntimeError("set_exclusive inside a step would mismatch the stashed grads")
+        owned: dict[str, dict[str, Tensor]] = {}
+        for task, task_masks in masks.items():
+            index = {}
+            for name, mask in task_masks.items():
+                if name not in self.named_params:
+                    raise ValueError(f"mask for unknown parameter {name!r}")
+                param = self.named_params[name]
+                if mask.shape != param.shape:
+                    raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, parameter {tuple(param.shape)}")
+                if mask.any():
+                    index[name] = mask.to(device=param.device, dtype=torch.bool).reshape(-1).nonzero().squeeze(1)
+            owned[task] = index
+        counts = churn(self._union(self.owned), self._union(owned))
+        self.owned = owned
+        self._held = {}
+        self._shielded = {task: self._indices([t for t in owned if t != task], [task]) for task in owned}
+        return counts
+
+    def _union(self, owned: dict[str, dict[str, Tensor]]) -> Masks:
+        masks: Masks = {}
+        for index in owned.values():
+            for name, mask in self._as_masks(index).items():
+                masks[name] = masks[name] | mask if name in masks else mask
+        return masks
+
+    def _indices(self, tasks: list[str], minus: list[str]) -> dict[str, Tensor]:
+        """Flat indices owned by any of `tasks` and by none of `minus`, per parameter."""
+        out = {}
+        for name in sorted({n for t in tasks for n in self.owned.get(t, {})}):
+            idx = torch.cat([self.owned[t][name] for t in tasks if name in self.owned.get(t, {})]).unique()
+            away = [self.owned[t][name] for t in minus if name in self.owned.get(t, {})]
+            if away:
+                idx = idx[~torch.isin(idx, torch.cat(away))]
+            if idx.numel():
+                out[name] = idx
+        return out
+
+    def begin_task(self, task: str | None) -> None:
+        """Before the backward of a micro-batch of `task` alone: remember the gradients its backward must not
+        change (coordinates another task owns and `task` does not). No-op without exclusive coordinates."""
+        if not self.owned:
+            return
+        if task not in self._shielded:  # a task that owns nothing may touch no owned coordinate
+            self._shielded[task] = self._indices(list(self.owned), [])
+        self._task_stash = {
+            name: None if self.named_params[name].grad is None else self.named_params[name].grad.view(-1)[idx].clone()
+            for name, idx in self._shielded[task].items()
+        }
+
+    def end_task(self, task: str | None) -> None:
+        """After that backward: put those gradients back, so `task`'s contribution never reaches them."""
+        if not self.owned:
+            return
+        for name, idx in self._shielded[task].items():
+            grad = self.named_params[name].grad
+            if grad is None:
+                continue
+            before = self._task_stash.get(name)
+            grad.view(-1).index_copy_(0, idx, torch.zeros_like(grad.view(-1)[idx]) if before is None else before)
+        self._task_stash = {}
+
+    def _exclusive_held(self, present: frozenset[str]) -> dict[str, Tensor]:
+        """Exclusive coordinates none of whose owners is in this step's batch: held like frozen ones."""
+        if present not in self._held:
+            absent = [t for t in self.owned if t not in present]
+            self._held[present] = self._indices(absent, [t for t in self.owned if t in present])
+        return self._held[present]
+
     def _zero_momentum(self, param: torch.nn.Parameter, released: Tensor) -> None:
         # Only the first moment is zeroed. Zeroing exp_avg_sq too would kick the
         # coordinate: Adam's bias correction uses the per-tensor step count, so a
@@ -119,19 +218,24 @@ class IsolatedOptimizer:
         self._hidden = True
 
     @torch.no_grad()
-    def step(self, clip_coef: Tensor | float = 1.0) -> None:
+    def step(self, clip_coef: Tensor | float = 1.0, tasks: frozenset[str | None] = frozenset()) -> None:
         """Inner step with isolated values held bit-exactly.
 
         `clip_coef` is the factor the clipped grads were scaled by (see
         `clip_coefficient`); under "track" the stashed grads get the same.
+        `tasks`: the tasks of this step's batch; the exclusive coordinates of
+        none of them are held too.
         """
         self.hide_isolated_grads()
         for name, values in self._stash.items():
             self.named_params[name].grad.view(-1).index_copy_(0, self.index[name], values * clip_coef)
-        held = {name: self.named_params[name].view(-1)[idx] for name, idx in self.index.items()}
+        hold = list(self.index.items())
+        if self.owned:
+            hold += list(self._exclusive_held(tasks).items())
+        held = [(name, idx, self.named_params[name].view(-1)[idx]) for name, idx in hold]
         self.optimizer.step()
-        for name, values in held.items():
-            self.named_params[name].view(-1).index_copy_(0, self.index[name], values)
+        for name, idx, values in held:
+            self.named_params[name].view(-1).index_copy_(0, idx, values)
         self._stash.clear()
         self._hidden = False
 
@@ -142,7 +246,8 @@ class IsolatedOptimizer:
 
     def state_dict(self) -> dict:
         """Inner optimizer state, bit-packed masks and the moment policy."""
-        return {"optimizer": self.optimizer.state_dict(), "masks": pack(self.masks), "moments": self.moments}
+        return {"optimizer": self.optimizer.state_dict(), "masks": pack(self.masks), "moments": self.moments,
+                "exclusive": {task: pack(masks) for task, masks in self.exclusive_masks.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         if state["moments"] != self.moments:
@@ -152,3 +257,4 @@ class IsolatedOptimizer:
         self._hidden = False
         self.index = {}  # masks are restored as they were, no release policy applies
         self.set_masks(unpack(state["masks"]))
+        self.set_exclusive({task: unpack(packed) for task, packed in state.get("exclusive", {}).items()})

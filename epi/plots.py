@@ -25,7 +25,7 @@ def mask_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """{metric: [(step, value), ...]} of the mask events a run logged at each refresh."""
     curves: dict[str, list[tuple[int, float]]] = {}
     for e in read_metrics(run_dir):
-        if e["split"] == "mask" and e["metric"] in ("jaccard_first", "jaccard_prev", "isolated_fraction"):
+        if e["split"] == "mask" and not e.get("task") and e["metric"] in ("jaccard_first", "jaccard_prev", "isolated_fraction"):
             curves.setdefault(e["metric"], []).append((e["step"], e["value"]))
     return curves
 
@@ -48,6 +48,43 @@ def plot_drift(runs: dict[str, Path], out: Path) -> Path | None:
     ax.set(xlabel="step", ylabel="Jaccard overlap of isolated sets", ylim=(0, 1.02), title="Mask drift")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    return _save(fig, out)
+
+
+def task_mask_curves(run_dir: Path) -> tuple[dict[str, dict[str, list[tuple[int, float]]]], dict[tuple[str, str], list[tuple[int, float]]]]:
+    """Exclusive isolation's per-task refresh events: {task: {metric: [(step, value)]}} and {(task, other): [(step, Jaccard)]}."""
+    drift: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    overlap: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for e in read_metrics(run_dir):
+        if e["split"] == "mask" and e.get("task") and e["metric"] in ("jaccard_first", "jaccard_prev"):
+            drift.setdefault(e["task"], {}).setdefault(e["metric"], []).append((e["step"], e["value"]))
+        elif e["split"] == "mask_overlap" and e.get("task") and e["task"] < e["metric"]:  # each pair once
+            overlap.setdefault((e["task"], e["metric"]), []).append((e["step"], e["value"]))
+    return drift, overlap
+
+
+def plot_task_drift(run_dir: Path, out: Path) -> Path | None:
+    """Exclusive isolation over time: each task's mask against its own first and previous one (left), and
+    every pair of tasks' masks against each other (right: the task-by-task overlap matrix, one line per
+    cell). Returns None if the run logged no per-task masks."""
+    drift, overlap = task_mask_curves(run_dir)
+    if not drift:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (task, curves) in enumerate(sorted(drift.items())):
+        color = f"C{i % 10}"
+        for metric, style in (("jaccard_first", "-"), ("jaccard_prev", "--")):
+            if curves.get(metric):
+                steps, values = zip(*curves[metric])
+                left.plot(steps, values, style, color=color, marker="o", markersize=3, label=f"{task}: vs {metric.split('_')[1]}")
+    left.set(xlabel="step", ylabel="Jaccard with its own earlier mask", ylim=(0, 1.02), title="Each task's mask drift")
+    for (task, other), points in sorted(overlap.items()):
+        steps, values = zip(*points)
+        right.plot(steps, values, marker="o", markersize=3, label=f"{task} / {other}")
+    right.set(xlabel="step", ylabel="Jaccard of two tasks' masks", ylim=(0, 1.02), title="Task-by-task mask overlap")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
     return _save(fig, out)
 
 

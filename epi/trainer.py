@@ -24,17 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from tqdm import tqdm
 
-from epi import checkpoint
+from epi import checkpoint, retention
 from epi.components import build
 from epi.context import TrainerContext
 from epi.data.contamination import contamination, contamination_warning
-from epi.data.format import collate
+from epi.data.format import IGNORE_INDEX, collate
 from epi.data.load import encode_tasks, load_tasks
 from epi.data.mixture import MixtureSampler, sampling_weights
 from epi.distributed import init_distributed, pick_device, seed_everything
@@ -116,10 +117,11 @@ class Trainer:
         self._setup_tokenized_data()
         self._setup_optimizer()
         self._setup_logger()
+        self._setup_retention(measure=resume_state is None)
         ctx = TrainerContext(
             model=self.model, engine=self.optimizer, logger=self.logger, run_dir=self.run_dir, tasks=tuple(self.tasks),
             seed=cfg.seed, rank=self.rank, world=self.world, steps=cfg.schedule.steps,
-            train_copy=self.train_copy, fingerprint=self.fingerprint, charge=self.charge,
+            train_copy=self.train_copy, fingerprint=self.fingerprint, charge=self.charge, task_gradient=self.task_gradient,
         )
         self.stages = self.strategy.prepare(ctx, default_stages(cfg))
         self._setup_lr_schedule()
@@ -165,6 +167,15 @@ class Trainer:
         self.trained_counts = {name: [trained_tokens(r["labels"]) for r in rows] for name, rows in self.train_sets.items()}
         self.overlap = contamination(self.raw_tasks)  # eval prompts that are also training prompts
         self.data_stats = {name: {**e.stats, **e.task.input_stats, **self.overlap[name]} for name, e in encoded.items()}
+
+    def _setup_retention(self, measure: bool) -> None:
+        """Held-out text for general-ability retention (`eval.retention` passages; epi/retention.py), measured
+        on the model as loaded: before a strategy's `prepare` changes it (CPI's fusion) and before any step."""
+        n = self.cfg.eval.get("retention", 0)
+        self.retention = retention.build(self.tokenizer, n, self.cfg.data.max_len) if n else None
+        self.retention_before: dict[str, float] | None = None  # a resume restores it from the checkpoint
+        if self.retention is not None and measure:
+            self.retention_before = self.log_retention(0)
 
     def _setup_optimizer(self) -> None:
         """The run's learner: the optimizer config node wrapped by the isolation engine."""
@@ -275,6 +286,9 @@ class Trainer:
         self.logger.log(self.step, "compute", dict(self.compute))  # the run's cost, for equal-compute comparisons
         self.predictions: list[dict[str, Any]] = []
         results = self.evaluate(self.step, cfg.eval.split, self.predictions)
+        if self.retention is not None:
+            after = self.log_retention(self.step)
+            self.write_retention(after)
         for task in self.tasks:  # a few predictions per task on the dashboard; all of them in predictions_<split>.jsonl
             rows = [[r["prompt"], r["reference"], r["prediction"], r["score"], r["loss"]] for r in self.predictions if r["task"] == task]
             self.logger.table(f"predictions/{task}", ["prompt", "reference", "prediction", "score", "loss"], rows[:PREDICTION_SAMPLE])
@@ -307,11 +321,18 @@ class Trainer:
         micro_batches, tokens, trained = self._draw_step(learner, step)
         self.charge(1, trained)  # every step of every learner, probes and skipped steps included
         loss_sum = torch.zeros((), device=self.device)
-        for batch in micro_batches:
+        engine = learner.optimizer
+        for task, batch in micro_batches:
+            weight = self.world / trained
+            if batch is None:  # this rank's shard of a task's micro-batch is empty: DDP still needs its backward
+                batch, weight = self._empty_shard(), 0.0
+            engine.begin_task(task)
             with autocast:
                 token_losses = learner.forward(batch["input_ids"], batch["attention_mask"], batch["labels"])
-            (token_losses * (self.world / trained)).backward()
-            loss_sum += token_losses.detach()  # stays on the device until the one check below
+            (token_losses * weight).backward()
+            engine.end_task(task)
+            if weight:
+                loss_sum += token_losses.detach()  # stays on the device until the one check below
         if self.world > 1:
             dist.all_reduce(loss_sum)  # the logged loss is the global batch's, not this rank's shard's
         params = list(learner.named_params.values())
@@ -334,7 +355,8 @@ class Trainer:
             grad_norm = raw_norm
         if s.clip_norm:
             torch.nn.utils.clip_grads_with_norm_(params, s.clip_norm, grad_norm)
-        learner.optimizer.step(clip_coefficient(grad_norm, s.clip_norm) if s.clip_norm else 1.0)
+        learner.optimizer.step(clip_coefficient(grad_norm, s.clip_norm) if s.clip_norm else 1.0,
+                               tasks=frozenset(task for task, _ in micro_batches))
         scheduler.step()
         learner.optimizer.zero_grad(set_to_none=True)
         hooks.after_step(step)
@@ -364,13 +386,16 @@ class Trainer:
             "or schedule.nonfinite=skip to drop such updates and count them."
         )
 
-    def _draw_step(self, learner: Learner, step: int) -> tuple[list[dict[str, Tensor]], int, int]:
-        """This step's micro-batches (this rank's shards), and the global batch's tokens and trained tokens.
+    def _draw_step(self, learner: Learner, step: int) -> tuple[list[tuple[str | None, dict[str, Tensor] | None]], int, int]:
+        """This step's micro-batches (this rank's shards, each with its task when the batch is split by
+        task), and the global batch's tokens and trained tokens.
 
         The whole global batch (batch_size x grad_accum examples) is drawn at once, the same on every
         rank, so its trained-token count needs no communication and `grad_accum=k` sees exactly the
         examples of one batch k times as large. Under `schedule.group_by_length` the pool of
-        length-grouped batches ends with the current weights (`learner.horizon`).
+        length-grouped batches ends with the current weights (`learner.horizon`). Under exclusive
+        isolation the same examples run as task-homogeneous micro-batches of at most batch_size
+        (`_by_task`), so each task's gradient can be kept from the coordinates it does not own.
         """
         s = self.cfg.schedule
         group = min(s.group_by_length, learner.horizon - step + 1) if s.group_by_length else 0
@@ -382,12 +407,35 @@ class Trainer:
             learner.realised[task]["tokens"] += len(row["input_ids"])
             tokens += len(row["input_ids"])
             trained += self.trained_counts[task][i]
+        if learner.optimizer.owned:
+            chunks = self._by_task(picks, s.batch_size)
+        else:
+            chunks = [(None, picks[k * s.batch_size : (k + 1) * s.batch_size]) for k in range(s.grad_accum)]
         micro_batches = []
-        for k in range(s.grad_accum):
-            shard = picks[k * s.batch_size : (k + 1) * s.batch_size][self.rank :: self.world]
-            batch = collate([self.train_sets[task][i] for task, i in shard], self.tokenizer.pad_token_id)
-            micro_batches.append({name: v.to(self.device) for name, v in batch.items()})
+        for task, chunk in chunks:
+            shard = chunk[self.rank :: self.world]
+            if not shard:
+                micro_batches.append((task, None))
+                continue
+            batch = collate([self.train_sets[t][i] for t, i in shard], self.tokenizer.pad_token_id)
+            micro_batches.append((task, {name: v.to(self.device) for name, v in batch.items()}))
         return micro_batches, tokens, trained
+
+    @staticmethod
+    def _by_task(picks: list[tuple[str, int]], size: int) -> list[tuple[str, list[tuple[str, int]]]]:
+        """The global batch as task-homogeneous micro-batches of at most `size` examples, tasks in sorted order."""
+        chunks = []
+        for task in sorted({t for t, _ in picks}):
+            mine = [pick for pick in picks if pick[0] == task]
+            chunks += [(task, mine[k : k + size]) for k in range(0, len(mine), size)]
+        return chunks
+
+    def _empty_shard(self) -> dict[str, Tensor]:
+        """A two-token batch whose loss is multiplied by 0: DDP all-reduces in every backward, so a rank with
+        no example of a micro-batch's task still runs one."""
+        pad = self.tokenizer.pad_token_id
+        batch = collate([{"input_ids": [pad, pad], "labels": [IGNORE_INDEX, pad]}], pad)
+        return {name: v.to(self.device) for name, v in batch.items()}
 
     def log_realised(self) -> None:
         """The mixture as trained so far: examples and tokens drawn per task, and each task's share of the tokens."""
@@ -412,6 +460,33 @@ class Trainer:
             out = self.train_step(step, learner)
             tokens += out.trained_tokens
         return {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}, tokens, out.loss
+
+    def task_gradient(self, task: str, step: int) -> dict[str, Tensor]:
+        """The gradient of the loss on a calibration batch of `task` alone at the run's current weights, with no
+        update: batch_size examples drawn by `default_rng([seed, 3, step, task index])` (a pure function, so a
+        resume draws the same), token-weighted and sharded like a training step. Its tokens are charged."""
+        learner, s = self.learner, self.cfg.schedule
+        if any(p.grad is not None for p in learner.named_params.values()):
+            raise RuntimeError("task_gradient needs the gradients cleared: call it from after_step")
+        rows = self.train_sets[task]
+        rng = np.random.default_rng([self.cfg.seed, 3, step, sorted(self.train_sets).index(task)])
+        picks = [int(i) for i in rng.choice(len(rows), size=min(s.batch_size, len(rows)), replace=False)]
+        trained = sum(self.trained_counts[task][i] for i in picks)
+        self.charge(0, trained)
+        shard = picks[self.rank :: self.world]
+        if shard:
+            batch = {k: v.to(self.device) for k, v in collate([rows[i] for i in shard], self.tokenizer.pad_token_id).items()}
+            weight = self.world / trained
+        else:
+            batch, weight = self._empty_shard(), 0.0
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if s.precision == "bf16" else nullcontext()
+        with torch.enable_grad():  # strategies call this from their no-grad refresh
+            with autocast:
+                loss = learner.forward(batch["input_ids"], batch["attention_mask"], batch["labels"])
+            (loss * weight).backward()
+        grads = {n: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for n, p in learner.named_params.items()}
+        learner.optimizer.zero_grad(set_to_none=True)
+        return grads
 
     def charge(self, optimizer_steps: int, trained_tokens: int) -> None:
         """Compute the run consumed without spending it here (a probe read from the cache)."""
@@ -465,6 +540,22 @@ class Trainer:
         self.logger.log(step, split_name, {f"avg_{k}": v for k, v in average(results).items()})
         return results
 
+    def log_retention(self, step: int) -> dict[str, float]:
+        """Perplexity of the held-out text now, logged under `retention` at `step`."""
+        metrics = retention.perplexity(self.model, self.retention, self.cfg.eval.batch_size)
+        self.logger.log(step, "retention", metrics)
+        return metrics
+
+    def write_retention(self, after: dict[str, float]) -> None:
+        """retention.json: the corpus (by hash), and its perplexity before and after training."""
+        if self.rank != 0:
+            return
+        data = {
+            "corpus_sha256": self.retention.corpus_sha256, "passages": len(self.retention.passages),
+            "tokens_per_passage": self.cfg.data.max_len, "before": self.retention_before, "after": after,
+        }
+        (self.run_dir / "retention.json").write_text(json.dumps(data, indent=2) + "\n")
+
     def save_model(self, path: Path) -> None:
         """The final model in Hugging Face format, written to a temporary directory and renamed into place."""
         if self.rank != 0:
@@ -492,6 +583,7 @@ class Trainer:
                 "realised": self.learner.realised,
                 "skipped": self.skipped,
                 "compute": self.compute,
+                "retention_before": self.retention_before,
                 "strategy": self.strategy.state_dict(),
                 "rng": checkpoint.rng_state(),
                 "config": OmegaConf.to_container(self.cfg, resolve=True),
@@ -507,6 +599,7 @@ class Trainer:
         self.learner.realised = state["realised"]
         self.skipped = state["skipped"]
         self.compute = state["compute"]
+        self.retention_before = state.get("retention_before")  # absent from checkpoints written before eval.retention
         self.strategy.load_state_dict(state["strategy"])
         checkpoint.set_rng_state(state["rng"])
         self.step = state["step"]

@@ -30,6 +30,11 @@ from torch import Tensor
 from epi.masks import Masks
 from epi.schema import Schema
 
+# strategy.mode: the two readings of "isolating task-critical parameters" (PAPERS.md). `freeze`: an
+# isolated coordinate moves for no task. `exclusive`: a coordinate critical to task t moves under t's
+# gradient only (our reading of the papers' words; freeze stays the default until the tables say otherwise).
+MODES = ("freeze", "exclusive")
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -61,6 +66,18 @@ class Context(Protocol):
 
     def set_masks(self, masks: Masks) -> dict[str, int]:
         """Replace the isolation (bool masks of the parameters' shapes); returns churn counts."""
+
+    def exclusive_masks(self) -> dict[str, Masks]:
+        """The task-exclusive coordinates now in force: task -> masks (True = that task's alone)."""
+
+    def set_exclusive(self, masks: dict[str, Masks]) -> dict[str, int]:
+        """Replace the task-exclusive coordinates (task -> masks): each moves under its tasks' gradients
+        only, and is held in a step whose batch has none of them; returns churn counts of their union."""
+
+    def task_gradient(self, task: str, step: int) -> dict[str, Tensor]:
+        """The gradient of the loss on one calibration batch of `task` alone at the current weights, with
+        no update (call from `after_step`): per-task importance without per-task state. The batch is a pure
+        function of the seed, `step` and the task; its tokens are charged to the run's compute."""
 
     def mean_across_ranks(self, tensors: list[Tensor]) -> None:
         """Average tensors over data-parallel ranks in place, so every rank takes the same decision."""

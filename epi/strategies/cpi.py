@@ -13,6 +13,10 @@ stage k the cores of all tasks of groups 1..k-1 are frozen through the isolation
 stage trains on is `stage_data`: `mixed` (every task, equal weight: the paper's "pipelined SFT on
 mixed-task data", where the groups decide only when cores freeze) or `group` (the group's tasks
 alone: the classic multi-stage reading, and sequential A-then-B training).
+
+`mode: exclusive` reads "isolation" the other way (PAPERS.md): from stage k on, the cores of each
+earlier group move under that group's tasks' gradients only (with `stage_data: mixed` they keep
+learning their own tasks; with `group` they are held, as frozen ones would be).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from epi.errors import TrainingDiverged, UserError
 from epi.masks import SCOPES, Masks, NonFiniteScores, jaccard, mask_stats, participating, top_p, union
 from epi.merge import SPACES, fuse
 from epi.schema import Schema, at_least, positive, within
-from epi.strategies.base import Context, Stage, Strategy
+from epi.strategies.base import MODES, Context, Stage, Strategy
 
 ORDERS = ("random", "given", "heuristic")
 STAGE_DATA = ("mixed", "group")
@@ -103,6 +107,7 @@ class CPIConfig(Schema):
     include: dict[str, bool]
     cache_dir: str
     count_probes_in_budget: bool
+    mode: Literal[MODES]
 
     def check(self, key: str) -> None:
         if self.order == "given" and not self.given_order:
@@ -180,10 +185,13 @@ class CPI(Strategy):
         if not self.freeze_cores:
             return
         earlier = [self.cores[t] for g in self.groups[:index] for t in g]
-        frozen = union(*earlier) if earlier else {}
-        self.ctx.set_masks(frozen)
+        isolated = union(*earlier) if earlier else {}
+        if self.cfg.mode == "exclusive":  # a group's cores move under that group's tasks only
+            self.ctx.set_exclusive({t: union(*(self.cores[u] for u in g)) for g in self.groups[:index] for t in g})
+        else:
+            self.ctx.set_masks(isolated)
         numels = {n: p.numel() for n, p in self.ctx.named_params.items()}
-        self.ctx.log(step, "mask", {"isolated_fraction": mask_stats(frozen, numels)["isolated_fraction"], "stage": index})
+        self.ctx.log(step, "mask", {"isolated_fraction": mask_stats(isolated, numels)["isolated_fraction"], "stage": index})
 
     # ------------------------------------------------------------ probes
     def probe(self, task: str) -> dict[str, Tensor]:

@@ -14,6 +14,12 @@ beta = schedule.betas[1]) instead of a new buffer: no extra memory. The engine k
 isolated coordinates' true gradients into it (`schedule.isolated_moments=track`), so a frozen
 coordinate's importance does not decay just because it is frozen.
 
+`mode: exclusive` (our reading of "isolation", PAPERS.md): at each refresh every task of the current
+stage gets its own top-p, ranked by the signal of its own gradient on one calibration batch of it
+alone (`Context.task_gradient`: no per-task state is kept between refreshes), and the engine lets
+those coordinates move under that task's gradient only. A task outside the stage keeps its last
+mask: no data of it is read. `random` draws each task's coordinates at random instead.
+
 Normalisation (`norm`) divides scores by their layer's mean (default) or max before the global
 ranking, so a layer with larger gradients does not take the whole budget. Mean rather than max:
 a single outlier coordinate would otherwise rescale its whole layer.
@@ -31,6 +37,9 @@ from torch import Tensor
 from epi.errors import TrainingDiverged, UserError
 from epi.masks import (
     METHODS,
+    from_indices,
+    indices,
+    union,
     NORMALIZE_METHODS,
     NonFiniteScores,
     SCOPES,
@@ -44,7 +53,7 @@ from epi.masks import (
     unpack,
 )
 from epi.schema import Schema, at_least, within
-from epi.strategies.base import Context, Stage, Strategy
+from epi.strategies.base import MODES, Context, Stage, Strategy
 
 SIGNALS = ("sq_grad", "taylor", "abs_grad")
 
@@ -62,6 +71,14 @@ class EvolvingConfig(Schema):
     sample_size: Annotated[int, at_least(1)]
     include: dict[str, bool]
     allow_no_isolation: bool
+    mode: Literal[MODES]
+
+    def check(self, key: str) -> None:
+        if self.mode == "exclusive" and self.hysteresis > 1:
+            raise UserError(
+                f"{key}.hysteresis={self.hysteresis} with {key}.mode=exclusive: hysteresis counts misses per coordinate, "
+                "which per task would be a byte per parameter per task; use hysteresis=1 with exclusive isolation"
+            )
 
 
 class EvolvingIsolation(Strategy):
@@ -74,6 +91,8 @@ class EvolvingIsolation(Strategy):
         self.refreshes = 0
         self.first_mask: dict[str, dict] | None = None  # bit-packed: the drift curve's reference
         self.misses: dict[str, Tensor] = {}  # hysteresis: consecutive refreshes an isolated coordinate missed the top set
+        self.first_index: dict[str, dict[str, Tensor]] = {}  # exclusive: each task's first mask, flat indices (drift)
+        self.stage_tasks: tuple[str, ...] = ()  # exclusive: the tasks whose masks a refresh recomputes
 
     def prepare(self, ctx: Context, stages: list[Stage]) -> list[Stage]:
         super().prepare(ctx, stages)
@@ -108,22 +127,34 @@ class EvolvingIsolation(Strategy):
     def importance(self) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def task_importance(self, task: str, step: int) -> dict[str, Tensor]:
+        """`task`'s own importance at `step` (exclusive mode)."""
+        raise NotImplementedError
+
+    def on_stage_start(self, index: int, stage: Stage, step: int) -> None:
+        self.stage_tasks = tuple(stage.tasks)
+
     def after_step(self, step: int) -> None:
         if self.is_refresh(step):
             self.refresh(step)
 
-    @torch.no_grad()
-    def refresh(self, step: int) -> None:
-        tic = time.perf_counter()
-        scores = self.importance()
+    def _select(self, scores: dict[str, Tensor], step: int) -> Masks:
         self.ctx.mean_across_ranks(list(scores.values()))  # identical masks on every rank
         try:
-            selected = top_p(scores, self.cfg.p, self.cfg.scope, self.cfg.method, self.cfg.sample_size, self.generator)
+            return top_p(scores, self.cfg.p, self.cfg.scope, self.cfg.method, self.cfg.sample_size, self.generator)
         except NonFiniteScores as e:
             raise TrainingDiverged(
                 f"step {step}: importance {e}: the gradients it averages overflowed or were NaN; no mask was set. "
                 "Lower schedule.lr or set schedule.clip_norm; with strategy.beta=null the importance is AdamW's exp_avg_sq."
             ) from e
+
+    @torch.no_grad()
+    def refresh(self, step: int) -> None:
+        if self.cfg.mode == "exclusive":
+            self._refresh_exclusive(step)
+            return
+        tic = time.perf_counter()
+        selected = self._select(self.importance(), step)
         old = {n: m.cpu() for n, m in self.ctx.masks().items()}
         new = self._apply_hysteresis(old, selected) if self.cfg.hysteresis > 1 else selected
         counts = self.ctx.set_masks(new)
@@ -145,6 +176,38 @@ class EvolvingIsolation(Strategy):
             },
         )
 
+    def _refresh_exclusive(self, step: int) -> None:
+        """Every task of the current stage gets its own top-p from its own importance; the others keep theirs.
+        Logged per task: its mask's size and drift (Jaccard with its first and previous mask) and its overlap
+        with every other task's mask; and for the union, what `refresh` logs."""
+        tic = time.perf_counter()
+        old = {t: {n: m.cpu() for n, m in masks.items()} for t, masks in self.ctx.exclusive_masks().items()}
+        new = dict(old)
+        for task in self.stage_tasks or self.ctx.tasks:
+            new[task] = {n: m.cpu() for n, m in self._select(self.task_importance(task, step), step).items()}
+        counts = self.ctx.set_exclusive(new)
+        self.refreshes += 1
+        shapes = {n: p.shape for n, p in self.ctx.named_params.items()}
+        for task, masks in new.items():
+            first = from_indices(self.first_index.setdefault(task, indices(masks)), shapes)
+            self.ctx.log(step, "mask", {
+                "isolated_fraction": mask_stats(masks, self.numels)["isolated_fraction"],
+                "jaccard_prev": jaccard(old[task], masks) if task in old else 1.0,
+                "jaccard_first": jaccard(first, masks),
+            }, task=task)
+            self.ctx.log(step, "mask_overlap", {other: jaccard(masks, theirs) for other, theirs in new.items() if other != task}, task=task)
+        together, before = union(*new.values()), union(*old.values()) if old else {}
+        if self.first_mask is None:
+            self.first_mask = pack(together)
+        self.ctx.log(step, "mask", {
+            **mask_stats(together, self.numels),
+            "protected": counts["protected"],
+            "released": counts["released"],
+            "jaccard_prev": jaccard(before, together) if old else 1.0,
+            "jaccard_first": jaccard(unpack(self.first_mask), together),
+            "refresh_seconds": time.perf_counter() - tic,
+        })
+
     def _apply_hysteresis(self, old: Masks, selected: Masks) -> Masks:
         """Release an isolated coordinate only after it missed the top set on `hysteresis` refreshes in a row."""
         new = {}
@@ -163,6 +226,8 @@ class EvolvingIsolation(Strategy):
             "first_mask": self.first_mask,
             "misses": self.misses,
             "generator": self.generator.get_state(),
+            "first_index": self.first_index,
+            "stage_tasks": list(self.stage_tasks),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -170,6 +235,8 @@ class EvolvingIsolation(Strategy):
         self.first_mask = state["first_mask"]
         self.misses = state["misses"]
         self.generator.set_state(state["generator"])
+        self.first_index = state.get("first_index", {})  # absent from checkpoints written before exclusive mode
+        self.stage_tasks = tuple(state.get("stage_tasks", ()))
 
 
 @dataclass
@@ -181,6 +248,7 @@ class EPIConfig(EvolvingConfig):
     norm: Literal[NORMALIZE_METHODS]
 
     def check(self, key: str) -> None:
+        super().check(key)
         if self.beta is None and self.signal != "sq_grad":
             raise UserError(f"{key}.beta=null reuses AdamW's EMA of g^2, which only fits signal=sq_grad; set {key}.beta (e.g. 0.99) for signal={self.signal}")
 
@@ -218,6 +286,15 @@ class EPI(EvolvingIsolation):
                 continue
             signal = g * g if self.cfg.signal == "sq_grad" else (g * param if self.cfg.signal == "taylor" else g).abs()
             ema.mul_(self.cfg.beta).add_(signal, alpha=1 - self.cfg.beta)
+
+    def task_importance(self, task: str, step: int) -> dict[str, Tensor]:
+        """The signal of `task`'s gradient on its calibration batch (no EMA: no per-task state), normalised."""
+        grads = self.ctx.task_gradient(task, step)
+        raw = {}
+        for name, param in self.params.items():
+            g = grads[name].float()
+            raw[name] = g * g if self.cfg.signal == "sq_grad" else (g * param).abs() if self.cfg.signal == "taylor" else g.abs()
+        return normalize(raw, self.cfg.norm)
 
     def importance(self) -> dict[str, Tensor]:
         if self.cfg.beta is None:

@@ -17,3 +17,7 @@ class RandomIsolation(EvolvingIsolation):
 
     def importance(self) -> dict[str, Tensor]:
         return {n: torch.rand(p.shape, generator=self.generator).to(p.device) for n, p in self.params.items()}
+
+    def task_importance(self, task: str, step: int) -> dict[str, Tensor]:
+        """Exclusive mode: each task's coordinates drawn at random, as many as EPI would give it."""
+        return self.importance()

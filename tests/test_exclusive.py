@@ -1,0 +1,227 @@
+"""Task-exclusive isolation (`strategy.mode=exclusive`): a coordinate critical to task t moves under
+t's gradient only. In the engine and in the real loop: its gradient is t's alone, it is bit-identical
+across every step whose batch holds no example of t (AdamW decay and momentum included), it moves in
+t's steps, the loss stays token-weighted, and a resume is exact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from epi import checkpoint
+from epi.errors import UserError
+from epi.logging import read_metrics
+from epi.optim import IsolatedOptimizer
+from epi.strategies.cpi import CPI
+from epi.strategies.epi import EPI
+from epi.trainer import Trainer
+from tests.conftest import make_cfg
+
+EXCLUSIVE = ["strategy=epi", "strategy.mode=exclusive", "strategy.p=0.1", "strategy.warmup=2", "strategy.refresh_every=3",
+             "schedule.steps=12", "schedule.weight_decay=0.5", "schedule.lr=1e-2"]
+
+
+# --- the engine ------------------------------------------------------------------------------
+
+def linear_and_data(seed: int = 0) -> tuple[nn.Linear, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    torch.manual_seed(seed)
+    model = nn.Linear(6, 4)
+    data = {t: (torch.randn(5, 6), torch.randn(5, 4)) for t in ("a", "b")}
+    return model, data
+
+
+def backward(model: nn.Linear, x: torch.Tensor, y: torch.Tensor) -> None:
+    ((model(x) - y) ** 2).sum().backward()
+
+
+def owned_masks(model: nn.Linear) -> dict[str, dict[str, torch.Tensor]]:
+    a = torch.zeros(4, 6, dtype=torch.bool)
+    a[0, :3] = True
+    b = torch.zeros(4, 6, dtype=torch.bool)
+    b[1, :] = True
+    b[0, 0] = True  # shared with a: moves under both
+    return {"a": {"weight": a}, "b": {"weight": b}}
+
+
+def test_an_exclusive_coordinate_gets_its_own_tasks_gradient_only() -> None:
+    model, data = linear_and_data()
+    engine = IsolatedOptimizer(torch.optim.AdamW(model.parameters(), lr=0.1), dict(model.named_parameters()))
+    masks = owned_masks(model)
+    engine.set_exclusive(masks)
+    grads = {}
+    for task in ("a", "b"):  # each task's gradient alone
+        model.zero_grad()
+        backward(model, *data[task])
+        grads[task] = model.weight.grad.clone()
+    model.zero_grad()
+    for task in ("a", "b"):
+        engine.begin_task(task)
+        backward(model, *data[task])
+        engine.end_task(task)
+    got = model.weight.grad
+    only_a, only_b = masks["a"]["weight"] & ~masks["b"]["weight"], masks["b"]["weight"] & ~masks["a"]["weight"]
+    shared, free = masks["a"]["weight"] & masks["b"]["weight"], ~(masks["a"]["weight"] | masks["b"]["weight"])
+    assert torch.equal(got[only_a], grads["a"][only_a]) and torch.equal(got[only_b], grads["b"][only_b])
+    torch.testing.assert_close(got[shared], (grads["a"] + grads["b"])[shared])
+    torch.testing.assert_close(got[free], (grads["a"] + grads["b"])[free])
+
+
+@pytest.mark.parametrize("impl", [{"foreach": False}, {"fused": True}])
+def test_a_step_without_a_coordinates_owner_holds_it_bit_for_bit(impl: dict) -> None:
+    model, data = linear_and_data(1)
+    engine = IsolatedOptimizer(torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.5, **impl), dict(model.named_parameters()))
+    masks = owned_masks(model)
+    engine.set_exclusive(masks)
+    for task in ("a", "b"):  # momentum from a step with both tasks
+        engine.begin_task(task)
+        backward(model, *data[task])
+        engine.end_task(task)
+    engine.step(tasks=frozenset({"a", "b"}))
+    engine.zero_grad()
+    before = model.weight.detach().clone()
+    engine.begin_task("b")
+    backward(model, *data["b"])
+    engine.end_task("b")
+    engine.step(tasks=frozenset({"b"}))
+    only_a = masks["a"]["weight"] & ~masks["b"]["weight"]
+    assert torch.equal(model.weight.detach()[only_a], before[only_a])  # no decay, no stale momentum
+    assert not torch.equal(model.weight.detach()[masks["b"]["weight"]], before[masks["b"]["weight"]])
+
+
+def test_exclusive_masks_survive_the_engines_state_dict() -> None:
+    model, _ = linear_and_data()
+    engine = IsolatedOptimizer(torch.optim.AdamW(model.parameters()), dict(model.named_parameters()))
+    engine.set_exclusive(owned_masks(model))
+    other = IsolatedOptimizer(torch.optim.AdamW(model.parameters()), dict(model.named_parameters()))
+    other.load_state_dict(engine.state_dict())
+    for task, masks in engine.exclusive_masks.items():
+        assert torch.equal(other.exclusive_masks[task]["weight"], masks["weight"])
+
+
+# --- the real loop ---------------------------------------------------------------------------
+
+class Watched:
+    """Wraps a trainer's step draw and checks every step: a coordinate whose owners are all absent from the
+    step's batch is bit-identical after it; the coordinates of a present task moved."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer, self.checked, self.moved = trainer, 0, 0
+        draw = trainer._draw_step
+
+        def recording(learner, step):
+            out = draw(learner, step)
+            self.tasks = frozenset(task for task, _ in out[0])
+            self.before = {n: p.detach().clone() for n, p in trainer.named_params.items()}
+            self.owned = trainer.optimizer.exclusive_masks
+            return out
+
+        trainer._draw_step = recording
+        after_step = trainer.strategy.after_step
+
+        def check(step: int) -> None:
+            params = trainer.named_params
+            for task, masks in self.owned.items():
+                others = [m for t, m in self.owned.items() if t != task and t in self.tasks]
+                for name, mask in masks.items():
+                    alone = mask.clone()
+                    for m in others:
+                        if name in m:
+                            alone &= ~m[name]
+                    if not alone.any():
+                        continue
+                    same = torch.equal(params[name].detach()[alone], self.before[name][alone])
+                    if task in self.tasks:
+                        self.moved += not same
+                    else:
+                        assert same, f"step {step}: {name}, exclusive to {task!r} (absent from the batch), moved"
+                        self.checked += 1
+            after_step(step)
+
+        trainer.strategy.after_step = check
+
+
+def test_exclusive_epi_in_the_real_loop_holds_absent_tasks_coordinates(tmp_path: Path) -> None:
+    trainer = Trainer(make_cfg(*EXCLUSIVE, "schedule.batch_size=2"), tmp_path)  # 2 of 5 tasks per step: most are absent
+    watched = Watched(trainer)
+    trainer.fit()
+    assert watched.checked > 10 and watched.moved > 0
+    assert set(trainer.optimizer.exclusive_masks) == set(trainer.tasks) and not trainer.optimizer.index
+    events = read_metrics(tmp_path)
+    per_task = {e["task"] for e in events if e["split"] == "mask" and e.get("task")}
+    assert per_task == set(trainer.tasks)
+    overlap = [e for e in events if e["split"] == "mask_overlap"]
+    assert {e["metric"] for e in overlap} == set(trainer.tasks)
+
+
+def test_the_loss_stays_token_weighted_when_the_batch_is_split_by_task(tmp_path: Path) -> None:
+    """Until the first mask both runs train the same; at the step after it the exclusive run computes its loss
+    from task-homogeneous micro-batches, the other from one batch: the same number."""
+    common = ["schedule.steps=3", "schedule.batch_size=8"]
+    (tmp_path / "x").mkdir()
+    (tmp_path / "f").mkdir()
+    exclusive = Trainer(make_cfg("strategy=epi", "strategy.mode=exclusive", "strategy.warmup=2", "strategy.p=0.1", *common), tmp_path / "x")
+    freeze = Trainer(make_cfg("strategy=none", *common), tmp_path / "f")
+    exclusive.fit()
+    freeze.fit()
+    loss = {run: [e["value"] for e in read_metrics(tmp_path / run) if e["metric"] == "loss"] for run in ("x", "f")}
+    assert len(exclusive.optimizer.owned) == 5  # step 3 ran split by task
+    assert loss["x"][:2] == loss["f"][:2]
+    assert loss["x"][2] == pytest.approx(loss["f"][2], rel=1e-5)
+
+
+def test_exclusive_resume_is_exact(tmp_path: Path) -> None:
+    for d in ("straight", "crashed", "resumed"):
+        (tmp_path / d).mkdir()
+    common = [*EXCLUSIVE, "schedule.checkpoint_every=4"]
+    straight = Trainer(make_cfg(*common), tmp_path / "straight")
+    straight.fit()
+    crashing = make_cfg(*common, "strategy._target_=tests.test_epi.CrashingEPI", "+strategy.crash_at=6")
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(crashing, tmp_path / "crashed").fit()
+    state = checkpoint.load(str(tmp_path / "crashed"))
+    resumed = Trainer(make_cfg(*common), tmp_path / "resumed", resume_state=state)
+    resumed.fit()
+    for name, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+
+
+def test_exclusive_state_is_under_a_byte_per_parameter_for_five_tasks(tmp_path: Path) -> None:
+    trainer = Trainer(make_cfg(*EXCLUSIVE, "strategy.p=0.01", "schedule.steps=3"), tmp_path)
+    trainer.fit()
+    engine, strategy = trainer.optimizer, trainer.strategy
+    n = sum(p.numel() for p in trainer.named_params.values())
+    held = sum(i.numel() * i.element_size() for index in engine.owned.values() for i in index.values())
+    held += sum(i.numel() * i.element_size() for index in strategy.first_index.values() for i in index.values())
+    assert len(engine.owned) == 5 and held / n < 1.0
+
+
+def test_exclusive_cpi_lets_a_groups_cores_move_under_its_own_tasks_only(tmp_path: Path) -> None:
+    cfg = make_cfg("strategy=cpi", "strategy.mode=exclusive", "strategy.probe_steps=2", "strategy.tau=1.01", "strategy.p=0.1",
+                   f"strategy.cache_dir={tmp_path / 'cache'}", "schedule.steps=10", "schedule.batch_size=2", "schedule.weight_decay=0.5")
+    (tmp_path / "run").mkdir()
+    trainer = Trainer(cfg, tmp_path / "run")
+    assert isinstance(trainer.strategy, CPI) and len(trainer.strategy.groups) == 5  # tau > 1: every task its own group
+    watched = Watched(trainer)
+    trainer.fit()
+    assert watched.checked > 0 and not trainer.optimizer.index  # nothing frozen for everyone
+    assert len(trainer.optimizer.owned) == 4  # at the last stage, the four earlier groups' tasks
+
+
+def test_exclusive_with_hysteresis_is_refused() -> None:
+    from epi.strategies import build_strategy
+
+    with pytest.raises(UserError, match="hysteresis"):
+        build_strategy(make_cfg("strategy=epi", "strategy.mode=exclusive", "strategy.hysteresis=2").strategy)
+
+
+def test_random_exclusive_draws_a_mask_per_task(tmp_path: Path) -> None:
+    trainer = Trainer(make_cfg("strategy=random", *EXCLUSIVE[1:], "schedule.steps=3"), tmp_path)
+    trainer.fit()
+    masks = trainer.optimizer.exclusive_masks
+    assert set(masks) == set(trainer.tasks)
+    a, b = (masks[t] for t in sorted(masks)[:2])
+    assert any(not torch.equal(a[n], b[n]) for n in a)
+    assert not isinstance(trainer.strategy, EPI)
