@@ -18,6 +18,20 @@ of one setting are averaged. Definitions (also in the README):
   stage's tasks (B: the gain).
 - compute of a setting: the optimizer steps and trained tokens its runs logged (split
   `compute`, probes included), mean over seeds; none when a run lacks them (older runs).
+- 95% interval over seeds of every mean over seeds (scores, average, transfer numbers, retention):
+  Student's t, mean ± t(0.975, n-1) * s / sqrt(n), s the sample standard deviation of the n seeds'
+  values; none for a single seed (s is undefined); not clipped to the metric's range.
+- retention: the held-out perplexity before and after training (retention.json), mean over seeds;
+  none when a run of the setting lacks it, and for every setting when the runs' corpora differ
+  (corpus_sha256): perplexities of different text do not compare.
+- paired comparison against the baseline setting (`baseline`, default the setting with `arm=none`,
+  else `strategy=none`): per test example matched by (task, prompt, reference, occurrence), the
+  mean score over the seeds both settings have, arm minus baseline; a bootstrap over examples,
+  stratified by task (each task's examples resampled with replacement, its size kept), gives the
+  95% percentile interval of each task's mean difference and of their unweighted mean (Δavg, the
+  table's average). A setting beats (trails) the baseline only when the Δavg interval lies above
+  (below) 0. Sequential runs are compared on their final predictions only: the evaluations after
+  each stage are per task in metrics.jsonl, not per example.
 A run whose metrics lack a stage's evaluation keeps that row as a gap (None) and is left out
 of the transfer numbers, with its name and the missing stages in the report. A run without
 eval_<split>.json (failed, killed, or still running) is listed with its overrides and the
@@ -26,13 +40,16 @@ error line it left, so that a sweep's failures are not silently missing from the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from omegaconf import OmegaConf
 
 from epi.errors import UserError
@@ -44,6 +61,18 @@ COMPUTE = {"steps": "optimizer_steps", "tokens": "trained_tokens"}  # score-tabl
 # stderr, which Hydra does not copy into the job log and the joblib launcher does not keep
 ERROR_FILES = ("error.txt", "train.log")
 NO_ERROR = "no error recorded (see the launcher's output)"
+RETENTION = {"retention ppl before": "before", "retention ppl after": "after"}  # score-table column: side of retention.json
+DEFAULT_BASELINES = ("arm=none", "strategy=none")  # `baseline: null` takes the first one some setting has
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0  # one fresh generator per comparison: a setting's interval does not depend on the others in the report
+# t(0.975, df) for df = 1..30 (the usual table, each checked against a numerical integral of the density to 1e-10;
+# scipy is not a dependency); above 30 the Cornish-Fisher expansion in `t_quantile_975` (off by < 1e-7 there)
+T_975 = (
+    12.706204736, 4.302652730, 3.182446305, 2.776445105, 2.570581836, 2.446911851, 2.364624252, 2.306004135, 2.262157163, 2.228138852,
+    2.200985160, 2.178812830, 2.160368656, 2.144786688, 2.131449546, 2.119905299, 2.109815578, 2.100922040, 2.093024054, 2.085963447,
+    2.079613845, 2.073873068, 2.068657610, 2.063898562, 2.059538553, 2.055529439, 2.051830516, 2.048407142, 2.045229642, 2.042272456,
+)
+Z_975 = 1.959963984540054
 
 
 @dataclass
@@ -57,6 +86,8 @@ class Run:
     matrix: list[dict[str, float] | None] = field(default_factory=list)  # after each stage: task -> score; None = not evaluated
     missing_stages: list[int] = field(default_factory=list)  # stages whose after-stage evaluation is not in metrics.jsonl
     compute: dict[str, float] = field(default_factory=dict)  # COMPUTE column -> value; empty for runs from before it was logged
+    retention: dict | None = None  # retention.json as written (Trainer.write_retention); None when the run measured none
+    overrides: list[str] = field(default_factory=list)  # the group's overrides, `+` stripped, kept whole: `shorten` relabels `setting`
 
     @property
     def expert_of(self) -> str | None:
@@ -138,9 +169,11 @@ def load_run(path: Path, split: str) -> Run:
     stages = _stages(path, cfg)
     # row k is stage k's: a stage without its evaluation stays a marked gap, never closed up by the next one
     expected = range(len(stages)) if len(stages) > 1 else sorted(after)
+    group = cfg.logger.group or "default"
+    retention = path / "retention.json"
     return Run(
         path=path,
-        setting=cfg.logger.group or "default",
+        setting=group,
         seed=int(cfg.seed),
         tasks=list(cfg.data.tasks),
         scores={t: r["score"] for t, r in final.items() if "score" in r},  # perplexity-scored tasks have none
@@ -148,6 +181,8 @@ def load_run(path: Path, split: str) -> Run:
         matrix=[after.get(k) for k in expected],
         missing_stages=[k for k in expected if k not in after],
         compute=_compute(events),
+        retention=json.loads(retention.read_text()) if retention.is_file() else None,
+        overrides=[p.lstrip("+") for p in split_overrides(group)],
     )
 
 
@@ -167,8 +202,39 @@ def _stages(path: Path, cfg) -> list[list[str]]:
     return [list(cfg.data.tasks)]
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+@dataclass(frozen=True)
+class Stat:
+    """A mean over seeds with its spread and 95% t interval: what a table cell shows and report.json keeps."""
+
+    mean: float
+    std: float  # sample standard deviation (n - 1); 0 for a single seed, as the tables have always shown it
+    n: int
+    ci_low: float | None  # None for a single seed: one value has no spread to take an interval from
+    ci_high: float | None
+
+
+def t_quantile_975(df: int) -> float:
+    """t(0.975, df): the table for df <= 30, else the Cornish-Fisher expansion around the normal quantile."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    if df <= len(T_975):
+        return T_975[df - 1]
+    z = Z_975
+    terms = ((z**3 + z) / 4, (5 * z**5 + 16 * z**3 + 3 * z) / 96, (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384,
+             (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160)
+    return z + sum(g / df ** (k + 1) for k, g in enumerate(terms))
+
+
+def summarize(values: Sequence[float]) -> Stat:
+    """Mean, std and the 95% Student-t interval of per-seed values: with 2 to 5 seeds the normal 1.96
+    would understate the interval by a factor of up to 6.5."""
+    n = len(values)
+    mean = statistics.fmean(values)
+    if n < 2:
+        return Stat(mean, 0.0, n, None, None)
+    std = statistics.stdev(values)
+    half = t_quantile_975(n - 1) * std / math.sqrt(n)
+    return Stat(mean, std, n, mean - half, mean + half)
 
 
 def split_overrides(setting: str) -> list[str]:
@@ -234,25 +300,58 @@ def left_out_of_normalised(runs: list[Run]) -> dict[str, str]:
 
 
 def score_table(runs: list[Run]) -> tuple[list[str], list[dict]]:
-    """Rows per setting (see `by_setting` for the order): per-task mean/std over seeds, average, normalised
-    score vs the experts, and the compute spent (COMPUTE columns)."""
+    """Rows per setting (see `by_setting` for the order): per-task `Stat` over seeds, average, normalised
+    score vs the experts, the compute spent (COMPUTE columns) and, when measured, retention (RETENTION columns)."""
     tasks = multitask_tasks(runs)
     expert_mean = expert_means(runs)
+    comparable = retention_mismatch(runs) is None
     rows = []
     for setting, group in by_setting(runs).items():
         row: dict = {"setting": setting, "seeds": len(group)}
         for t in tasks:
             values = [r.scores[t] for r in group if t in r.scores]
-            row[t] = mean_std(values) if values else None
+            row[t] = summarize(values) if values else None
         per_seed_avg = [statistics.fmean(r.scores[t] for t in tasks if t in r.scores) for r in group if any(t in r.scores for t in tasks)]
-        row["avg"] = mean_std(per_seed_avg) if per_seed_avg else None
-        ratios = [row[t][0] / expert_mean[t] for t in tasks if row.get(t) and expert_mean.get(t)]
+        row["avg"] = summarize(per_seed_avg) if per_seed_avg else None
+        ratios = [row[t].mean / expert_mean[t] for t in tasks if row.get(t) and expert_mean.get(t)]
         row["normalised"] = statistics.fmean(ratios) if ratios else None
         for column in COMPUTE:
             values = [r.compute.get(column) for r in group]
             row[column] = None if None in values else round(statistics.fmean(values))  # a mean over part of the seeds would misstate it
+        for column in retention_columns(runs):
+            row[column] = retention_stat(group, RETENTION[column]) if comparable else None
         rows.append(row)
     return tasks, rows
+
+
+def retention_columns(runs: list[Run]) -> list[str]:
+    """The score table's retention columns: both when some run measured retention, else none."""
+    return list(RETENTION) if any(r.retention for r in runs) else []
+
+
+def retention_corpora(runs: list[Run]) -> dict[str, list[Path]]:
+    """corpus_sha256 -> the runs measured on that held-out text, in the sweep's order."""
+    corpora: dict[str, list[Path]] = {}
+    for r in runs:
+        if r.retention:
+            corpora.setdefault(r.retention["corpus_sha256"], []).append(r.path)
+    return corpora
+
+
+def retention_mismatch(runs: list[Run]) -> str | None:
+    """The report's line when the runs measured retention on different text (so no column is filled), else None."""
+    corpora = retention_corpora(runs)
+    if len(corpora) < 2:
+        return None
+    named = "; ".join(f"{sha[:12]} in {', '.join(map(str, paths))}" for sha, paths in corpora.items())
+    return f"Retention left out: the runs measured it on different held-out text (corpus_sha256 {named}); their perplexities do not compare."
+
+
+def retention_stat(group: list[Run], side: str) -> Stat | None:
+    """Perplexity `side` ("before" / "after") over a setting's seeds; None unless every seed has it (a mean over
+    part of the seeds would misstate it, as for compute)."""
+    values = [(r.retention or {}).get(side) for r in group]
+    return None if None in values else summarize([v["perplexity"] for v in values])
 
 
 def score_curves(runs: list[Run], split: str) -> dict[str, dict[str, dict[int, list[float]]]]:
