@@ -75,33 +75,61 @@ def evaluate_model(cfg: DictConfig, out_dir: Path) -> None:
 
 
 def tabulate(cfg: DictConfig, out_dir: Path) -> None:
-    """Per-setting scores (mean ± std over seeds), normalised score, compute, transfer, the runs that did
-    not finish, plots: markdown, CSV, JSON."""
+    """Per-setting scores (mean ± std over seeds, then their 95% t intervals), normalised score, compute,
+    retention, the paired comparison with the baseline setting, transfer, the runs that did not finish,
+    plots: markdown, CSV, JSON."""
     paths = [Path(p) for p in (cfg.runs if OmegaConf.is_list(cfg.runs) else [cfg.runs])]
     split = cfg.eval.split
     runs, unfinished = report.load_runs(paths, split)
     report.shorten(runs, unfinished)
     tasks, rows = report.score_table(runs)
-    columns = ["setting", "seeds", *tasks, "avg", "normalised", *report.COMPUTE]
+    retention = report.retention_columns(runs)
+    columns = ["setting", "seeds", *tasks, "avg", "normalised", *report.COMPUTE, *retention]
     scores = f"## Scores ({split} split, mean ± std over seeds)\n\n" + report.markdown(columns, rows)
     if left_out := report.left_out_of_normalised(runs):
         scores += "\n\nLeft out of the normalised score: " + ", ".join(f"{t} ({why})" for t, why in left_out.items()) + "."
+    if mismatch := report.retention_mismatch(runs):
+        scores += f"\n\n{mismatch}"
+    scores += ("\n\n95% intervals over seeds (Student t: mean ± t(0.975, n−1)·s/√n; [–]: a single seed):\n\n"
+               + report.markdown(["setting", "seeds", *tasks, "avg", *retention], rows, report.fmt_interval))
     sections = [scores]
     (out_dir / "scores.csv").write_text(report.csv(columns, rows))
+
+    baselines, comparisons, not_compared = report.compare_to_baseline(runs, split, cfg.baseline)
+    if comparisons or not_compared:  # a baseline with no other setting: nothing to pair
+        compared_tasks = sorted({t for c in comparisons for t in c.tasks})
+        paired = (
+            f"## Against the baseline ({', '.join(baselines)}): paired bootstrap over {split} examples\n\n"
+            f"Δ = arm − baseline score per example matched by (task, prompt, reference), each side averaged over the seeds "
+            f"both have; 95% percentile interval of {report.BOOTSTRAP_RESAMPLES} bootstrap resamples of the examples, "
+            f"stratified by task (numpy seed {report.BOOTSTRAP_SEED}); Δavg is the unweighted mean over tasks. A setting "
+            "beats (trails) the baseline only when the Δavg interval lies above (below) 0."
+        )
+        if comparisons:
+            paired += "\n\n" + report.markdown([*report.COMPARISON_COLUMNS, *compared_tasks], report.comparison_rows(comparisons, compared_tasks))
+        if sequential := [c.setting for c in comparisons if c.sequential]:
+            paired += (f"\n\nCompared on their final predictions only, as they (or their baseline) trained in stages: {', '.join(sequential)}. "
+                       "The evaluations after each stage are per task in metrics.jsonl, not per example: ΔA, ΔB, BWT and forgetting have no paired test.")
+        if not_compared:
+            paired += "\n\nNot compared: " + "; ".join(f"{s} ({why})" for s, why in not_compared.items()) + "."
+        sections.append(paired)
 
     transfers = []
     for setting, group in report.by_setting(runs).items():
         values = [t for t in (report.transfer(r) for r in group) if t]
         if values:
-            transfers.append({"setting": setting, "seeds": len(values), **{k: report.mean_std([v[k] for v in values]) for k in report.TRANSFER}})
+            transfers.append({"setting": setting, "seeds": len(values), **{k: report.summarize([v[k] for v in values]) for k in report.TRANSFER}})
     if transfers:
-        sections.append("## Sequential training: backward transfer and forgetting\n\n" + report.markdown(["setting", "seeds", *report.TRANSFER], transfers))
+        sections.append(
+            "## Sequential training: backward transfer and forgetting\n\n" + report.markdown(["setting", "seeds", *report.TRANSFER], transfers)
+            + "\n\n95% intervals over seeds (as above):\n\n" + report.markdown(["setting", "seeds", *report.TRANSFER], transfers, report.fmt_interval)
+        )
+        (out_dir / "transfer.csv").write_text(report.csv(["setting", "seeds", *report.TRANSFER], transfers))
     if gaps := [r for r in runs if r.missing_stages]:
         sections.append(
             "## Runs left out of the transfer numbers\n\nTheir metrics lack the evaluation after these stages:\n\n"
             + "\n".join(f"- {r.path} ({r.setting}, seed {r.seed}): stage(s) {r.missing_stages}" for r in gaps)
         )
-        (out_dir / "transfer.csv").write_text(report.csv(["setting", "seeds", *report.TRANSFER], transfers))
     if unfinished:
         sections.append(
             f"## Runs that did not finish\n\nNo eval_{split}.json (failed, killed, or still running); not in the tables above:\n\n"
@@ -124,13 +152,19 @@ def tabulate(cfg: DictConfig, out_dir: Path) -> None:
         json.dumps(
             {
                 "split": split,
-                "scores": rows,
+                "scores": rows,  # a mean over seeds is {mean, std, n, ci_low, ci_high}
                 "left_out_of_normalised": left_out,
+                "retention_corpora": report.retention_corpora(runs),  # corpus_sha256 -> runs; more than one: no retention columns
+                "baseline": baselines,
+                "bootstrap": {"resamples": report.BOOTSTRAP_RESAMPLES, "seed": report.BOOTSTRAP_SEED, "stratified_by": "task", "interval": "95% percentile"},
+                "vs_baseline": comparisons,
+                "not_compared": not_compared,
                 "transfer": transfers,
-                "runs": [{"path": str(r.path), "setting": r.setting, "seed": r.seed, "scores": r.scores, "compute": r.compute, "accuracy_matrix": r.matrix, "missing_stages": r.missing_stages, "stages": r.stages} for r in runs],
+                "runs": [{"path": str(r.path), "setting": r.setting, "seed": r.seed, "scores": r.scores, "compute": r.compute, "retention": r.retention, "accuracy_matrix": r.matrix, "missing_stages": r.missing_stages, "stages": r.stages} for r in runs],
                 "unfinished": [{"path": str(u.path), "name": u.name, "overrides": u.overrides, "error": u.error} for u in unfinished],
             },
             indent=2,
+            default=report.to_json,
         )
         + "\n"
     )

@@ -45,7 +45,7 @@ import json
 import math
 import statistics
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,6 +73,7 @@ T_975 = (
     2.079613845, 2.073873068, 2.068657610, 2.063898562, 2.059538553, 2.055529439, 2.051830516, 2.048407142, 2.045229642, 2.042272456,
 )
 Z_975 = 1.959963984540054
+COMPARISON_COLUMNS = ["setting", "baseline", "seeds", "examples", "Δavg [95% CI]", "verdict"]
 
 
 @dataclass
@@ -401,34 +402,260 @@ def transfer(run: Run) -> dict[str, float] | None:
     return {"bwt": bwt, "forgetting": forgetting, "delta_A": delta_a, "delta_B": delta_b}
 
 
+Key = tuple[str, str, str, int]  # a test example: (task, prompt, reference, occurrence of that triple in the file)
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Mean score difference (arm - baseline) over matched test examples, and its 95% bootstrap interval."""
+
+    diff: float
+    ci_low: float
+    ci_high: float
+    examples: int
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One setting against its baseline on the test examples both were evaluated on."""
+
+    setting: str
+    baseline: str
+    seeds: list[int]  # the seeds both settings have, each side averaged over them
+    avg: Paired  # the unweighted mean over tasks, as the score table's `avg`
+    tasks: dict[str, Paired]
+    verdict: str  # "beats" / "trails" only when the avg interval excludes 0, else "no resolved difference"
+    sequential: bool  # a side trained in stages: compared on its final predictions only
+
+
+def load_predictions(run_dir: Path, split: str) -> dict[Key, float] | None:
+    """Each scored example's score from predictions_<split>.jsonl; None when the run has no such file.
+
+    The occurrence count in the key keeps a test set's duplicate examples apart instead of letting one
+    overwrite the other. Perplexity-scored tasks (score null) generate nothing to compare and are left out."""
+    file = run_dir / f"predictions_{split}.jsonl"
+    if not file.is_file():
+        return None
+    seen: Counter[tuple[str, str, str]] = Counter()
+    scores: dict[Key, float] = {}
+    for line in file.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        triple = (record["task"], record["prompt"], record["reference"])
+        if record.get("score") is not None:
+            scores[(*triple, seen[triple])] = float(record["score"])
+        seen[triple] += 1
+    return scores
+
+
+def example_differences(arm: list[dict[Key, float]], baseline: list[dict[Key, float]]) -> dict[str, np.ndarray]:
+    """Per task, per example every run of both sides scored: the arm's mean over its runs minus the baseline's.
+
+    Examples are sorted by key, so the bootstrap draws the same resamples in every process (set order of
+    strings changes with Python's hash seed)."""
+    common = sorted(set.intersection(*(set(p) for p in [*arm, *baseline])))
+    diffs: dict[str, list[float]] = {}
+    for key in common:
+        diff = statistics.fmean(p[key] for p in arm) - statistics.fmean(p[key] for p in baseline)
+        diffs.setdefault(key[0], []).append(diff)
+    return {task: np.asarray(values) for task, values in sorted(diffs.items())}
+
+
+def resampled_means(values: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """Means of `resamples` samples of len(values) drawn with replacement, in chunks of at most ~4M indices
+    so that a large test set does not need resamples x examples of memory at once."""
+    n = len(values)
+    per_chunk = max(1, 2**22 // n)
+    out = np.empty(resamples)
+    for start in range(0, resamples, per_chunk):
+        m = min(per_chunk, resamples - start)
+        out[start : start + m] = values[rng.integers(0, n, size=(m, n))].mean(axis=1)
+    return out
+
+
+def paired_bootstrap(diffs: dict[str, np.ndarray], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> tuple[Paired, dict[str, Paired]]:
+    """The mean difference of the average over tasks and of each task, with 95% percentile intervals.
+
+    Stratified by task: each resample redraws every task's examples within that task, keeping its size, so
+    the average stays the table's unweighted mean over tasks and a large task does not crowd out a small one."""
+    rng = np.random.default_rng(seed)
+    means = {task: resampled_means(d, resamples, rng) for task, d in diffs.items()}
+    per_task = {task: _paired(float(d.mean()), means[task], len(d)) for task, d in diffs.items()}
+    avg = _paired(statistics.fmean(p.diff for p in per_task.values()), np.mean(np.stack(list(means.values())), axis=0),
+                  sum(len(d) for d in diffs.values()))
+    return avg, per_task
+
+
+def _paired(diff: float, resampled: np.ndarray, examples: int) -> Paired:
+    low, high = np.percentile(resampled, [2.5, 97.5])
+    return Paired(diff, float(low), float(high), examples)
+
+
+def verdict(avg: Paired) -> str:
+    """`beats` / `trails` only when the paired interval excludes 0: a difference inside it is not resolved."""
+    if avg.ci_low > 0:
+        return "beats"
+    if avg.ci_high < 0:
+        return "trails"
+    return "no resolved difference"
+
+
+def _setting_overrides(runs: list[Run]) -> dict[str, frozenset[str]]:
+    """setting label -> its full overrides (`+` stripped); a Run built without them falls back to its label."""
+    return {r.setting: frozenset(r.overrides or (p.lstrip("+") for p in split_overrides(r.setting))) for r in runs}
+
+
+def baseline_key(runs: list[Run], baseline: str | None) -> frozenset[str] | None:
+    """The overrides that make a setting a baseline: `baseline`'s own (e.g. "arm=none" or a whole label), or, when
+    it is None, the first of DEFAULT_BASELINES that some setting has; None when no setting has any of those.
+
+    Raises a UserError for a given `baseline` that no setting has: a typo must not silently drop the comparison."""
+    settings = _setting_overrides(runs)
+    for candidate in [baseline] if baseline is not None else DEFAULT_BASELINES:
+        key = frozenset(p.strip().lstrip("+") for p in split_overrides(candidate))
+        if any(key <= overrides for overrides in settings.values()):
+            return key
+    if baseline is not None:
+        raise UserError(f"baseline={baseline!r}: no setting among these runs has these overrides; the settings: {sorted(settings)}")
+    return None
+
+
+def baselines_of(settings: dict[str, frozenset[str]], key: frozenset[str]) -> dict[str, str | None]:
+    """Each non-baseline setting -> the baseline setting it is read against, or None.
+
+    A setting's baseline is one with `key` whose other overrides it shares, so that with several baselines
+    (table_forgetting: `arm=none` once per pair) an arm is read against the one of its own pair; the most
+    specific such baseline when several fit, None when none fits or two fit equally."""
+    bases = {s: overrides - key for s, overrides in settings.items() if key <= overrides}
+    out: dict[str, str | None] = {}
+    for setting, overrides in settings.items():
+        if setting in bases:
+            continue
+        fits = [b for b, rest in bases.items() if rest <= overrides]
+        most = max((len(bases[b]) for b in fits), default=0)
+        best = [b for b in fits if len(bases[b]) == most]
+        out[setting] = best[0] if len(best) == 1 else None
+    return out
+
+
+def compare_to_baseline(runs: list[Run], split: str, baseline: str | None, resamples: int = BOOTSTRAP_RESAMPLES,
+                        seed: int = BOOTSTRAP_SEED) -> tuple[list[str], list[Comparison], dict[str, str]]:
+    """(the baseline settings, each arm's Comparison in table order, the arms not compared -> why).
+
+    Single-task experts are no arms (they are the normalised score's reference); all empty when there is no
+    baseline (see `baseline_key`)."""
+    key = baseline_key(runs, baseline)
+    if key is None:
+        return [], [], {}
+    groups = by_setting(runs)
+    overrides = _setting_overrides(runs)
+    arms = {s for s, g in groups.items() if not all(r.expert_of for r in g)}
+    considered = {s: o for s, o in overrides.items() if s in arms or key <= o}
+    mapping = baselines_of(considered, key)
+    predictions = {r.path: load_predictions(r.path, split) for r in runs if r.setting in considered}
+    comparisons, skipped = [], {}
+    for setting in (s for s in groups if s in mapping):
+        base = mapping[setting]
+        if base is None:
+            skipped[setting] = "no single baseline setting shares its other overrides"
+            continue
+        found = _compare(setting, groups[setting], base, groups[base], predictions, split, resamples, seed)
+        if isinstance(found, str):
+            skipped[setting] = found
+        else:
+            comparisons.append(found)
+    return [s for s in groups if s in considered and key <= considered[s]], comparisons, skipped
+
+
+def _compare(setting: str, arm: list[Run], base: str, baseline: list[Run], predictions: dict[Path, dict[Key, float] | None],
+             split: str, resamples: int, seed: int) -> Comparison | str:
+    """The Comparison of one arm with its baseline over the seeds both have, or why there is none."""
+    arm_seeds = {r.seed for r in arm if predictions[r.path] is not None}
+    base_seeds = {r.seed for r in baseline if predictions[r.path] is not None}
+    if not arm_seeds:
+        return f"its runs have no predictions_{split}.jsonl"
+    if not base_seeds:
+        return f"the baseline's runs ({base}) have no predictions_{split}.jsonl"
+    seeds = sorted(arm_seeds & base_seeds)
+    if not seeds:
+        return f"no seed in common with the baseline ({base}: seeds {sorted(base_seeds)}; this setting: {sorted(arm_seeds)})"
+    diffs = example_differences(_scores_of(arm, seeds, predictions), _scores_of(baseline, seeds, predictions))
+    if not diffs:
+        return f"no scored test example in common with the baseline ({base})"
+    avg, per_task = paired_bootstrap(diffs, resamples, seed)
+    sequential = any(len(r.stages) > 1 for r in (*arm, *baseline))
+    return Comparison(setting, base, seeds, avg, per_task, verdict(avg), sequential)
+
+
+def _scores_of(group: list[Run], seeds: list[int], predictions: dict[Path, dict[Key, float] | None]) -> list[dict[Key, float]]:
+    """The per-example scores of a setting's runs with one of `seeds` (each has predictions: see `_compare`)."""
+    return [scores for r in group if r.seed in seeds and (scores := predictions[r.path]) is not None]
+
+
+def fmt_paired(p: Paired | None) -> str:
+    """`+0.120 [+0.050, +0.190]`: signed, so the direction reads at a glance."""
+    return "–" if p is None else f"{p.diff:+.3f} [{p.ci_low:+.3f}, {p.ci_high:+.3f}]"
+
+
+def comparison_rows(comparisons: list[Comparison], tasks: list[str]) -> list[dict[str, str | int]]:
+    """The paired table's rows (COMPARISON_COLUMNS, then a column per task), cells already formatted."""
+    return [
+        {"setting": c.setting, "baseline": c.baseline, "seeds": len(c.seeds), "examples": c.avg.examples,
+         "Δavg [95% CI]": fmt_paired(c.avg), "verdict": c.verdict, **{t: fmt_paired(c.tasks.get(t)) for t in tasks}}
+        for c in comparisons
+    ]
+
+
 def fmt(cell) -> str:
+    """A cell of the mean ± std tables (a Stat shows its mean and std)."""
     if cell is None:
         return "–"
-    if isinstance(cell, tuple):
-        return "–" if math.isnan(cell[0]) else f"{cell[0]:.3f} ± {cell[1]:.3f}"
+    if isinstance(cell, Stat):
+        return "–" if math.isnan(cell.mean) else f"{cell.mean:.3f} ± {cell.std:.3f}"
     if isinstance(cell, float):
         return "–" if math.isnan(cell) else f"{cell:.3f}"
     return str(cell)
 
 
-def markdown(columns: list[str], rows: list[dict]) -> str:
+def fmt_interval(cell) -> str:
+    """A cell of the interval tables: a Stat shows `mean [low, high]`, `mean [–]` for a single seed."""
+    if not isinstance(cell, Stat) or math.isnan(cell.mean):
+        return fmt(cell)
+    if cell.ci_low is None:
+        return f"{cell.mean:.3f} [–]"
+    return f"{cell.mean:.3f} [{cell.ci_low:.3f}, {cell.ci_high:.3f}]"
+
+
+def markdown(columns: list[str], rows: list[dict], cell: Callable[[object], str] = fmt) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
 def csv(columns: list[str], rows: list[dict]) -> str:
-    """Mean ± std cells become two columns, <name>_mean and <name>_std."""
-    paired = {c for c in columns if any(isinstance(r.get(c), tuple) for r in rows)}
-    header = [h for c in columns for h in ([f"{c}_mean", f"{c}_std"] if c in paired else [c])]
+    """A Stat cell becomes four columns, <name>_mean, _std, _ci_low and _ci_high (empty for a single seed);
+    spaces in a column's name become underscores."""
+    stats = {c for c in columns if any(isinstance(r.get(c), Stat) for r in rows)}
+    parts = ("mean", "std", "ci_low", "ci_high")
+    header = [h.replace(" ", "_") for c in columns for h in ([f"{c}_{part}" for part in parts] if c in stats else [c])]
     lines = [",".join(header)]
     for row in rows:
         cells = []
         for c in columns:
             v = row.get(c)
-            if c in paired:
-                cells += [f"{v[0]:.6g}", f"{v[1]:.6g}"] if v is not None else ["", ""]
+            if c in stats:
+                cells += ["" if v is None or getattr(v, part) is None else f"{getattr(v, part):.6g}" for part in parts]
             else:
                 cells.append("" if v is None else str(v))
         lines.append(",".join(cells))
     return "\n".join(lines) + "\n"
+
+
+def to_json(value: object) -> object:
+    """json.dumps' `default`: the report's dataclasses (Stat, Paired, Comparison) as plain objects, paths as strings."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

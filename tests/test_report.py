@@ -68,8 +68,8 @@ def test_score_table_normalised_score_and_transfer(runs: Path) -> None:
     assert tasks == ["a", "b"]
     none = next(r for r in rows if r["setting"] == "strategy=none")
     assert none["seeds"] == 2
-    assert none["a"] == pytest.approx((0.5, 0.1414213), abs=1e-6)
-    assert none["avg"][0] == pytest.approx(0.4)  # mean of the per-seed averages 0.3 and 0.5
+    assert (none["a"].mean, none["a"].std, none["a"].n) == pytest.approx((0.5, 0.1414213, 2), abs=1e-6)
+    assert none["avg"].mean == pytest.approx(0.4)  # mean of the per-seed averages 0.3 and 0.5
     # normalised: (0.5 / 0.8 + 0.3 / 0.6) / 2
     assert none["normalised"] == pytest.approx((0.5 / 0.8 + 0.3 / 0.6) / 2)
     seq = next(r for r in loaded if r.setting == "seq")
@@ -86,7 +86,8 @@ def test_eval_py_runs_writes_tables_and_plots(runs: Path, tmp_path: Path) -> Non
     assert "| strategy=none | 2 | 0.500 ± 0.141 | 0.300 ± 0.141 | 0.400 ± 0.141 | 0.562 |" in md
     assert "| seq | 1 | -0.400 ± 0.000 | 0.800 ± 0.000 | -0.400 ± 0.000 | 0.400 ± 0.000 |" in md
     csv = (out / "scores.csv").read_text().splitlines()
-    assert csv[0] == "setting,seeds,a_mean,a_std,b_mean,b_std,avg_mean,avg_std,normalised,steps,tokens"
+    assert csv[0] == ("setting,seeds,a_mean,a_std,a_ci_low,a_ci_high,b_mean,b_std,b_ci_low,b_ci_high,"
+                      "avg_mean,avg_std,avg_ci_low,avg_ci_high,normalised,steps,tokens")
     assert (out / "scores_over_steps.png").is_file()
     data = json.loads((out / "report.json").read_text())
     assert {r["setting"] for r in data["scores"]} == {"strategy=none", "data.tasks=[a]", "data.tasks=[b]", "seq"}
