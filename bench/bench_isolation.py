@@ -3,6 +3,7 @@
     python bench/bench_isolation.py                 # tiny and small, 2 CPU threads
     python bench/bench_isolation.py --models tiny --steps 40
     python bench/bench_isolation.py --models smollm2_135m --batch-size 8 --steps 10
+    python bench/bench_isolation.py --models tiny --mode exclusive   # task-exclusive isolation (target <= 1.10)
 
 
 (after the README's install: `epi` is imported from the installed package, conf/ from this checkout).
@@ -45,11 +46,11 @@ def tensor_bytes(obj) -> int:
     return 0
 
 
-def build(model: str, strategy: str, refresh_every: int, batch_size: int, workdir: Path) -> Trainer:
+def build(model: str, strategy: str, refresh_every: int, batch_size: int, workdir: Path, mode: str = "freeze") -> Trainer:
     overrides = [f"model={model}", f"strategy={strategy}", "logger=jsonl", "device=cpu", "data.n_train=512", "data.n_val=8",
                  "data.n_test=8", f"schedule.batch_size={batch_size}"]
     if strategy != "none":
-        overrides += ["strategy.warmup=1", f"strategy.refresh_every={refresh_every}"]
+        overrides += ["strategy.warmup=1", f"strategy.refresh_every={refresh_every}", f"strategy.mode={mode}"]
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     run_dir = workdir / strategy
@@ -57,10 +58,10 @@ def build(model: str, strategy: str, refresh_every: int, batch_size: int, workdi
     return Trainer(cfg, run_dir)
 
 
-def bench(model: str, steps: int, refresh_every: int, refreshes: int, repeats: int, batch_size: int) -> dict[str, float]:
+def bench(model: str, steps: int, refresh_every: int, refreshes: int, repeats: int, batch_size: int, mode: str) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         base = build(model, "none", refresh_every, batch_size, Path(tmp))
-        epi = build(model, "epi", refresh_every, batch_size, Path(tmp))
+        epi = build(model, "epi", refresh_every, batch_size, Path(tmp), mode)
         base.train_step(1)
         epi.train_step(1)  # warmup=1: the first mask is in place after this step
         epi.strategy.refresh_every = 10**9  # refreshes are timed separately below
@@ -76,7 +77,7 @@ def bench(model: str, steps: int, refresh_every: int, refreshes: int, repeats: i
                     times.append(time.perf_counter() - tic)
             for _ in range(refreshes):
                 tic = time.perf_counter()
-                epi.strategy.refresh(1)
+                epi.strategy.refresh(step)  # exclusive: one calibration batch per task, drawn for this step
                 block_refresh.append(time.perf_counter() - tic)
             b, e, r = (statistics.median(t) for t in (block_base, block_epi, block_refresh))
             ratios.append((e + r / refresh_every) / b)
@@ -84,7 +85,7 @@ def bench(model: str, steps: int, refresh_every: int, refreshes: int, repeats: i
             t_epi += block_epi
             t_refresh += block_refresh
         n_params = sum(p.numel() for p in epi.named_params.values())
-        extra = tensor_bytes(epi.optimizer.index) + tensor_bytes(epi.strategy.state_dict())
+        extra = tensor_bytes(epi.optimizer.index) + tensor_bytes(epi.optimizer.owned) + tensor_bytes(epi.strategy.state_dict())
         return {
             "params": n_params,
             "step_none_s": statistics.median(t_base),
@@ -94,7 +95,7 @@ def bench(model: str, steps: int, refresh_every: int, refreshes: int, repeats: i
             "ratio_min": min(ratios),
             "ratio_max": max(ratios),
             "extra_bytes_per_param": extra / n_params,
-            "isolated_fraction": sum(i.numel() for i in epi.optimizer.index.values()) / n_params,
+            "isolated_fraction": sum(i.numel() for index in (epi.optimizer.index, *epi.optimizer.owned.values()) for i in index.values()) / n_params,
         }
 
 
@@ -107,15 +108,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="blocks of --steps steps, each with its own ratio")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--mode", choices=("freeze", "exclusive"), default="freeze", help="strategy.mode of the EPI side")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, refresh_every={args.refresh_every}, batch {args.batch_size}x<=128 tokens, "
-          f"the default AdamW (fused) and LM head (trained positions), {args.repeats} blocks")
+          f"the default AdamW (fused) and LM head (trained positions), {args.repeats} blocks, EPI mode={args.mode}")
     print("| model | params | step none (s) | step epi (s) | refresh (s) | ratio (amortised), median [range] | extra bytes/param | isolated |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for model in args.models:
         steps = args.steps or (60 if model == "tiny" else 20)
-        r = bench(model, steps, args.refresh_every, args.refreshes, args.repeats, args.batch_size)
+        r = bench(model, steps, args.refresh_every, args.refreshes, args.repeats, args.batch_size, args.mode)
         print(
             f"| {model} | {r['params'] / 1e6:.1f}M | {r['step_none_s']:.3f} | {r['step_epi_s']:.3f} | {r['refresh_s']:.3f} "
             f"| {r['ratio']:.3f} [{r['ratio_min']:.3f}, {r['ratio_max']:.3f}] | {r['extra_bytes_per_param']:.3f} | {r['isolated_fraction']:.4f} |",

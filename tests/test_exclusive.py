@@ -225,3 +225,35 @@ def test_random_exclusive_draws_a_mask_per_task(tmp_path: Path) -> None:
     a, b = (masks[t] for t in sorted(masks)[:2])
     assert any(not torch.equal(a[n], b[n]) for n in a)
     assert not isinstance(trainer.strategy, EPI)
+
+
+def test_two_ranks_equal_one_process_under_exclusive_isolation(tmp_path: Path) -> None:
+    """Task micro-batches sharded over 2 gloo ranks (a rank with no example of a task runs a zero-weight batch,
+    so DDP's all-reduce still pairs up) train what one process trains."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from tests.conftest import ROOT, TINY, run_script
+
+    common = [*TINY, "strategy=epi", "strategy.mode=exclusive", "strategy.warmup=1", "strategy.refresh_every=2",
+              "strategy.p=0.1", "schedule.steps=4", "schedule.batch_size=8"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+         *common, f"hydra.run.dir={tmp_path / 'ddp'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = run_script("train.py", *common, f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    def losses(run: str) -> list[float]:
+        return [e["value"] for e in read_metrics(tmp_path / run) if e["split"] == "train" and e["metric"] == "loss"]
+
+    assert len(losses("ddp")) == 4 and losses("ddp") == pytest.approx(losses("one"), rel=1e-5)
+    a, b = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("ddp", "one"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
