@@ -40,7 +40,7 @@ class TrainerContext:
         train_copy: Callable[[str, int, float], tuple[dict[str, Tensor], int, float]],
         fingerprint: Callable[[str], str],
         charge: Callable[[int, int], None],
-        task_gradient: Callable[[str, int], dict[str, Tensor]],
+        task_gradient: Callable[[str, int, int], dict[str, Tensor]],
     ):
         self.named_params = engine.named_params
         self.tasks, self.seed, self.rank, self.steps = tasks, seed, rank, steps

@@ -461,15 +461,15 @@ class Trainer:
             tokens += out.trained_tokens
         return {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}, tokens, out.loss
 
-    def task_gradient(self, task: str, step: int) -> dict[str, Tensor]:
+    def task_gradient(self, task: str, step: int, draw: int = 0) -> dict[str, Tensor]:
         """The gradient of the loss on a calibration batch of `task` alone at the run's current weights, with no
-        update: batch_size examples drawn by `default_rng([seed, 3, step, task index])` (a pure function, so a
-        resume draws the same), token-weighted and sharded like a training step. Its tokens are charged."""
+        update: batch_size examples drawn by `default_rng([seed, 3, step, task index, draw])` (a pure function,
+        so a resume draws the same), token-weighted and sharded like a training step. Its tokens are charged."""
         learner, s = self.learner, self.cfg.schedule
         if any(p.grad is not None for p in learner.named_params.values()):
             raise RuntimeError("task_gradient needs the gradients cleared: call it from after_step")
         rows = self.train_sets[task]
-        rng = np.random.default_rng([self.cfg.seed, 3, step, sorted(self.train_sets).index(task)])
+        rng = np.random.default_rng([self.cfg.seed, 3, step, sorted(self.train_sets).index(task), draw])
         picks = [int(i) for i in rng.choice(len(rows), size=min(s.batch_size, len(rows)), replace=False)]
         trained = sum(self.trained_counts[task][i] for i in picks)
         self.charge(0, trained)

@@ -257,3 +257,24 @@ def test_two_ranks_equal_one_process_under_exclusive_isolation(tmp_path: Path) -
     a, b = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("ddp", "one"))
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_more_calibration_batches_read_more_examples_and_steady_the_masks(tmp_path: Path) -> None:
+    """Each calibration batch is another draw (its tokens charged); summing k of them gives a steadier
+    per-task ranking: consecutive masks of a task overlap more with 4 batches than with 1."""
+    def run(k: int) -> Trainer:
+        d = tmp_path / str(k)
+        d.mkdir()
+        trainer = Trainer(make_cfg(*EXCLUSIVE, "strategy.refresh_every=1", "schedule.steps=6", "schedule.lr=1e-4",
+                                   f"strategy.calibration_batches={k}"), d)
+        trainer.fit()
+        return trainer
+
+    one, four = run(1), run(4)
+    assert four.compute["trained_tokens"] > one.compute["trained_tokens"]
+
+    def steadiness(trainer: Trainer) -> float:
+        values = [e["value"] for e in read_metrics(trainer.run_dir) if e["split"] == "mask" and e.get("task") and e["metric"] == "jaccard_prev"]
+        return sum(values[5:]) / len(values[5:])  # after each task's first mask
+
+    assert steadiness(four) > steadiness(one)

@@ -74,10 +74,11 @@ class Context(Protocol):
         """Replace the task-exclusive coordinates (task -> masks): each moves under its tasks' gradients
         only, and is held in a step whose batch has none of them; returns churn counts of their union."""
 
-    def task_gradient(self, task: str, step: int) -> dict[str, Tensor]:
+    def task_gradient(self, task: str, step: int, draw: int = 0) -> dict[str, Tensor]:
         """The gradient of the loss on one calibration batch of `task` alone at the current weights, with
         no update (call from `after_step`): per-task importance without per-task state. The batch is a pure
-        function of the seed, `step` and the task; its tokens are charged to the run's compute."""
+        function of the seed, `step`, the task and `draw` (another draw, another batch); its tokens are
+        charged to the run's compute."""
 
     def mean_across_ranks(self, tensors: list[Tensor]) -> None:
         """Average tensors over data-parallel ranks in place, so every rank takes the same decision."""

@@ -72,6 +72,7 @@ class EvolvingConfig(Schema):
     include: dict[str, bool]
     allow_no_isolation: bool
     mode: Literal[MODES]
+    calibration_batches: Annotated[int, at_least(1)]
 
     def check(self, key: str) -> None:
         if self.mode == "exclusive" and self.hysteresis > 1:
@@ -288,12 +289,16 @@ class EPI(EvolvingIsolation):
             ema.mul_(self.cfg.beta).add_(signal, alpha=1 - self.cfg.beta)
 
     def task_importance(self, task: str, step: int) -> dict[str, Tensor]:
-        """The signal of `task`'s gradient on its calibration batch (no EMA: no per-task state), normalised."""
-        grads = self.ctx.task_gradient(task, step)
-        raw = {}
-        for name, param in self.params.items():
-            g = grads[name].float()
-            raw[name] = g * g if self.cfg.signal == "sq_grad" else (g * param).abs() if self.cfg.signal == "taylor" else g.abs()
+        """The signal of `task`'s gradient, summed over `calibration_batches` calibration batches (no EMA: no
+        per-task state), normalised."""
+        raw: dict[str, Tensor] = {}
+        for draw in range(self.cfg.calibration_batches):
+            grads = self.ctx.task_gradient(task, step, draw)
+            for name, param in self.params.items():
+                g = grads[name].float()
+                signal = g * g if self.cfg.signal == "sq_grad" else (g * param).abs() if self.cfg.signal == "taylor" else g.abs()
+                raw[name] = raw[name] + signal if name in raw else signal
+            del grads
         return normalize(raw, self.cfg.norm)
 
     def importance(self) -> dict[str, Tensor]:
