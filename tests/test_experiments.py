@@ -36,6 +36,9 @@ SMOKE = {
     "table_multitask": ["+arm=none,cpi,expert_math"],
     "table_forgetting": ["+arm=none,cpi_sequential", "pair=[code,math]", "stage_steps=3"],
     "drift": ["schedule.steps=6", "strategy.warmup=2", "strategy.refresh_every=2"],
+    # the pretrained testbed's sweep, shrunk to the tiny model (SmolLM2 itself: tests/test_train.py)
+    "smollm2_forgetting": ["model=tiny", "+arm=none,epi_exclusive", "pair=[code,instruct]", "stage_steps=3",
+                           "strategy.warmup=1", "strategy.refresh_every=2", "eval.retention=2"],
 }
 
 
@@ -50,7 +53,9 @@ def test_experiment_runs_in_a_smoke_setting(experiment: str, tmp_path: Path) -> 
     assert report.returncode == 0, report.stderr[-3000:]
     text = (tmp_path / "report" / "report.md").read_text()
     assert "## Scores" in text
-    if experiment == "table_forgetting":
+    if experiment in ("table_forgetting", "smollm2_forgetting"):
         assert "delta_A" in text
+    if experiment == "smollm2_forgetting":
+        assert "retention ppl before" in text
     if experiment == "drift":
         assert (tmp_path / "report" / "drift.png").is_file()
