@@ -84,12 +84,7 @@ class IsolatedOptimizer:
             raise RuntimeError("set_masks between hide_isolated_grads and step would mismatch the stashed grads")
         new: Masks = {}
         for name, mask in masks.items():
-            if name not in self.named_params:
-                raise ValueError(f"mask for unknown parameter {name!r}")
-            param = self.named_params[name]
-            if mask.shape != param.shape:
-                raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, parameter {tuple(param.shape)}")
-            mask = mask.to(device=param.device, dtype=torch.bool)
+            mask = self._checked(name, mask)
             if mask.any():
                 new[name] = mask
         old_masks = self.masks
@@ -123,13 +118,9 @@ class IsolatedOptimizer:
         for task, task_masks in masks.items():
             index = {}
             for name, mask in task_masks.items():
-                if name not in self.named_params:
-                    raise ValueError(f"mask for unknown parameter {name!r}")
-                param = self.named_params[name]
-                if mask.shape != param.shape:
-                    raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, parameter {tuple(param.shape)}")
+                mask = self._checked(name, mask)
                 if mask.any():
-                    index[name] = mask.to(device=param.device, dtype=torch.bool).reshape(-1).nonzero().squeeze(1)
+                    index[name] = mask.reshape(-1).nonzero().squeeze(1)
             owned[task] = index
         counts = churn(self._union(self.owned), self._union(owned))
         self.owned = owned
@@ -186,6 +177,15 @@ class IsolatedOptimizer:
             absent = [t for t in self.owned if t not in present]
             self._held[present] = self._indices(absent, [t for t in self.owned if t in present])
         return self._held[present]
+
+    def _checked(self, name: str, mask: Tensor) -> Tensor:
+        """`mask` as a bool tensor on its parameter's device, after checking it names a parameter of its shape."""
+        if name not in self.named_params:
+            raise ValueError(f"mask for unknown parameter {name!r}")
+        param = self.named_params[name]
+        if mask.shape != param.shape:
+            raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, parameter {tuple(param.shape)}")
+        return mask.to(device=param.device, dtype=torch.bool)
 
     def _zero_momentum(self, param: torch.nn.Parameter, released: Tensor) -> None:
         # Only the first moment is zeroed. Zeroing exp_avg_sq too would kick the

@@ -74,6 +74,53 @@ def run_script(script: str, *args: str, cwd: Path, timeout: int = 300, env: dict
     )
 
 
+def crash_and_resume(tmp_path: Path, common: list[str], crash_at: int, crashing_target: str = "tests.test_train.CrashAfter",
+                     crash_key: str = "+strategy.step"):
+    """A straight run, the same run killed after step `crash_at` (by the strategy `crashing_target`), and that
+    run resumed from its checkpoint: (straight, resumed trainers, the checkpoint's state)."""
+    from epi import checkpoint
+    from epi.trainer import Trainer
+
+    for d in ("straight", "crashed", "resumed"):
+        (tmp_path / d).mkdir()
+    straight = Trainer(make_cfg(*common), tmp_path / "straight")
+    straight.fit()
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(make_cfg(*common, f"{crash_key}={crash_at}", f"strategy._target_={crashing_target}"), tmp_path / "crashed").fit()
+    state = checkpoint.load(str(tmp_path / "crashed"))
+    resumed = Trainer(make_cfg(*common), tmp_path / "resumed", resume_state=state)
+    resumed.fit()
+    return straight, resumed, state
+
+
+def two_ranks_and_one_process(tmp_path: Path, common: list[str]) -> None:
+    """Runs `common` under torchrun with 2 gloo ranks and as one process, and checks the logged losses
+    (the global batch's) and the final weights agree to float tolerance."""
+    from safetensors.torch import load_file
+
+    from epi.logging import read_metrics
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+         *common, f"hydra.run.dir={tmp_path / 'ddp'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = run_script("train.py", *common, f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    def losses(run: str) -> list[float]:
+        return [e["value"] for e in read_metrics(tmp_path / run) if e["split"] == "train" and e["metric"] == "loss"]
+
+    steps = next(int(o.split("=")[1]) for o in reversed(common) if o.startswith("schedule.steps="))
+    assert len(losses("ddp")) == steps
+    assert losses("ddp") == pytest.approx(losses("one"), rel=1e-5)  # the global batch's loss, not rank 0's shard
+    a, b = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("ddp", "one"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.fixture
 def smollm2_dir() -> str:
     import importlib.util

@@ -11,14 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from epi import checkpoint
 from epi.errors import UserError
 from epi.logging import read_metrics
 from epi.optim import IsolatedOptimizer
 from epi.strategies.cpi import CPI
 from epi.strategies.epi import EPI
 from epi.trainer import Trainer
-from tests.conftest import make_cfg
+from tests.conftest import TINY, crash_and_resume, make_cfg, two_ranks_and_one_process
 
 EXCLUSIVE = ["strategy=epi", "strategy.mode=exclusive", "strategy.p=0.1", "strategy.warmup=2", "strategy.refresh_every=3",
              "schedule.steps=12", "schedule.weight_decay=0.5", "schedule.lr=1e-2"]
@@ -173,17 +172,8 @@ def test_the_loss_stays_token_weighted_when_the_batch_is_split_by_task(tmp_path:
 
 
 def test_exclusive_resume_is_exact(tmp_path: Path) -> None:
-    for d in ("straight", "crashed", "resumed"):
-        (tmp_path / d).mkdir()
-    common = [*EXCLUSIVE, "schedule.checkpoint_every=4"]
-    straight = Trainer(make_cfg(*common), tmp_path / "straight")
-    straight.fit()
-    crashing = make_cfg(*common, "strategy._target_=tests.test_epi.CrashingEPI", "+strategy.crash_at=6")
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(crashing, tmp_path / "crashed").fit()
-    state = checkpoint.load(str(tmp_path / "crashed"))
-    resumed = Trainer(make_cfg(*common), tmp_path / "resumed", resume_state=state)
-    resumed.fit()
+    straight, resumed, _ = crash_and_resume(tmp_path, [*EXCLUSIVE, "schedule.checkpoint_every=4"], 6,
+                                            "tests.test_epi.CrashingEPI", "+strategy.crash_at")
     for name, value in straight.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[name]), name
 
@@ -230,51 +220,5 @@ def test_random_exclusive_draws_a_mask_per_task(tmp_path: Path) -> None:
 def test_two_ranks_equal_one_process_under_exclusive_isolation(tmp_path: Path) -> None:
     """Task micro-batches sharded over 2 gloo ranks (a rank with no example of a task runs a zero-weight batch,
     so DDP's all-reduce still pairs up) train what one process trains."""
-    import os
-    import subprocess
-    import sys
-
-    from safetensors.torch import load_file
-
-    from tests.conftest import ROOT, TINY, run_script
-
-    common = [*TINY, "strategy=epi", "strategy.mode=exclusive", "strategy.warmup=1", "strategy.refresh_every=2",
-              "strategy.p=0.1", "schedule.steps=4", "schedule.batch_size=8"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
-         *common, f"hydra.run.dir={tmp_path / 'ddp'}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env,
-    )
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    single = run_script("train.py", *common, f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
-    assert single.returncode == 0, single.stderr[-3000:]
-
-    def losses(run: str) -> list[float]:
-        return [e["value"] for e in read_metrics(tmp_path / run) if e["split"] == "train" and e["metric"] == "loss"]
-
-    assert len(losses("ddp")) == 4 and losses("ddp") == pytest.approx(losses("one"), rel=1e-5)
-    a, b = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("ddp", "one"))
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
-
-
-def test_more_calibration_batches_read_more_examples_and_steady_the_masks(tmp_path: Path) -> None:
-    """Each calibration batch is another draw (its tokens charged); summing k of them gives a steadier
-    per-task ranking: consecutive masks of a task overlap more with 4 batches than with 1."""
-    def run(k: int) -> Trainer:
-        d = tmp_path / str(k)
-        d.mkdir()
-        trainer = Trainer(make_cfg(*EXCLUSIVE, "strategy.refresh_every=1", "schedule.steps=6", "schedule.lr=1e-4",
-                                   f"strategy.calibration_batches={k}"), d)
-        trainer.fit()
-        return trainer
-
-    one, four = run(1), run(4)
-    assert four.compute["trained_tokens"] > one.compute["trained_tokens"]
-
-    def steadiness(trainer: Trainer) -> float:
-        values = [e["value"] for e in read_metrics(trainer.run_dir) if e["split"] == "mask" and e.get("task") and e["metric"] == "jaccard_prev"]
-        return sum(values[5:]) / len(values[5:])  # after each task's first mask
-
-    assert steadiness(four) > steadiness(one)
+    two_ranks_and_one_process(tmp_path, [*TINY, "strategy=epi", "strategy.mode=exclusive", "strategy.warmup=1",
+                                         "strategy.refresh_every=2", "strategy.p=0.1", "schedule.steps=4", "schedule.batch_size=8"])

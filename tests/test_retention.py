@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from epi import checkpoint, retention
+from epi import retention
 from epi.logging import read_metrics
 from epi.models import build_model
 from epi.trainer import Trainer
-from tests.conftest import make_cfg
+from tests.conftest import crash_and_resume, make_cfg
 
 
 def test_the_corpus_is_fixed_and_cut_into_equal_passages() -> None:
@@ -38,15 +38,6 @@ def test_retention_is_measured_before_anything_changes_the_model_and_after_train
 
 
 def test_retention_before_survives_a_resume(tmp_path: Path) -> None:
-    from tests.test_train import CrashAfter  # noqa: F401 - the strategy class the config names
-
-    common = ["strategy=none", "eval.retention=2", "schedule.steps=6", "schedule.checkpoint_every=3", "schedule.lr=1e-2"]
-    for d in ("straight", "crashed", "resumed"):
-        (tmp_path / d).mkdir()
-    Trainer(make_cfg(*common), tmp_path / "straight").fit()
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(make_cfg(*common, "+strategy.step=4", "strategy._target_=tests.test_train.CrashAfter"), tmp_path / "crashed").fit()
-    state = checkpoint.load(str(tmp_path / "crashed"))
-    Trainer(make_cfg(*common), tmp_path / "resumed", resume_state=state).fit()
+    crash_and_resume(tmp_path, ["strategy=none", "eval.retention=2", "schedule.steps=6", "schedule.checkpoint_every=3", "schedule.lr=1e-2"], 4)
     straight, resumed = (json.loads((tmp_path / d / "retention.json").read_text()) for d in ("straight", "resumed"))
     assert resumed == straight

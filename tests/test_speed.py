@@ -15,13 +15,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from epi import checkpoint
 from epi.data.format import IGNORE_INDEX, collate
 from epi.data.mixture import MixtureSampler
 from epi.errors import UserError
 from epi.loss import CausalLMLoss
 from epi.trainer import Trainer
-from tests.conftest import make_cfg
+from tests.conftest import crash_and_resume, make_cfg
 from tests.test_trust import recorded
 
 
@@ -150,17 +149,8 @@ def test_a_length_grouped_pool_ends_with_its_stage(tmp_path: Path) -> None:
 
 def test_resume_inside_a_length_grouped_pool_gives_the_same_weights(tmp_path: Path) -> None:
     common = ["strategy=none", "schedule.steps=6", "schedule.group_by_length=4", "schedule.checkpoint_every=3"]
-    for d in ("straight", "crashed", "resumed"):
-        (tmp_path / d).mkdir()
-    straight = Trainer(make_cfg(*common), tmp_path / "straight")
-    straight.fit()
-    crashing = make_cfg(*common, "+strategy.step=4", "strategy._target_=tests.test_train.CrashAfter")
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(crashing, tmp_path / "crashed").fit()
-    state = checkpoint.load(str(tmp_path / "crashed"))
+    straight, resumed, state = crash_and_resume(tmp_path, common, 4)
     assert state["step"] == 3 and len(state["sampler"]["pending"]) == 1  # steps 1-4 are one pool
-    resumed = Trainer(make_cfg(*common), tmp_path / "resumed", resume_state=state)
-    resumed.fit()
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
 

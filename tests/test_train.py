@@ -18,7 +18,7 @@ from epi.logging import read_metrics
 from epi.schema import Schema
 from epi.strategies.none import NoIsolation
 from epi.trainer import Trainer
-from tests.conftest import ROOT, TINY, make_cfg, run_script
+from tests.conftest import ROOT, TINY, crash_and_resume, make_cfg, run_script
 
 
 def group_options() -> list[tuple[str, str]]:
@@ -94,21 +94,8 @@ class CrashAfter(NoIsolation):
 
 def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path: Path) -> None:
     common = ["strategy=none", "schedule.steps=8", "schedule.checkpoint_every=3", "schedule.grad_accum=2"]
-    for d in ("straight", "crashed", "resumed"):
-        (tmp_path / d).mkdir()
-    straight = Trainer(make_cfg(*common), tmp_path / "straight")
-    straight.fit()
-
-    crashing = make_cfg(*common, "+strategy.step=4", "strategy._target_=tests.test_train.CrashAfter")
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(crashing, tmp_path / "crashed").fit()
-
-    from epi import checkpoint
-
-    state = checkpoint.load(str(tmp_path / "crashed"))
+    straight, resumed, state = crash_and_resume(tmp_path, common, 4)
     assert state["step"] == 3
-    resumed = Trainer(make_cfg(*common), tmp_path / "resumed", resume_state=state)
-    resumed.fit()
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
     assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "straight")[3:]

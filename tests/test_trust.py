@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -28,7 +26,7 @@ from epi.masks import NonFiniteScores, top_p
 from epi.strategies.epi import EPI
 from epi.strategies.none import NoIsolation
 from epi.trainer import Trainer
-from tests.conftest import ROOT, TINY, make_cfg, run_script
+from tests.conftest import TINY, make_cfg, run_script, two_ranks_and_one_process
 
 
 class GradRecorder(NoIsolation):
@@ -67,25 +65,7 @@ def test_grad_accum_equals_one_batch_k_times_larger(tmp_path: Path) -> None:
 
 
 def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
-    common = [*TINY, "strategy=none", "schedule.steps=3", "schedule.batch_size=8"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
-         *common, f"hydra.run.dir={tmp_path / 'ddp'}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env,
-    )
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    single = run_script("train.py", *common, f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
-    assert single.returncode == 0, single.stderr[-3000:]
-
-    def losses(run: str) -> list[float]:
-        return [e["value"] for e in read_metrics(tmp_path / run) if e["split"] == "train" and e["metric"] == "loss"]
-
-    assert len(losses("ddp")) == 3
-    assert losses("ddp") == pytest.approx(losses("one"), rel=1e-5)  # the global batch's loss, not rank 0's shard
-    a, b = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("ddp", "one"))
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+    two_ranks_and_one_process(tmp_path, [*TINY, "strategy=none", "schedule.steps=3", "schedule.batch_size=8"])
 
 
 def test_logged_lr_is_the_one_the_step_applied(tmp_path: Path) -> None:
