@@ -67,11 +67,7 @@ class IsolatedOptimizer:
     @property
     def masks(self) -> Masks:
         """The isolation as bool masks, rebuilt on demand (it is stored as flat indices)."""
-        out: Masks = {}
-        for name, idx in self.index.items():
-            mask = torch.zeros(self.named_params[name].numel(), dtype=torch.bool, device=idx.device)
-            out[name] = mask.index_fill_(0, idx, True).view(self.named_params[name].shape)
-        return out
+        return self._as_masks(self.index)
 
     def set_masks(self, masks: Masks) -> dict[str, int]:
         """Replace the isolation; returns churn counts.
@@ -103,6 +99,7 @@ class IsolatedOptimizer:
         return {task: self._as_masks(index) for task, index in self.owned.items()}
 
     def _as_masks(self, index: dict[str, Tensor]) -> Masks:
+        """Flat indices per parameter as bool masks of the parameters' shapes."""
         out: Masks = {}
         for name, idx in index.items():
             mask = torch.zeros(self.named_params[name].numel(), dtype=torch.bool, device=idx.device)

@@ -316,22 +316,16 @@ class Trainer:
             learner, hooks = self.learner, self.strategy
         hooks = hooks or NO_HOOKS
         s = self.cfg.schedule
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if s.precision == "bf16" else nullcontext()
         learner.model.train()
         micro_batches, tokens, trained = self._draw_step(learner, step)
         self.charge(1, trained)  # every step of every learner, probes and skipped steps included
         loss_sum = torch.zeros((), device=self.device)
         engine = learner.optimizer
         for task, batch in micro_batches:
-            weight = self.world / trained
-            if batch is None:  # this rank's shard of a task's micro-batch is empty: DDP still needs its backward
-                batch, weight = self._empty_shard(), 0.0
             engine.begin_task(task)
-            with autocast:
-                token_losses = learner.forward(batch["input_ids"], batch["attention_mask"], batch["labels"])
-            (token_losses * weight).backward()
+            token_losses, counted = self._backward(learner, batch, trained)
             engine.end_task(task)
-            if weight:
+            if counted:
                 loss_sum += token_losses.detach()  # stays on the device until the one check below
         if self.world > 1:
             dist.all_reduce(loss_sum)  # the logged loss is the global batch's, not this rank's shard's
@@ -411,15 +405,29 @@ class Trainer:
             chunks = self._by_task(picks, s.batch_size)
         else:
             chunks = [(None, picks[k * s.batch_size : (k + 1) * s.batch_size]) for k in range(s.grad_accum)]
-        micro_batches = []
-        for task, chunk in chunks:
-            shard = chunk[self.rank :: self.world]
-            if not shard:
-                micro_batches.append((task, None))
-                continue
-            batch = collate([self.train_sets[t][i] for t, i in shard], self.tokenizer.pad_token_id)
-            micro_batches.append((task, {name: v.to(self.device) for name, v in batch.items()}))
+        micro_batches = [(task, self._shard([self.train_sets[t][i] for t, i in chunk])) for task, chunk in chunks]
         return micro_batches, tokens, trained
+
+    def _shard(self, rows: list[dict[str, list[int]]]) -> dict[str, Tensor] | None:
+        """This rank's share of `rows`, collated on the device; None when it has none."""
+        shard = rows[self.rank :: self.world]
+        if not shard:
+            return None
+        return {name: v.to(self.device) for name, v in collate(shard, self.tokenizer.pad_token_id).items()}
+
+    def _backward(self, learner: Learner, batch: dict[str, Tensor] | None, trained: int) -> tuple[Tensor, bool]:
+        """Forward and token-weighted backward of one micro-batch: its summed token losses, and whether they
+        count. A rank whose share is empty (`batch` None) runs a two-token batch with weight 0, because DDP
+        all-reduces in every backward and the other ranks' backward would otherwise wait for it."""
+        counted = batch is not None
+        if not counted:
+            pad = self.tokenizer.pad_token_id
+            batch = {k: v.to(self.device) for k, v in collate([{"input_ids": [pad, pad], "labels": [IGNORE_INDEX, pad]}], pad).items()}
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.schedule.precision == "bf16" else nullcontext()
+        with autocast:
+            token_losses = learner.forward(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        (token_losses * (self.world / trained if counted else 0.0)).backward()
+        return token_losses, counted
 
     @staticmethod
     def _by_task(picks: list[tuple[str, int]], size: int) -> list[tuple[str, list[tuple[str, int]]]]:
@@ -429,13 +437,6 @@ class Trainer:
             mine = [pick for pick in picks if pick[0] == task]
             chunks += [(task, mine[k : k + size]) for k in range(0, len(mine), size)]
         return chunks
-
-    def _empty_shard(self) -> dict[str, Tensor]:
-        """A two-token batch whose loss is multiplied by 0: DDP all-reduces in every backward, so a rank with
-        no example of a micro-batch's task still runs one."""
-        pad = self.tokenizer.pad_token_id
-        batch = collate([{"input_ids": [pad, pad], "labels": [IGNORE_INDEX, pad]}], pad)
-        return {name: v.to(self.device) for name, v in batch.items()}
 
     def log_realised(self) -> None:
         """The mixture as trained so far: examples and tokens drawn per task, and each task's share of the tokens."""
@@ -473,17 +474,8 @@ class Trainer:
         picks = [int(i) for i in rng.choice(len(rows), size=min(s.batch_size, len(rows)), replace=False)]
         trained = sum(self.trained_counts[task][i] for i in picks)
         self.charge(0, trained)
-        shard = picks[self.rank :: self.world]
-        if shard:
-            batch = {k: v.to(self.device) for k, v in collate([rows[i] for i in shard], self.tokenizer.pad_token_id).items()}
-            weight = self.world / trained
-        else:
-            batch, weight = self._empty_shard(), 0.0
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if s.precision == "bf16" else nullcontext()
         with torch.enable_grad():  # strategies call this from their no-grad refresh
-            with autocast:
-                loss = learner.forward(batch["input_ids"], batch["attention_mask"], batch["labels"])
-            (loss * weight).backward()
+            self._backward(learner, self._shard([rows[i] for i in picks]), trained)
         grads = {n: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for n, p in learner.named_params.items()}
         learner.optimizer.zero_grad(set_to_none=True)
         return grads
