@@ -74,6 +74,14 @@ def run_script(script: str, *args: str, cwd: Path, timeout: int = 300, env: dict
     )
 
 
+def eval_report(runs: str | Path, tmp_path: Path, *args: str) -> tuple[Path, str]:
+    """`eval.py runs=<runs>` into tmp_path/out as a user runs it: the out directory and its report.md."""
+    out = tmp_path / "out"
+    proc = run_script("eval.py", f"runs={runs}", *args, f"hydra.run.dir={out}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, (out / "report.md").read_text()
+
+
 def crash_and_resume(tmp_path: Path, common: list[str], crash_at: int, crashing_target: str = "tests.test_train.CrashAfter",
                      crash_key: str = "+strategy.step"):
     """A straight run, the same run killed after step `crash_at` (by the strategy `crashing_target`), and that

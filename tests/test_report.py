@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from epi import plots, report
 from epi.errors import UserError
-from tests.conftest import run_script
+from tests.conftest import eval_report, run_script
 
 
 def fake_run(root: Path, name: str, *, group: str, seed: int, tasks: list[str], scores: dict[str, float],
@@ -79,10 +79,7 @@ def test_score_table_normalised_score_and_transfer(runs: Path) -> None:
 
 
 def test_eval_py_runs_writes_tables_and_plots(runs: Path, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    proc = run_script("eval.py", f"runs={runs}", f"hydra.run.dir={out}", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    md = (out / "report.md").read_text()
+    out, md = eval_report(runs, tmp_path)
     assert "| strategy=none | 2 | 0.500 ± 0.141 | 0.300 ± 0.141 | 0.400 ± 0.141 | 0.562 |" in md
     assert "| seq | 1 | -0.400 ± 0.000 | 0.800 ± 0.000 | -0.400 ± 0.000 | 0.400 ± 0.000 |" in md
     csv = (out / "scores.csv").read_text().splitlines()
@@ -230,10 +227,7 @@ def test_forgetting_sign_and_range_as_documented() -> None:
 
 
 def test_eval_py_report_sections(sweep: Path, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    proc = run_script("eval.py", f"runs={sweep}", f"hydra.run.dir={out}", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    md = (out / "report.md").read_text()
+    out, md = eval_report(sweep, tmp_path)
     assert "| setting | seeds | a | b | avg | normalised | steps | tokens |" in md
     assert "| strategy=none | 2 | 0.500 ± 0.141 | 0.300 ± 0.141 | 0.400 ± 0.141 | 0.625 | 100 | 1002 |" in md
     assert md.index("| strategy=random |") < md.index("| data.tasks=[a] |") < md.index("| data.tasks=[b] |")

@@ -13,7 +13,7 @@ import pytest
 
 from epi import report
 from epi.errors import UserError
-from tests.conftest import run_script
+from tests.conftest import eval_report, run_script
 from tests.test_report import fake_run
 
 N = 40  # test examples per task
@@ -94,10 +94,7 @@ def test_intervals_in_the_report_csv_and_json(tmp_path: Path) -> None:
         fake_run(root, f"none{seed}", group="strategy=none", seed=seed, tasks=["a", "b"], scores={"a": a, "b": b})
         fake_run(root, f"seq{seed}", group="seq", seed=seed, tasks=["a", "b"], scores={"a": 0.3, "b": 0.9}, stages=[["a"], ["b"]],
                  matrix=[{"a": 0.7, "b": 0.1}, {"a": 0.3 + 0.2 * seed, "b": 0.9}])
-    out = tmp_path / "out"
-    proc = run_script("eval.py", f"runs={root}", f"hydra.run.dir={out}", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    md = (out / "report.md").read_text()
+    out, md = eval_report(root, tmp_path)
     assert "| strategy=none | 2 | 0.500 ± 0.141 | 0.300 ± 0.141 | 0.400 ± 0.141 |" in md  # unchanged
     assert "95% intervals over seeds (Student t" in md
     assert "| strategy=none | 2 | 0.500 [-0.771, 1.771] | 0.300 [-0.971, 1.571] | 0.400 [-0.871, 1.671] |" in md
@@ -180,10 +177,7 @@ def test_the_baseline_key_chooses_the_reference(sweep: Path, tmp_path: Path) -> 
     without = [r for r in runs if r.setting != "arm=none"]
     assert report.compare_to_baseline(without, "test", None) == ([], [], {})  # no `none`: no comparison, no error
 
-    out = tmp_path / "out"
-    proc = run_script("eval.py", f"runs={sweep}", "baseline='arm=same'", f"hydra.run.dir={out}", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    md = (out / "report.md").read_text()
+    out, md = eval_report(sweep, tmp_path, "baseline='arm=same'")
     assert "## Against the baseline (arm=same): paired bootstrap over test examples" in md
     assert "10000 bootstrap resamples of the examples, stratified by task" in md
     assert "| setting | baseline | seeds | examples | Δavg [95% CI] | verdict | a | b |" in md
@@ -201,10 +195,7 @@ def test_runs_without_predictions_and_sequential_runs_are_said(tmp_path: Path) -
     fake_run(root, "old", group="strategy=epi", seed=0, tasks=["a", "b"], scores={"a": 0.5, "b": 0.5})  # before predictions were written
     arm(root, "strategy=random", 5, {"a": scores(10), "b": scores(10)})
     arm(root, "seq", 0, {"a": scores(20), "b": scores(20)}, stages=[["a"], ["b"]], matrix=[{"a": 0.5, "b": 0.0}, {"a": 0.5, "b": 0.5}])
-    out = tmp_path / "out"
-    proc = run_script("eval.py", f"runs={root}", f"hydra.run.dir={out}", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    md = (out / "report.md").read_text()
+    out, md = eval_report(root, tmp_path)
     assert "| seq | strategy=none | 1 | 80 | +0.250 [" in md
     assert "Compared on their final predictions only, as they (or their baseline) trained in stages: seq." in md
     assert ("Not compared: strategy=epi (its runs have no predictions_test.jsonl); strategy=random (no seed in common with "
@@ -219,10 +210,7 @@ def test_retention_columns_mean_and_interval(tmp_path: Path) -> None:
     runs, _ = report.load_runs([root], "test")
     assert report.retention_columns(runs) == ["retention ppl before", "retention ppl after"]
     assert report.retention_columns([r for r in runs if r.retention is None]) == []
-    out = tmp_path / "out"
-    proc = run_script("eval.py", f"runs={root}", f"hydra.run.dir={out}", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    md = (out / "report.md").read_text()
+    out, md = eval_report(root, tmp_path)
     assert "| normalised | steps | tokens | retention ppl before | retention ppl after |" in md
     # after: 12 and 14, s = 1.414214, half-width 12.7062 * 1.414214 / sqrt(2) = 12.706205
     assert "| strategy=none | 2 | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.500 ± 0.000 | – | – | – | 10.000 ± 0.000 | 13.000 ± 1.414 |" in md
