@@ -39,6 +39,8 @@ SMOKE = {
     # the pretrained testbed's sweep, shrunk to the tiny model (SmolLM2 itself: tests/test_train.py)
     "smollm2_forgetting": ["model=tiny", "+arm=none,epi_exclusive", "pair=[code,instruct]", "stage_steps=3",
                            "strategy.warmup=1", "strategy.refresh_every=2", "eval.retention=2"],
+    "smollm2_multitask": ["model=tiny", "+arm=none,cpi_equal_compute,expert_code", "schedule.steps=12", "strategy.probe_steps=2",
+                          "eval.retention=2"],
 }
 
 
@@ -55,7 +57,12 @@ def test_experiment_runs_in_a_smoke_setting(experiment: str, tmp_path: Path) -> 
     assert "## Scores" in text
     if experiment in ("table_forgetting", "smollm2_forgetting"):
         assert "delta_A" in text
-    if experiment == "smollm2_forgetting":
+    if experiment in ("smollm2_forgetting", "smollm2_multitask"):
         assert "retention ppl before" in text
+    if experiment == "smollm2_multitask":  # the equal-compute arm: its probes' steps come out of the budget
+        table = text.split("## Scores")[1].split("\n\n")[1].splitlines()
+        column = [c.strip() for c in table[0].split("|")].index("steps")
+        steps = {row.split("|")[1].strip(): int(row.split("|")[column]) for row in table[2:]}
+        assert steps["arm=cpi_equal_compute"] == steps["arm=none"] == 12, steps
     if experiment == "drift":
         assert (tmp_path / "report" / "drift.png").is_file()
