@@ -14,7 +14,8 @@ encoded by `epi`, and the mixture sampler's stream of examples. The sides:
   LM head at every position, for-loop AdamW, batches in stream order), `+trained-head`
   (`schedule.lm_head=trained`), `+fused-adamw` (`optimizer.fused=true`), `project` (+ length grouping,
   `schedule.group_by_length=50`: today's defaults with grouping on, the row the ratios are against),
-  then for a model with a chat template `+no-system-prompt` (`data.system_prompt=''`: fewer tokens per
+  `+compile` (`schedule.compile=true`: the training forward under `torch.compile`; its compilation falls
+  in the first, untimed step of the first repeat, and later repeats reuse it), then for a model with a chat template `+no-system-prompt` (`data.system_prompt=''`: fewer tokens per
   example, the same trained tokens) and, in an fp32 run, `+bf16` (`schedule.precision=bf16`);
 - `trainer`: `transformers.Trainer` at its best settings: fused AdamW where the device has it, and
   `train_sampling_strategy="group_by_length"` (the same examples, batched by similar length).
@@ -81,8 +82,9 @@ LADDER: dict[str, list[str]] = {
     "+trained-head": ["optimizer.fused=false", "schedule.group_by_length=0"],
     "+fused-adamw": ["schedule.group_by_length=0"],
     "project": [f"schedule.group_by_length={GROUP}"],
-    "+no-system-prompt": [f"schedule.group_by_length={GROUP}", "data.system_prompt=''"],
-    "+bf16": [f"schedule.group_by_length={GROUP}", "data.system_prompt=''", "schedule.precision=bf16"],
+    "+compile": [f"schedule.group_by_length={GROUP}", "schedule.compile=true"],
+    "+no-system-prompt": [f"schedule.group_by_length={GROUP}", "schedule.compile=true", "data.system_prompt=''"],
+    "+bf16": [f"schedule.group_by_length={GROUP}", "schedule.compile=true", "data.system_prompt=''", "schedule.precision=bf16"],
 }
 SIDES = (*LADDER, "trainer", "trainer-stream", "trl")
 N_TRAIN = 512  # examples per task: the stream only needs a few hundred, and encoding 4000 per task is slow for SmolLM2
@@ -152,9 +154,10 @@ class CountForwards:
     def _record(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         if not module.training:
             return
-        ids = kwargs["input_ids"]
-        mask = kwargs.get("attention_mask")
-        labels = kwargs.get("labels")
+        given = {**dict(zip(("input_ids", "attention_mask", "labels"), args)), **kwargs}  # the project's loss: positional
+        ids = given["input_ids"]
+        mask = given.get("attention_mask")
+        labels = given.get("labels")
         tokens = int(mask.sum()) if mask is not None else ids.numel()  # padding-free batches have no padding
         trained = int((labels[..., 1:] != IGNORE_INDEX).sum()) if labels is not None else -1
         self.counts.append(StepCount(tokens, trained, ids.numel()))
@@ -246,6 +249,7 @@ class Work:
     precision: str
     steps: int  # timed steps per repeat; each repeat runs one more, untimed
     device: torch.device
+    compile: bool = True  # the ladder's +compile rung (and compile in the rungs after it)
 
 
 def project_trainer(work: Work, run_dir: Path, extra: list[str] = ()) -> Trainer:
@@ -321,12 +325,13 @@ class Side:
 
 class ProjectSide(Side):
     """`Trainer.train_step` of one rung: draws from that trainer's own sampler, rewound every repeat to
-    where it started, so it yields the examples the other sides get. Its forwards are counted at the
-    decoder (the trained-positions head never calls the whole model). Under length grouping the first,
+    where it started, so it yields the examples the other sides get. Its forwards are counted at its loss
+    module (the trained-positions head never calls the whole model, and the compiled rung's decoder runs
+    inside torch.compile, where a counting hook would break the graph). Under length grouping the first,
     untimed step is the stream's first batch and one pool holds the timed batches, as on HF's grouped side."""
 
     def __init__(self, name: str, project: Trainer, work: Work):
-        super().__init__(project.model, work, counted=project.model.get_decoder())
+        super().__init__(project.model, work, counted=project.learner.forward)
         self.name, self.project = name, project
         self.same_data = project.cfg.data.get("system_prompt") is None
         self.start = project.sampler.state_dict()
@@ -344,7 +349,7 @@ class ProjectSide(Side):
             sync(self.work.device)
             if i:
                 seconds.append(time.perf_counter() - tic)
-            self.forwards.counts[-1].trained = out.trained_tokens  # its forward takes no labels
+            assert self.forwards.counts[-1].trained == out.trained_tokens
         return seconds
 
 
@@ -424,11 +429,15 @@ def trl_available() -> bool:
 
 
 def rungs_for(work: Work, chat_template: bool) -> dict[str, list[str]]:
-    """The ladder for this work: `+no-system-prompt` only where a chat template adds one, `+bf16` only in an fp32 run."""
+    """The ladder for this work: `+no-system-prompt` only where a chat template adds one, `+bf16` only in an fp32
+    run, `+compile` (and compile in the rungs after it) unless `--no-compile`."""
     ladder = dict(LADDER)
     if not chat_template:
         del ladder["+no-system-prompt"]
         ladder["+bf16"] = [o for o in ladder["+bf16"] if not o.startswith("data.system_prompt")]
+    if not work.compile:
+        del ladder["+compile"]
+        ladder = {name: [o for o in overrides if o != "schedule.compile=true"] for name, overrides in ladder.items()}
     if work.precision == "bf16":
         del ladder["+bf16"]
     return ladder
@@ -518,6 +527,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (default: the cores available)")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the +compile rung (and compile in the rungs after it)")
     parser.add_argument("--quick", action="store_true", help="tiny only, 2 steps, 1 repeat: a smoke test")
     args = parser.parse_args()
     if args.quick:
@@ -542,7 +552,7 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     for model in args.models:
         steps = args.steps or (20 if model == "tiny" else 4)
-        work = Work(model, args.batch_size, args.max_len, args.precision, steps, device)
+        work = Work(model, args.batch_size, args.max_len, args.precision, steps, device, compile=not args.no_compile)
         params, results = bench(work, sides, args.repeats)
         print("\n".join(table(work, params, results)), flush=True)
         if others := [r.others for s in results.values() for r in s.runs if r.others is not None]:
@@ -551,6 +561,20 @@ def main() -> None:
         if torch.get_num_threads() != args.threads:
             print(f"note: torch threads changed to {torch.get_num_threads()} during the run")
         print("\n".join(ladder_table(work, results)), flush=True)
+        print("\n".join(best_settings(work, results)), flush=True)
+
+
+def best_settings(work: Work, results: dict[str, Summary]) -> list[str]:
+    """The project's fastest rung at the run's precision against each other side: both at their best settings
+    (the `project / side` column holds the project with today's defaults plus grouping)."""
+    rungs = [name for name in LADDER if name in results and name != "+bf16"]  # +bf16 changes the precision
+    others = [name for name in results if name not in LADDER]
+    if not rungs or not others:
+        return []
+    best = max(rungs, key=lambda name: results[name].trained_per_s)
+    ratios = ", ".join(f"{name} {results[best].trained_per_s / results[name].trained_per_s:.2f}x" for name in others)
+    return [f"{work.model}: the project at its best settings in {work.precision} ({best}, "
+            f"{results[best].trained_per_s:.1f} trained tok/s) against: {ratios}"]
 
 
 def ladder_table(work: Work, results: dict[str, Summary]) -> list[str]:

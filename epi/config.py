@@ -55,6 +55,7 @@ class ScheduleConfig(Schema):
     clip_norm: Annotated[float, Rule(lambda v: v > 0, "must be > 0, or null for no clipping")] | None
     precision: Literal[PRECISIONS]
     lm_head: Literal[LM_HEAD]
+    compile: bool  # torch.compile the training forward (epi/loss.py); evaluation and the optimizer stay eager
     group_by_length: Annotated[int, Rule(lambda v: v >= 0, "must be an integer >= 0 (0 = off; HF's mega-batch is 50)")]
     nonfinite: Literal[NONFINITE]
     isolated_moments: Literal[MOMENT_POLICIES]

@@ -8,6 +8,11 @@ positions only (`schedule.lm_head=trained`); `all` runs it everywhere, as Huggin
 loss does (and as this project did before the key existed: its numbers reproduce bit for bit).
 The two agree to float rounding (the sums run in a different order); `CausalLMLoss.check`
 verifies on the model at hand, before a run starts, that its logits are what the head computes.
+
+`schedule.compile=true` runs the model's forward (the decoder, under `trained`) through
+`torch.compile(dynamic=True)`: inductor fuses the elementwise work between the matrix products. Only
+the training loss is compiled; evaluation and generation call the model itself, eagerly, and the
+isolation engine's step (the optimizer) is never inside a compiled region.
 """
 
 from __future__ import annotations
@@ -39,18 +44,22 @@ class CausalLMLoss(torch.nn.Module):
     selection included) and its gradient hooks see every parameter the loss used.
     """
 
-    def __init__(self, model: torch.nn.Module, lm_head: str = "trained") -> None:
+    def __init__(self, model: torch.nn.Module, lm_head: str = "trained", compile: bool = False) -> None:
         super().__init__()
         if lm_head not in LM_HEAD:
             raise ValueError(f"lm_head={lm_head!r} is not one of {list(LM_HEAD)}")
         self.model, self.lm_head = model, lm_head
+        # what the loss calls: the whole model (`all`) or its decoder (`trained`), compiled or not. Kept out of the
+        # module tree (not an attribute nn.Module registers), so state_dict and DDP see the model's parameters once.
+        run = model if lm_head == "all" else model.get_decoder()
+        self.__dict__["run"] = torch.compile(run, dynamic=True) if compile else run
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
         if self.lm_head == "all":
-            return causal_lm_loss_sum(self.model(input_ids=input_ids, attention_mask=attention_mask).logits, labels)
+            return causal_lm_loss_sum(self.run(input_ids=input_ids, attention_mask=attention_mask).logits, labels)
         targets = labels[:, 1:]
         trained = targets != IGNORE_INDEX
-        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = self.run(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         logits = self.model.get_output_embeddings()(hidden[:, :-1][trained])
         return torch.nn.functional.cross_entropy(logits.float(), targets[trained], reduction="sum")
 

@@ -205,7 +205,7 @@ class Trainer:
         """A learner over `model`: DDP wrapper, the configured optimizer (`optimizer_args` override its keys)
         inside the isolation engine, and a mixture sampler seeded with the run's seed."""
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        loss = CausalLMLoss(model, self.cfg.schedule.lm_head)
+        loss = CausalLMLoss(model, self.cfg.schedule.lm_head, compile=self.cfg.schedule.compile)
         forward = torch.nn.parallel.DistributedDataParallel(loss) if self.world > 1 else loss
         make_optimizer = build(self.cfg.optimizer, "optimizer")
         target = getattr(make_optimizer, "func", None)

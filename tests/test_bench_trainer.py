@@ -1,4 +1,5 @@
-"""Smoke test of bench/bench_trainer.py: `--quick` runs every side end to end and prints the markdown table."""
+"""Smoke test of bench/bench_trainer.py: `--quick` runs every side end to end and prints the markdown table
+(`--no-compile`: the compiled step's own test is tests/test_speed.py; compiling here would add a minute)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from tests.conftest import ROOT
 
 def test_quick_prints_the_table() -> None:
     out = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench_trainer.py"), "--quick", "--threads", "2"],
+        [sys.executable, str(ROOT / "bench" / "bench_trainer.py"), "--quick", "--no-compile", "--threads", "2"],
         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -28,5 +29,7 @@ def test_quick_prints_the_table() -> None:
     steps = {c[2]: c for line in lines if len(c := [x.strip() for x in line.split("|")]) == 7 and c[1] == "tiny"}
     assert set(steps) == ladder and steps["project-before"][4] == "–", out.stdout  # the step-time ladder
     assert all(c[5].endswith("x") for c in steps.values()), out.stdout
+    best = next(line for line in lines if line.startswith("tiny: the project at its best settings in fp32"))
+    assert "trainer " in best and best.endswith("x"), best
     if "trl" not in rows:
         assert "TRL: not installed" in lines

@@ -8,6 +8,7 @@ of the mixture, and resumes inside a pool exactly; AdamW is the fused kernel by 
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -42,11 +43,12 @@ def padded_batch(seed: int = 0) -> dict[str, torch.Tensor]:
     return collate(rows, pad_id=0)
 
 
-def loss_and_grads(model: torch.nn.Module, lm_head: str, batch: dict[str, torch.Tensor], bf16: bool = False):
+def loss_and_grads(model: torch.nn.Module, lm_head: str, batch: dict[str, torch.Tensor], bf16: bool = False,
+                   loss_fn: CausalLMLoss | None = None):
     model.zero_grad()
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     with autocast:
-        loss = CausalLMLoss(model, lm_head)(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        loss = (loss_fn or CausalLMLoss(model, lm_head))(batch["input_ids"], batch["attention_mask"], batch["labels"])
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -66,6 +68,26 @@ def test_trained_positions_under_bf16_autocast_track_the_full_logits_loss() -> N
     full, _ = loss_and_grads(model, "all", batch, bf16=True)
     mine, _ = loss_and_grads(model, "trained", batch, bf16=True)
     torch.testing.assert_close(mine, full, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor's CPU backend needs a C++ compiler")
+def test_a_compiled_forward_gives_the_eager_loss_and_gradients_and_leaves_the_model_eager() -> None:
+    """`schedule.compile=true`: the loss module's forward runs compiled, over the model's own parameters
+    (no second copy in its state_dict), for batches of other lengths too (dynamic shapes); the model
+    itself, which evaluation and generation call, is not compiled."""
+    model = small_llama(False)
+    keys = list(CausalLMLoss(model, "trained").state_dict())
+    compiled = CausalLMLoss(model, "trained", compile=True)
+    assert list(compiled.state_dict()) == keys and type(model.get_decoder()).__name__ == "LlamaModel"
+    for seed in (0, 1):  # two batches of different shapes: one compilation serves both
+        batch = padded_batch(seed)
+        batch = {k: v[:, : 10 + 4 * seed] for k, v in batch.items()}
+        eager, eager_grads = loss_and_grads(model, "trained", batch)
+        mine, my_grads = loss_and_grads(model, "trained", batch, loss_fn=compiled)
+        torch.testing.assert_close(mine, eager, rtol=1e-5, atol=1e-5)
+        for name, grad in eager_grads.items():
+            torch.testing.assert_close(my_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert compiled.run is not model.get_decoder()  # it did run through torch.compile
 
 
 def test_all_positions_is_hugging_faces_labels_loss() -> None:

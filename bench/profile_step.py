@@ -1,0 +1,122 @@
+"""Where the project's training step spends its time, and what is left to win.
+
+    python bench/profile_step.py                                   # tiny, batch 16, the length-grouped step
+    python bench/profile_step.py --models smollm2_135m --batch-size 8 --steps 4
+    python bench/profile_step.py --compile                         # + eager vs torch.compile'd decoder
+
+`bench_trainer.py` compares whole steps; this says why a ratio stops where it does. It runs the
+project's `Trainer.train_step` (`strategy=none`, today's defaults plus `schedule.group_by_length=50`,
+the `project` row of `bench_trainer.py`) under `torch.profiler` and sorts the step's self time into
+matrix products (`aten::mm`/`addmm`/`bmm`: the model's GEMMs, forward and backward), attention,
+the optimizer, and everything else (elementwise ops, norms, autograd and Python overhead).
+
+The last line is a bound. `transformers.Trainer` and TRL run the same GEMMs on the same tokens (the
+trained-positions head removes only the LM head's share, and HF's grouping gives the same padding),
+so no change to the loop, the loss or the optimizer can make the step faster than its GEMM time:
+`step / GEMM time` is the most any such change could buy over the step measured here.
+
+`--compile` also times the step with the decoder under `torch.compile(dynamic=True)` (inductor's CPU
+backend, fusing the elementwise work between GEMMs), interleaved with the eager step in the same run;
+the compile time itself is printed separately and not amortised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_trainer import Work, project_trainer  # noqa: E402
+
+GEMM = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")
+ATTENTION = ("scaled_dot_product", "flash_attention", "efficient_attention")
+OPTIMIZER = ("adam", "Optimizer.", "_foreach_")
+
+
+def category(name: str) -> str:
+    if name in GEMM:
+        return "matrix products"
+    if any(key in name for key in ATTENTION):
+        return "attention"
+    if any(key.lower() in name.lower() for key in OPTIMIZER):
+        return "optimizer"
+    return "other"
+
+
+def steps(trainer, first: int, n: int) -> list[float]:
+    """Wall time of `n` steps from step `first` (one length-grouped pool spans them all)."""
+    seconds = []
+    for step in range(first, first + n):
+        trainer.learner.horizon = first + n - 1
+        tic = time.perf_counter()
+        trainer.train_step(step)
+        seconds.append(time.perf_counter() - tic)
+    return seconds
+
+
+def breakdown(trainer, first: int, n: int) -> tuple[float, dict[str, float]]:
+    """Mean step time outside the profiler, and each category's share of the profiled self time."""
+    plain = statistics.median(steps(trainer, first, n))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        steps(trainer, first + n, n)
+    shares: dict[str, float] = {}
+    for event in prof.key_averages():
+        shares[category(event.key)] = shares.get(category(event.key), 0.0) + event.self_cpu_time_total
+    total = sum(shares.values())
+    return plain, {k: v / total for k, v in sorted(shares.items(), key=lambda kv: -kv[1])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["tiny"])
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-len", type=int, default=128)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--steps", type=int, default=20, help="steps per measurement (after 3 warm-up steps)")
+    parser.add_argument("--compile", action="store_true", help="also time the decoder under torch.compile")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}; cpu, {args.threads} threads, {args.precision}, batch {args.batch_size}, "
+          f"max_len {args.max_len}; load average {os.getloadavg()[0]:.2f} at the start")
+    for model in args.models:
+        work = Work(model, args.batch_size, args.max_len, args.precision, 4 * args.steps + 3, torch.device("cpu"))
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer = project_trainer(work, Path(tmp), ["schedule.group_by_length=50"])
+            steps(trainer, 1, 3)  # optimizer state, lazy initialisation
+            step_s, shares = breakdown(trainer, 4, args.steps)
+            print(f"\n{model}: {step_s:.4f} s/step (median of {args.steps}); share of the profiled step's self time:")
+            print("| part | share |\n|---|---:|")
+            for name, share in shares.items():
+                print(f"| {name} | {share:.1%} |")
+            gemm = shares.get("matrix products", 0.0)
+            print(f"{model}: bound: with everything but the GEMMs free, a step could be at most {1 / gemm:.2f}x "
+                  "faster than this one (every side runs the same GEMMs)")
+            if args.compile:
+                decoder = trainer.model.get_decoder()
+                decoder.compile(dynamic=True)  # nn.Module.compile: the module's calls go through _compiled_call_impl
+                compiled_call = decoder._compiled_call_impl
+                tic = time.perf_counter()
+                steps(trainer, 4 + 2 * args.steps, 3)
+                compile_s = time.perf_counter() - tic
+                eager, compiled = [], []
+                first = 7 + 2 * args.steps
+                for block in range(4):  # interleaved blocks: eager, compiled, eager, compiled
+                    decoder._compiled_call_impl = compiled_call if block % 2 else None
+                    (compiled if block % 2 else eager).extend(steps(trainer, first, args.steps // 2))
+                    first += args.steps // 2
+                e, c = statistics.median(eager), statistics.median(compiled)
+                print(f"{model}: torch.compile(decoder, dynamic=True): {c:.4f} s/step vs eager {e:.4f} "
+                      f"({c / e:.2f}x; compile and the first compiled steps: {compile_s:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
