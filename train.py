@@ -14,7 +14,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from epi import checkpoint
-from epi.cli import exit_on_user_error, run_name, write_results
+from epi.cli import exit_on_user_error, run_name, setting_name, write_results
 from epi.config import validate
 from epi.data.load import known_tasks
 from epi.data.local import expand_root
@@ -117,7 +117,7 @@ def main(cfg: DictConfig) -> float | None:
         cfg.threads = auto_threads(hc)  # recorded in config.yaml
     overrides = [o for o in hc.overrides.task if not o.startswith("resume=")]
     cfg.logger.name = cfg.logger.name or run_name(overrides)
-    cfg.logger.group = cfg.logger.group or run_name(overrides, drop=("seed",))
+    cfg.logger.group = cfg.logger.group or setting_name(overrides)
     run_dir = Path(hc.runtime.output_dir)
     try:
         results = train(cfg, run_dir)

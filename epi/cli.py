@@ -33,6 +33,21 @@ def exit_on_user_error(fn: Callable) -> Callable:
     return wrapper
 
 
+# Overrides that decide where a run's results go and how fast it runs, not what it trains: runs that differ
+# only in these are seeds of one setting (a sweep continued with logger=jsonl, or on a machine with more cores).
+BOOKKEEPING = ("logger.", "logger=", "threads=")
+
+
+def is_bookkeeping(override: str) -> bool:
+    return override.lstrip("+~").startswith(BOOKKEEPING)
+
+
+def setting_name(overrides: list[str]) -> str:
+    """A run's setting (its W&B group, a row of eval.py's report): its overrides without the seed and the
+    bookkeeping ones, so that the seeds of one setting are averaged together."""
+    return run_name([o for o in overrides if not is_bookkeeping(o)], drop=("seed",))
+
+
 def run_name(overrides: list[str], drop: tuple[str, ...] = ()) -> str:
     """Readable W&B name from the command-line overrides, e.g. "strategy=epi,seed=1"."""
     keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in drop]

@@ -1,7 +1,7 @@
 """Tables over sets of runs, read from their run directories (no W&B needed).
 
-A *setting* is a run's W&B group: its command-line overrides without the seed, so the seeds
-of one setting are averaged. Definitions (also in the README):
+A *setting* is a run's W&B group: its command-line overrides without the seed (and without the
+bookkeeping keys `logger.*` and `threads`, which change no number), so the seeds of one setting are averaged. Definitions (also in the README):
 - score: a task's exact-match score on the reported split (eval_<split>.json of each run).
 - normalised score of a setting: mean over tasks of score(setting, t) / score(expert_t, t),
   where expert_t is the single-task run (data.tasks=[t]) under the same budget, both averaged
@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
+from epi.cli import is_bookkeeping
 from epi.errors import UserError
 from epi.logging import read_metrics
 
@@ -170,7 +171,9 @@ def load_run(path: Path, split: str) -> Run:
     stages = _stages(path, cfg)
     # row k is stage k's: a stage without its evaluation stays a marked gap, never closed up by the next one
     expected = range(len(stages)) if len(stages) > 1 else sorted(after)
-    group = cfg.logger.group or "default"
+    # a run trained before bookkeeping overrides left the group (epi.cli.setting_name) still joins its setting
+    overrides = [p for p in split_overrides(cfg.logger.group or "default") if not is_bookkeeping(p)]
+    group = ",".join(overrides) or "default"
     retention = path / "retention.json"
     return Run(
         path=path,

@@ -9,6 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from epi import plots, report
+from epi.cli import setting_name
 from epi.errors import UserError
 from tests.conftest import eval_report, run_script
 
@@ -243,3 +244,17 @@ def test_eval_py_report_sections(sweep: Path, tmp_path: Path) -> None:
                                      "overrides": ["strategy=epi", "schedule.lr=-1", "seed=0"], "error": "error: schedule.lr=-1: must be > 0 (e.g. schedule.lr=3e-3)"}
     assert (out / "scores.csv").read_text().splitlines()[1].endswith(",0.625,100,1002")
     assert (out / "scores_over_steps.png").is_file()
+
+
+def test_runs_that_differ_only_in_bookkeeping_overrides_are_seeds_of_one_setting(tmp_path: Path) -> None:
+    """A sweep continued with another logger or thread count adds seeds to its settings, not new settings."""
+    fake_run(tmp_path, "0", group="+arm=epi,logger.mode=disabled", seed=0, tasks=["a"], scores={"a": 0.2})
+    fake_run(tmp_path, "1", group="+arm=epi", seed=1, tasks=["a"], scores={"a": 0.4})
+    fake_run(tmp_path, "2", group="+arm=epi,logger=jsonl,threads=1", seed=2, tasks=["a"], scores={"a": 0.6})
+    fake_run(tmp_path, "3", group="+arm=epi,strategy.p=0.1", seed=0, tasks=["a"], scores={"a": 0.9})
+    groups = report.by_setting([report.load_run(tmp_path / str(n), "test") for n in range(4)])
+    assert sorted(groups) == ["+arm=epi", "+arm=epi,strategy.p=0.1"]
+    assert [r.seed for r in groups["+arm=epi"]] == [0, 1, 2]
+    # and runs trained now get such a group in the first place (their W&B group, the setting eval.py reads)
+    assert setting_name(["+arm=epi", "seed=1", "logger=jsonl", "threads=1", "logger.mode=disabled"]) == "+arm=epi"
+    assert setting_name(["seed=0"]) == "default"
