@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,8 +33,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_trainer import Work, project_trainer  # noqa: E402
+# `python bench/profile_step.py` puts bench/ first on the import path, as for any script.
+from bench_trainer import Work, project_trainer
 
 GEMM = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")
 ATTENTION = ("scaled_dot_product", "flash_attention", "efficient_attention")

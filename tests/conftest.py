@@ -15,7 +15,23 @@ from omegaconf import DictConfig
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["WANDB_SILENT"] = "true"
-torch.set_num_threads(2)
+
+
+def _pin_xdist_worker() -> None:
+    """Under pytest-xdist (`-n auto`), worker k runs on its own share of the cores: the affinity is inherited
+    by the runs it starts, whose `threads: null` then divides only that share (train.py's auto_threads), so
+    parallel workers never oversubscribe the machine."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    cores = sorted(os.sched_getaffinity(0))
+    if workers > 1 and len(cores) > 1:
+        share = max(1, len(cores) // workers)
+        k = int(worker.removeprefix("gw")) % min(workers, len(cores))
+        os.sched_setaffinity(0, cores[k * share : (k + 1) * share])
+
+
+_pin_xdist_worker()
+torch.set_num_threads(min(2, len(os.sched_getaffinity(0))))
 
 ROOT = Path(__file__).resolve().parents[1]
 
