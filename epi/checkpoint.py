@@ -5,6 +5,13 @@ crash mid-write leaves the previous checkpoint intact; a full disk removes the t
 says how much space the checkpoint needs. Everything in it is a tensor or a plain Python value, so
 it loads with `torch.load(weights_only=True)`: a checkpoint is data, and one whose pickle would run
 code is refused without running it.
+
+Under `parallel=fsdp` no rank holds the whole model, so the tensors are saved sharded: every rank
+writes its shards of the model and optimizer with `torch.distributed.checkpoint` (DCP) and its own
+state (isolation masks of its shards, strategy state, RNG) into `checkpoint.shards/step_<N>/`, and
+rank 0 then writes `checkpoint.pt` as before, with everything else and the name of that directory.
+The directory is complete before `checkpoint.pt` names it, and older ones are removed only after,
+so a crash at any point leaves a checkpoint that resumes exactly (at the same number of ranks).
 """
 
 from __future__ import annotations
@@ -25,10 +32,12 @@ import torch
 from epi.errors import UserError
 
 FILENAME = "checkpoint.pt"
+SHARDS = "checkpoint.shards"  # parallel=fsdp: beside checkpoint.pt, one directory per saved step
 # What Trainer.save_checkpoint writes and a resume reads.
 REQUIRED = frozenset(
     {"step", "model", "optimizer", "scheduler", "sampler", "realised", "skipped", "compute", "strategy", "rng", "config", "metrics_lines"}
 )
+IN_SHARDS = frozenset({"model", "optimizer", "strategy", "rng"})  # of a sharded checkpoint: in its shards directory
 
 
 def rng_state() -> dict[str, Any]:
@@ -170,11 +179,95 @@ def _first_line(e: Exception) -> str:
 def load(resume: str) -> dict[str, Any]:
     path = find(resume)
     state = load_tensors(path, f"resume={resume!r}: checkpoint")
-    missing = sorted(REQUIRED - set(state)) if isinstance(state, dict) else sorted(REQUIRED)
+    required = REQUIRED - IN_SHARDS if isinstance(state, dict) and "shards" in state else REQUIRED
+    missing = sorted(required - set(state)) if isinstance(state, dict) else sorted(REQUIRED)
     if missing:
         raise UserError(
             f"resume={resume!r}: checkpoint {path} lacks {missing}: it was not written by this version of the "
             "tool (or not by this tool at all). It was left untouched; start afresh, or resume with the version "
             "that wrote it."
         )
-    return state
+    return {**state, "source": str(path)}  # where it was read: a sharded checkpoint's shards lie beside it
+
+
+def save_shards(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                own: dict[str, Any]) -> str:
+    """Every rank, together: the sharded model and optimizer (DCP) and this rank's `own` state, into
+    `run_dir/checkpoint.shards/step_<step>/`, written under a temporary name and renamed once every rank is
+    done. Returns the directory's name, for `checkpoint.pt` to point at."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    name = f"step_{step:08d}"
+    final = Path(run_dir) / SHARDS / name
+    tmp = final.with_name(name + ".tmp")
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a crash mid-write left it
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    tensors = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    try:
+        dcp.save(tensors, checkpoint_id=str(tmp))
+        with (tmp / f"rank{rank}.pt").open("wb") as f:
+            torch.save(own, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except Exception as e:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e):
+            raise disk_full_error(final, nbytes(tensors) * dist.get_world_size(), "sharded checkpoint") from e
+        raise
+    dist.barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    dist.barrier()
+    return name
+
+
+def prune_shards(run_dir: Path, keep: str) -> None:
+    """Rank 0, after `checkpoint.pt` names `keep`: the shards directories of older checkpoints go."""
+    for old in (Path(run_dir) / SHARDS).glob("step_*"):
+        if old.name != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_shards(checkpoint_path: Path, state: dict[str, Any], model: torch.nn.Module,
+                optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Every rank: the sharded model and optimizer of the checkpoint `state` (read from `checkpoint_path`)
+    loaded in place, and this rank's own state returned. The same number of ranks as the saving run."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    shards = state["shards"]
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if shards["world"] != world:
+        raise UserError(
+            f"{checkpoint_path}: a parallel=fsdp checkpoint of {shards['world']} ranks; this run has {world}. Resume with "
+            f"--nproc_per_node={shards['world']} (the shards are per rank)."
+        )
+    directory = Path(checkpoint_path).parent / SHARDS / shards["dir"]
+    own_file = directory / f"rank{dist.get_rank()}.pt"
+    if not own_file.is_file():
+        raise UserError(f"{checkpoint_path}: its shards directory {directory} is missing or incomplete; it was left untouched.")
+    tensors = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(tensors, checkpoint_id=str(directory))
+    set_model_state_dict(model, tensors["model"])
+    set_optimizer_state_dict(model, optimizer, tensors["optimizer"])
+    return load_tensors(own_file, f"{checkpoint_path}: rank state")
+
+
+def remove(run_dir: Path) -> None:
+    """A finished run's checkpoint, sharded or not (schedule.keep_checkpoint=false)."""
+    (Path(run_dir) / FILENAME).unlink(missing_ok=True)
+    shutil.rmtree(Path(run_dir) / SHARDS, ignore_errors=True)

@@ -17,12 +17,14 @@ from epi.components import check_keys
 from epi.data.format import TRUNCATE
 from epi.data.sources import validate_source
 from epi.data.tasks import BUILTIN_TASKS, MAX_PER_SPLIT
+from epi.errors import UserError
 from epi.logging import WANDB_MODES
 from epi.loss import LM_HEAD
 from epi.models import DTYPES
 from epi.optim import MOMENT_POLICIES
 from epi.schedules import DECAYS
 from epi.schema import Rule, Schema, at_least, fail, parse, positive, within
+from epi.sharding import MIXED_PRECISION, PARALLEL
 from epi.strategies import build_strategy
 
 PRECISIONS = ("fp32", "bf16")
@@ -109,6 +111,14 @@ class EvalConfig(Schema):
 
 
 @dataclass
+class ParallelConfig(Schema):
+    name: Literal[PARALLEL]
+    mixed_precision: Literal[MIXED_PRECISION] = "none"  # fsdp only
+    cpu_offload: bool = False  # fsdp only
+    reshard_after_forward: bool = True  # fsdp only
+
+
+@dataclass
 class LoggerConfig(Schema):
     mode: Literal[WANDB_MODES]
     project: str
@@ -156,10 +166,19 @@ def validate(cfg: DictConfig, known_tasks: set[str]) -> None:
     schedule = parse(cfg.schedule, ScheduleConfig, "schedule")
     data = parse(cfg.data, DataConfig, "data")
     parse(cfg.eval, EvalConfig, "eval")
+    parallel = parse(cfg.parallel, ParallelConfig, "parallel")
     parse(cfg.logger, LoggerConfig, "logger", ignore=("_target_", "_partial_"))
     check_keys(cfg.optimizer, "optimizer")
     check_keys(cfg.lr_scheduler, "lr_scheduler")
-    build_strategy(cfg.strategy, quiet=True)  # the strategy's own schema (Strategy.Config)
+    strategy = build_strategy(cfg.strategy, quiet=True)  # the strategy's own schema (Strategy.Config)
+    if parallel.name == "fsdp":
+        if not type(strategy).shardable:
+            name = cfg.strategy.get("name") or cfg.strategy._target_
+            raise UserError(f"parallel=fsdp: strategy={name} does not run on sharded parameters (its Strategy.shardable is "
+                            "False: CPI's probes and fusion read whole tensors); use parallel=ddp, or strategy=none/epi/random")
+        if schedule.compile:
+            raise UserError("parallel=fsdp with schedule.compile=true is not supported yet (the compiled forward is tested "
+                            "unsharded only); use schedule.compile=false")
 
     for task in data.tasks:
         if task not in known_tasks:

@@ -43,6 +43,7 @@ class TrainerContext:
         task_gradient: Callable[[str, int, int], dict[str, Tensor]],
     ):
         self.named_params = engine.named_params
+        self.shards = engine.shards  # parallel=fsdp: the local shards' places; None otherwise
         self.tasks, self.seed, self.rank, self.steps = tasks, seed, rank, steps
         self.train_copy, self.fingerprint, self.charge, self.task_gradient = train_copy, fingerprint, charge, task_gradient
         self._model, self._engine, self._logger, self._run_dir, self._world = model, engine, logger, run_dir, world
@@ -67,6 +68,8 @@ class TrainerContext:
         return self._engine.set_exclusive(masks)
 
     def mean_across_ranks(self, tensors: list[Tensor]) -> None:
+        if self.shards is not None:
+            raise RuntimeError("mean_across_ranks under parallel=fsdp would average different shards; rank through ctx.shards")
         if self._world > 1:
             for t in tensors:
                 dist.all_reduce(t, op=dist.ReduceOp.AVG)

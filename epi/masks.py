@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import math
 import re
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from epi.sharding import Shards
 
 Masks = dict[str, Tensor]
 
@@ -85,19 +89,25 @@ def _groups(names: list[str] | dict[str, object]) -> dict[str, list[str]]:
     return groups
 
 
-def normalize(scores: dict[str, Tensor], how: str) -> dict[str, Tensor]:
+def normalize(scores: dict[str, Tensor], how: str, shards: Shards | None = None) -> dict[str, Tensor]:
     """Divide scores by their layer group's mean or max so layers of different
-    gradient scale compete fairly in a global ranking."""
+    gradient scale compete fairly in a global ranking.
+
+    `shards`: the scores are this rank's shards (`parallel=fsdp`); the layer means and maxima are
+    then taken over every rank's shards, so each rank divides by the unsharded run's number."""
     _check_choice("normalize", how, NORMALIZE_METHODS)
     if how == "none":
         return dict(scores)
     out: dict[str, Tensor] = {}
     for names in _groups(scores).values():
         if how == "mean":
-            total = sum(scores[n].sum(dtype=torch.float64).item() for n in names)
-            denom = total / sum(scores[n].numel() for n in names)
+            total = torch.stack([scores[n].sum(dtype=torch.float64).cpu() for n in names]).sum()
+            total = float(shards.sum(total)) if shards else float(total)
+            denom = total / sum(shards.numel[n] if shards else scores[n].numel() for n in names)
         else:
-            denom = max(scores[n].max().item() for n in names)
+            local_max = torch.stack([scores[n].max().float().cpu() if scores[n].numel() else torch.tensor(-math.inf)
+                                     for n in names]).max()
+            denom = float(shards.max(local_max)) if shards else float(local_max)
         denom = max(denom, torch.finfo(torch.float32).tiny)  # an all-zero group stays zero
         for n in names:
             out[n] = scores[n] / denom
@@ -123,35 +133,57 @@ def sampled_fraction_bound(sample_size: int, delta: float = 1e-6) -> float:
     return math.sqrt(math.log(2 / delta) / (2 * sample_size)) + 1 / (2 * sample_size)
 
 
-def _sample(flats: list[Tensor], n: int, generator: torch.Generator | None) -> Tensor:
-    """n draws with replacement, uniform over all elements of `flats`, as float32 on CPU."""
-    sizes = torch.tensor([f.numel() for f in flats])
+def _sample(flats: list[Tensor], n: int, generator: torch.Generator | None,
+            shards: Shards | None = None, names: list[str] | None = None) -> Tensor:
+    """n draws with replacement, uniform over all elements of `flats`, as float32 on CPU.
+
+    With `shards` the flats are this rank's shards of the parameters `names`: the draws are made over the
+    whole parameters (the generator is seeded alike on every rank), each rank fills in the draws that land
+    in its shard, and a sum over ranks assembles the very sample an unsharded run draws."""
+    sizes = torch.tensor([shards.numel[m] for m in names] if shards else [f.numel() for f in flats])
     which = torch.bucketize(torch.randint(int(sizes.sum()), (n,), generator=generator), sizes.cumsum(0), right=True)
     counts = torch.bincount(which, minlength=len(flats)).tolist()
     parts = []
-    for flat, count in zip(flats, counts):
-        if count:
-            local = torch.randint(flat.numel(), (count,), generator=generator)
-            parts.append(flat[local.to(flat.device)].float().cpu())
-    return torch.cat(parts)
+    for i, (flat, count) in enumerate(zip(flats, counts)):
+        if not count:
+            continue
+        drawn = torch.randint(int(sizes[i]), (count,), generator=generator)
+        if shards is None:
+            parts.append(flat[drawn.to(flat.device)].float().cpu())
+            continue
+        start = shards.start[names[i]]
+        mine = (drawn >= start) & (drawn < start + flat.numel())
+        values = torch.zeros(count, dtype=torch.float32)
+        values[mine] = flat[(drawn[mine] - start).to(flat.device)].float().cpu()
+        parts.append(values)
+    sample = torch.cat(parts)
+    return shards.sum(sample) if shards else sample
 
 
 def _kth_largest(values: Tensor, k: int) -> float:
     return torch.kthvalue(values, values.numel() - k + 1).values.item()
 
 
-def _exact_threshold(flats: list[Tensor], k: int) -> tuple[float, int]:
+def _count(values: list[Tensor | int], shards: Shards | None) -> list[int]:
+    """Counts summed over ranks (as they are in one process)."""
+    local_counts = torch.tensor([int(v) for v in values], dtype=torch.int64)
+    return (shards.sum(local_counts) if shards else local_counts).tolist()
+
+
+def _exact_threshold(flats: list[Tensor], k: int, shards: Shards | None = None,
+                     names: list[str] | None = None) -> tuple[float, int]:
     """(k-th largest value, number of elements strictly above it).
 
     Brackets the threshold with a sample, then ranks only the elements inside
     the bracket: a few linear passes instead of a selection over everything.
     Falls back to the full set when the bracket misses (the result is exact
-    either way; only the speed depends on the sample).
+    either way; only the speed depends on the sample). With `shards`, counts
+    are summed and the bracket's values gathered over ranks: the same threshold.
     """
-    n_total = sum(f.numel() for f in flats)
+    n_total = sum(shards.numel[m] for m in names) if shards else sum(f.numel() for f in flats)
     bracket = None
     if n_total > 4 * _BRACKET_SAMPLE:
-        sample = _sample(flats, _BRACKET_SAMPLE, torch.Generator().manual_seed(0))
+        sample = _sample(flats, _BRACKET_SAMPLE, torch.Generator().manual_seed(0), shards, names)
         eps = sampled_fraction_bound(_BRACKET_SAMPLE, _BRACKET_DELTA)
         frac = k / n_total
         lo_rank = math.ceil((frac + eps) * _BRACKET_SAMPLE)  # ranks from the top
@@ -162,25 +194,27 @@ def _exact_threshold(flats: list[Tensor], k: int) -> tuple[float, int]:
     # The threshold must be one of the scores exactly: rank in their precision.
     dtype = torch.float64 if any(f.dtype == torch.float64 for f in flats) else torch.float32
     for lo, hi in [bracket, (-math.inf, math.inf)] if bracket else [(-math.inf, math.inf)]:
-        above = sum(int((f > hi).sum()) for f in flats)
+        above = sum(_count([(f > hi).sum() for f in flats], shards))
         band = torch.cat([f[(f >= lo) & (f <= hi)].to(dtype).cpu() for f in flats])
+        if shards:
+            band = shards.gather(band)
         if above < k <= above + band.numel():
             thr = _kth_largest(band, k - above)
-            return thr, sum(int((f > thr).sum()) for f in flats)
+            return thr, sum(_count([(f > thr).sum() for f in flats], shards))
     raise ValueError("scores contain NaN: fewer than k comparable elements")
 
 
 def _select(scores: dict[str, Tensor], p: float, method: str, sample_size: int,
-            generator: torch.Generator | None) -> Masks:
+            generator: torch.Generator | None, shards: Shards | None = None) -> Masks:
     names = list(scores)
     flats = [scores[n].detach().reshape(-1) for n in names]
-    n_total = sum(f.numel() for f in flats)
+    n_total = sum(shards.numel[n] for n in names) if shards else sum(f.numel() for f in flats)
     if method == "sampled" and n_total > sample_size:
-        sample = _sample(flats, sample_size, generator)
+        sample = _sample(flats, sample_size, generator, shards, names)
         thr = _kth_largest(sample, max(1, round(p * sample_size)))
         return {n: scores[n] >= thr for n in names}
     k = max(1, round(p * n_total))
-    thr, above = _exact_threshold(flats, k)
+    thr, above = _exact_threshold(flats, k, shards, names)
     masks = {n: scores[n] > thr for n in names}
     need = k - above
     for n in names:  # break ties at the threshold in name order, then element order
@@ -188,15 +222,21 @@ def _select(scores: dict[str, Tensor], p: float, method: str, sample_size: int,
             break
         ties = (scores[n] == thr).reshape(-1)
         n_ties = int(ties.sum())
-        if n_ties > need:
-            ties[ties.nonzero()[need:, 0]] = False
+        before, total = 0, n_ties
+        if shards:  # a parameter's elements run through the ranks in order: earlier ranks' ties come first
+            per_rank = shards.gather(torch.tensor([n_ties], dtype=torch.int64)).tolist()
+            before, total = sum(per_rank[: shards.rank]), sum(per_rank)
+        mine = max(0, min(n_ties, need - before))
+        if n_ties > mine:
+            ties[ties.nonzero()[mine:, 0]] = False
         masks[n] |= ties.view_as(masks[n])
-        need -= min(n_ties, need)
+        need -= min(total, need)
     return masks
 
 
 def top_p(scores: dict[str, Tensor], p: float, scope: str = "global", method: str = "exact",
-          sample_size: int = 1_000_000, generator: torch.Generator | None = None) -> Masks:
+          sample_size: int = 1_000_000, generator: torch.Generator | None = None,
+          shards: Shards | None = None) -> Masks:
     """Isolate the top fraction p of elements by score.
 
     scope: "global" ranks all tensors together, "layer" within each layer
@@ -208,12 +248,16 @@ def top_p(scores: dict[str, Tensor], p: float, scope: str = "global", method: st
     group with at most `sample_size` elements is ranked exactly instead: that
     is cheaper than sampling it and never less accurate.
     Pass a generator seeded identically on every data-parallel rank.
+    `shards` (`parallel=fsdp`): `scores` are this rank's shards; the ranking is over
+    every rank's, and the masks (of the local shards) are the unsharded run's rows.
     """
     if not 0 < p <= 1:
         raise ValueError(f"p={p!r} is not valid; expected 0 < p <= 1")
     _check_choice("scope", scope, SCOPES)
     _check_choice("method", method, METHODS)
     bad = [n for n, t in scores.items() if not bool(torch.isfinite(t).all())]
+    if shards and _count([bool(bad)], shards)[0] and not bad:
+        bad = ["(on another rank)"]
     if bad:
         raise NonFiniteScores(f"scores of {len(bad)} tensor(s) are NaN or inf, e.g. {bad[0]!r}")
     if scope == "global":
@@ -224,7 +268,7 @@ def top_p(scores: dict[str, Tensor], p: float, scope: str = "global", method: st
         groups = [[n] for n in scores]
     masks: Masks = {}
     for names in groups:
-        masks.update(_select({n: scores[n] for n in names}, p, method, sample_size, generator))
+        masks.update(_select({n: scores[n] for n in names}, p, method, sample_size, generator, shards))
     return {n: masks[n] for n in scores}
 
 
@@ -232,19 +276,20 @@ def _get(masks: Masks, name: str, like: Tensor) -> Tensor:
     return masks[name] if name in masks else torch.zeros_like(like, dtype=torch.bool)
 
 
-def jaccard(a: Masks, b: Masks) -> float:
-    """|A ∩ B| / |A ∪ B| over all elements; two empty masks overlap fully (1.0)."""
+def jaccard(a: Masks, b: Masks, shards: Shards | None = None) -> float:
+    """|A ∩ B| / |A ∪ B| over all elements; two empty masks overlap fully (1.0). `shards`: over every rank's shards."""
     inter = union_count = 0
-    for name in a.keys() | b.keys():
+    for name in sorted(a.keys() | b.keys()):
         x = _get(a, name, b.get(name))
         y = _get(b, name, x)
         inter += int((x & y).sum())
         union_count += int((x | y).sum())
+    inter, union_count = _count([inter, union_count], shards)
     return inter / union_count if union_count else 1.0
 
 
-def churn(old: Masks, new: Masks) -> dict[str, int]:
-    """Element counts a refresh newly protects, releases and keeps."""
+def churn(old: Masks, new: Masks, shards: Shards | None = None) -> dict[str, int]:
+    """Element counts a refresh newly protects, releases and keeps (`shards`: over every rank's shards)."""
     counts = {"protected": 0, "released": 0, "kept": 0}
     for name in old.keys() | new.keys():
         o = _get(old, name, new.get(name))
@@ -252,19 +297,20 @@ def churn(old: Masks, new: Masks) -> dict[str, int]:
         counts["protected"] += int((n & ~o).sum())
         counts["released"] += int((o & ~n).sum())
         counts["kept"] += int((o & n).sum())
-    return counts
+    return dict(zip(counts, _count(list(counts.values()), shards)))
 
 
-def mask_stats(masks: Masks, numels: dict[str, int] | None = None) -> dict[str, float]:
+def mask_stats(masks: Masks, numels: dict[str, int] | None = None, shards: Shards | None = None) -> dict[str, float]:
     """Isolated fraction overall and per layer group (`frac/<layer>`).
 
     Pass `numels` (name → element count of every trainable parameter) when the
     mask set is sparse, so untouched parameters count in the denominators.
+    `shards`: the masks are this rank's shards; `numels` are then the whole
+    parameters' counts and the isolated counts are summed over ranks.
     """
-    numels = dict(numels) if numels is not None else {n: m.numel() for n, m in masks.items()}
-    for name, m in masks.items():
-        numels.setdefault(name, m.numel())
-    isolated = {n: int(masks[n].sum()) if n in masks else 0 for n in numels}
+    whole = {n: shards.numel[n] if shards else m.numel() for n, m in masks.items()}
+    numels = {**whole, **numels} if numels is not None else whole
+    isolated = dict(zip(numels, _count([int(masks[n].sum()) if n in masks else 0 for n in numels], shards)))
     total = sum(numels.values())
     stats = {"isolated_fraction": sum(isolated.values()) / total if total else 0.0}
     for layer, names in _groups(numels).items():

@@ -14,6 +14,10 @@ Two readings of "isolating task-critical parameters" (PAPERS.md):
   does, so t's contribution never reaches it; and a step whose batch holds none of a
   coordinate's owners holds its value, as a frozen one. Its optimizer state therefore
   integrates its owners' gradients only (zero in the steps it is held).
+
+Under FSDP (`parallel=fsdp`) parameters, gradients and optimizer state are DTensors: the engine
+works on this rank's local shard of each (`epi.sharding.local`), its masks have the local shards'
+shapes and its indices point into them, so no rank ever gathers a whole parameter to mask it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 from torch import Tensor
 
 from epi.masks import Masks, churn, pack, unpack
+from epi.sharding import Shards, local
 
 MOMENT_POLICIES = ("track", "reset")
 # State entries that carry momentum, zeroed on release under "reset".
@@ -46,12 +51,13 @@ class IsolatedOptimizer:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, named_params: dict[str, torch.nn.Parameter],
-                 moments: str = "track") -> None:
+                 moments: str = "track", shards: Shards | None = None) -> None:
         if moments not in MOMENT_POLICIES:
             raise ValueError(f"moments={moments!r} is not valid; expected one of {list(MOMENT_POLICIES)}")
         self.optimizer = optimizer
         self.named_params = dict(named_params)
         self.moments = moments
+        self.shards = shards  # parallel=fsdp: where the local shards lie (churn counts are summed over ranks)
         self.index: dict[str, Tensor] = {}  # flat indices of isolated elements, per parameter with any
         self.owned: dict[str, dict[str, Tensor]] = {}  # task -> flat indices of the coordinates exclusive to it
         self._shielded: dict[str, dict[str, Tensor]] = {}  # task -> owned by another task and not by this one
@@ -84,7 +90,7 @@ class IsolatedOptimizer:
             if mask.any():
                 new[name] = mask
         old_masks = self.masks
-        counts = churn(old_masks, new)
+        counts = churn(old_masks, new, self.shards)
         if self.moments == "reset":
             for name, old in old_masks.items():
                 released = old & ~new[name] if name in new else old
@@ -102,8 +108,9 @@ class IsolatedOptimizer:
         """Flat indices per parameter as bool masks of the parameters' shapes."""
         out: Masks = {}
         for name, idx in index.items():
-            mask = torch.zeros(self.named_params[name].numel(), dtype=torch.bool, device=idx.device)
-            out[name] = mask.index_fill_(0, idx, True).view(self.named_params[name].shape)
+            shard = local(self.named_params[name])
+            mask = torch.zeros(shard.numel(), dtype=torch.bool, device=idx.device)
+            out[name] = mask.index_fill_(0, idx, True).view(shard.shape)
         return out
 
     def set_exclusive(self, masks: dict[str, Masks]) -> dict[str, int]:
@@ -119,7 +126,7 @@ class IsolatedOptimizer:
                 if mask.any():
                     index[name] = mask.reshape(-1).nonzero().squeeze(1)
             owned[task] = index
-        counts = churn(self._union(self.owned), self._union(owned))
+        counts = churn(self._union(self.owned), self._union(owned), self.shards)
         self.owned = owned
         self._held = {}
         self._shielded = {task: self._indices([t for t in owned if t != task], [task]) for task in owned}
@@ -152,7 +159,7 @@ class IsolatedOptimizer:
         if task not in self._shielded:  # a task that owns nothing may touch no owned coordinate
             self._shielded[task] = self._indices(list(self.owned), [])
         self._task_stash = {
-            name: None if self.named_params[name].grad is None else self.named_params[name].grad.view(-1)[idx].clone()
+            name: None if self.named_params[name].grad is None else local(self.named_params[name].grad).view(-1)[idx].clone()
             for name, idx in self._shielded[task].items()
         }
 
@@ -164,6 +171,7 @@ class IsolatedOptimizer:
             grad = self.named_params[name].grad
             if grad is None:
                 continue
+            grad = local(grad)
             before = self._task_stash.get(name)
             grad.view(-1).index_copy_(0, idx, torch.zeros_like(grad.view(-1)[idx]) if before is None else before)
         self._task_stash = {}
@@ -179,9 +187,9 @@ class IsolatedOptimizer:
         """`mask` as a bool tensor on its parameter's device, after checking it names a parameter of its shape."""
         if name not in self.named_params:
             raise ValueError(f"mask for unknown parameter {name!r}")
-        param = self.named_params[name]
+        param = local(self.named_params[name])
         if mask.shape != param.shape:
-            raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, parameter {tuple(param.shape)}")
+            raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, parameter (shard) {tuple(param.shape)}")
         return mask.to(device=param.device, dtype=torch.bool)
 
     def _zero_momentum(self, param: torch.nn.Parameter, released: Tensor) -> None:
@@ -194,7 +202,7 @@ class IsolatedOptimizer:
         for key in _MOMENTUM_KEYS:
             value = state.get(key)
             if isinstance(value, Tensor) and value.shape == param.shape:
-                value.masked_fill_(released, 0)
+                local(value).masked_fill_(released, 0)
 
     def hide_isolated_grads(self) -> None:
         """Zero grads at isolated coordinates; call after backward, before clipping.
@@ -208,7 +216,7 @@ class IsolatedOptimizer:
             grad = self.named_params[name].grad
             if grad is None:
                 continue
-            flat = grad.view(-1)
+            flat = local(grad).view(-1)
             if self.moments == "track":
                 self._stash[name] = flat[idx]
             flat.index_fill_(0, idx, 0)
@@ -225,14 +233,14 @@ class IsolatedOptimizer:
         """
         self.hide_isolated_grads()
         for name, values in self._stash.items():
-            self.named_params[name].grad.view(-1).index_copy_(0, self.index[name], values * clip_coef)
+            local(self.named_params[name].grad).view(-1).index_copy_(0, self.index[name], values * clip_coef)
         hold = list(self.index.items())
         if self.owned:
             hold += list(self._exclusive_held(tasks).items())
-        held = [(name, idx, self.named_params[name].view(-1)[idx]) for name, idx in hold]
+        held = [(name, idx, local(self.named_params[name]).view(-1)[idx]) for name, idx in hold]
         self.optimizer.step()
         for name, idx, values in held:
-            self.named_params[name].view(-1).index_copy_(0, idx, values)
+            local(self.named_params[name]).view(-1).index_copy_(0, idx, values)
         self._stash.clear()
         self._hidden = False
 
@@ -247,9 +255,12 @@ class IsolatedOptimizer:
                 "exclusive": {task: pack(masks) for task, masks in self.exclusive_masks.items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        """`state` from `state_dict`; without its "optimizer" entry (a sharded checkpoint, whose inner optimizer
+        state DCP restores) only the isolation is restored."""
         if state["moments"] != self.moments:
             raise ValueError(f"checkpoint has moments={state['moments']!r}, this optimizer {self.moments!r}")
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
         self._stash.clear()
         self._hidden = False
         self.index = {}  # masks are restored as they were, no release policy applies

@@ -45,6 +45,7 @@ from epi.loss import CausalLMLoss, trained_tokens
 from epi.models import build_model
 from epi.optim import IsolatedOptimizer, clip_coefficient
 from epi.schedules import constant
+from epi.sharding import Shards, full_state_dict, grad_norm, local, shard, unsharded_root
 from epi.strategies import Stage, Strategy, build_strategy
 
 
@@ -144,6 +145,11 @@ class Trainer:
         self.rank, self.world = init_distributed(self.device)
         if self.device.type == "cuda" and self.world > 1:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(self.device)
+        # parallel=fsdp on several ranks: the model is sharded (epi/sharding.py); `root` is the sharded loss module,
+        # whose own parameters evaluation gathers (`unsharded_root`). One process trains unsharded either way.
+        self.sharded = self.cfg.parallel.name == "fsdp" and self.world > 1
+        self.root: torch.nn.Module | None = None
         if self.cfg.schedule.batch_size % self.world:
             raise UserError(f"schedule.batch_size={self.cfg.schedule.batch_size} must be divisible by the number of processes ({self.world})")
 
@@ -204,9 +210,18 @@ class Trainer:
     def _new_learner(self, name: str, model: torch.nn.Module, weights: dict[str, float], **optimizer_args: Any) -> Learner:
         """A learner over `model`: DDP wrapper, the configured optimizer (`optimizer_args` override its keys)
         inside the isolation engine, and a mixture sampler seeded with the run's seed."""
-        named = {n: p for n, p in model.named_parameters() if p.requires_grad}
         loss = CausalLMLoss(model, self.cfg.schedule.lm_head, compile=self.cfg.schedule.compile)
-        forward = torch.nn.parallel.DistributedDataParallel(loss) if self.world > 1 else loss
+        if self.sharded:
+            if self.root is not None:
+                raise RuntimeError(f"{name}: parallel=fsdp shards the run's model only (no strategy that trains a copy is shardable)")
+            p = self.cfg.parallel
+            shard(loss, model, p.mixed_precision, p.cpu_offload, p.reshard_after_forward)
+            self.root = forward = loss
+            with torch.no_grad():  # FSDP2 sets up its state at the root's first forward, before any other forward
+                self._backward_batch(loss, self._fallback_batch())
+        else:
+            forward = torch.nn.parallel.DistributedDataParallel(loss) if self.world > 1 else loss
+        named = {n: p for n, p in model.named_parameters() if p.requires_grad}  # after sharding: DTensors under fsdp
         make_optimizer = build(self.cfg.optimizer, "optimizer")
         target = getattr(make_optimizer, "func", None)
         if not (inspect.isclass(target) and issubclass(target, torch.optim.Optimizer)) or issubclass(target, torch.optim.LBFGS):
@@ -224,7 +239,8 @@ class Trainer:
             model=model,
             forward=forward,
             named_params=named,
-            optimizer=IsolatedOptimizer(inner, named, moments=self.cfg.schedule.isolated_moments),
+            optimizer=IsolatedOptimizer(inner, named, moments=self.cfg.schedule.isolated_moments,
+                                        shards=Shards.of(named) if self.sharded else None),
             scheduler=None,
             sampler=MixtureSampler(sizes, weights, seed=self.cfg.seed, lengths=lengths),
             realised={task: {"examples": 0, "tokens": 0} for task in sizes},
@@ -330,7 +346,7 @@ class Trainer:
         if self.world > 1:
             dist.all_reduce(loss_sum)  # the logged loss is the global batch's, not this rank's shard's
         params = list(learner.named_params.values())
-        raw_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        raw_norm = grad_norm(params)
         loss, raw = (torch.stack([loss_sum / trained, raw_norm.float()])).tolist()  # the step's one host sync
         scheduler = learner.scheduler
         lr = scheduler.get_last_lr()[0]  # the lr this step applies
@@ -343,18 +359,15 @@ class Trainer:
 
         hooks.after_backward(step)
         learner.optimizer.hide_isolated_grads()
-        if learner.optimizer.index:  # the clip norm must not count isolated gradients
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        else:
-            grad_norm = raw_norm
+        norm = grad_norm(params) if learner.optimizer.index else raw_norm  # the clip norm must not count isolated gradients
         if s.clip_norm:
-            torch.nn.utils.clip_grads_with_norm_(params, s.clip_norm, grad_norm)
-        learner.optimizer.step(clip_coefficient(grad_norm, s.clip_norm) if s.clip_norm else 1.0,
+            torch.nn.utils.clip_grads_with_norm_(params, s.clip_norm, norm)
+        learner.optimizer.step(clip_coefficient(norm, s.clip_norm) if s.clip_norm else 1.0,
                                tasks=frozenset(task for task, _ in micro_batches))
         scheduler.step()
         learner.optimizer.zero_grad(set_to_none=True)
         hooks.after_step(step)
-        return StepResult(loss, grad_norm, lr, tokens, trained)
+        return StepResult(loss, norm, lr, tokens, trained)
 
     def _non_finite(self, learner: Learner, step: int, loss: float, grad_norm: float, lr: float) -> None:
         """`schedule.nonfinite`: `stop` ends the run before the bad update; `skip` drops the update and counts it."""
@@ -420,14 +433,20 @@ class Trainer:
         count. A rank whose share is empty (`batch` None) runs a two-token batch with weight 0, because DDP
         all-reduces in every backward and the other ranks' backward would otherwise wait for it."""
         counted = batch is not None
-        if not counted:
-            pad = self.tokenizer.pad_token_id
-            batch = {k: v.to(self.device) for k, v in collate([{"input_ids": [pad, pad], "labels": [IGNORE_INDEX, pad]}], pad).items()}
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.schedule.precision == "bf16" else nullcontext()
-        with autocast:
-            token_losses = learner.forward(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        token_losses = self._backward_batch(learner.forward, batch if counted else self._fallback_batch())
         (token_losses * (self.world / trained if counted else 0.0)).backward()
         return token_losses, counted
+
+    def _fallback_batch(self) -> dict[str, Tensor]:
+        """Two pad tokens, one of them 'trained': a forward every rank can run when it has no rows of its own."""
+        pad = self.tokenizer.pad_token_id
+        return {k: v.to(self.device) for k, v in collate([{"input_ids": [pad, pad], "labels": [IGNORE_INDEX, pad]}], pad).items()}
+
+    def _backward_batch(self, forward: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """The summed token losses of one collated batch, under the run's precision."""
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.schedule.precision == "bf16" else nullcontext()
+        with autocast:
+            return forward(batch["input_ids"], batch["attention_mask"], batch["labels"])
 
     @staticmethod
     def _by_task(picks: list[tuple[str, int]], size: int) -> list[tuple[str, list[tuple[str, int]]]]:
@@ -476,7 +495,8 @@ class Trainer:
         self.charge(0, trained)
         with torch.enable_grad():  # strategies call this from their no-grad refresh
             self._backward(learner, self._shard([rows[i] for i in picks]), trained)
-        grads = {n: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for n, p in learner.named_params.items()}
+        grads = {n: torch.zeros_like(local(p)) if p.grad is None else local(p.grad).detach().clone()  # local shards under fsdp
+                 for n, p in learner.named_params.items()}
         learner.optimizer.zero_grad(set_to_none=True)
         return grads
 
@@ -512,18 +532,19 @@ class Trainer:
             results, records = self._evaluated[1], self._evaluated[2]
         else:
             e, records = self.cfg.eval, []
-            results = evaluate(
-                self.model,
-                self.tokenizer,
-                self.tasks,
-                split=e.split,
-                n_examples=e.n_examples,
-                batch_size=e.batch_size,
-                max_new_tokens=generation_limits(self.longest_replies, e.max_new_tokens, e.fit_generation),
-                max_len=self.cfg.data.max_len,
-                truncate=self.cfg.data.truncate,
-                predictions=records,
-            )
+            with unsharded_root(self.root):
+                results = evaluate(
+                    self.model,
+                    self.tokenizer,
+                    self.tasks,
+                    split=e.split,
+                    n_examples=e.n_examples,
+                    batch_size=e.batch_size,
+                    max_new_tokens=generation_limits(self.longest_replies, e.max_new_tokens, e.fit_generation),
+                    max_len=self.cfg.data.max_len,
+                    truncate=self.cfg.data.truncate,
+                    predictions=records,
+                )
             self._evaluated = (step, results, records)
         if predictions is not None:
             predictions += records
@@ -534,7 +555,8 @@ class Trainer:
 
     def log_retention(self, step: int) -> dict[str, float]:
         """Perplexity of the held-out text now, logged under `retention` at `step`."""
-        metrics = retention.perplexity(self.model, self.retention, self.cfg.eval.batch_size)
+        with unsharded_root(self.root):
+            metrics = retention.perplexity(self.model, self.retention, self.cfg.eval.batch_size)
         self.logger.log(step, "retention", metrics)
         return metrics
 
@@ -549,43 +571,67 @@ class Trainer:
         (self.run_dir / "retention.json").write_text(json.dumps(data, indent=2) + "\n")
 
     def save_model(self, path: Path) -> None:
-        """The final model in Hugging Face format, written to a temporary directory and renamed into place."""
+        """The final model in Hugging Face format, written to a temporary directory and renamed into place.
+        Under parallel=fsdp every rank takes part in gathering the whole state dict; rank 0 writes it."""
+        state = full_state_dict(self.model) if self.sharded else self.model.state_dict()
         if self.rank != 0:
             return
 
         def write(tmp: Path) -> None:
-            self.model.save_pretrained(tmp)
+            self.model.save_pretrained(tmp, state_dict=state)
             self.tokenizer.save_pretrained(tmp)
 
-        checkpoint.write_atomically(path, write, checkpoint.nbytes(self.model.state_dict()), "model")
+        checkpoint.write_atomically(path, write, checkpoint.nbytes(state), "model")
 
     def save_checkpoint(self) -> None:
-        """Everything the rest of the run depends on, in types `torch.load(weights_only=True)` accepts."""
+        """Everything the rest of the run depends on, in types `torch.load(weights_only=True)` accepts.
+        Under parallel=fsdp the model, optimizer, masks, strategy state and RNG are saved per rank first
+        (`checkpoint.save_shards`), and `checkpoint.pt` names their directory."""
         self.last_checkpoint = self.step
+        if self.sharded:
+            own = {"engine": self._engine_state(), "strategy": self.strategy.state_dict(), "rng": checkpoint.rng_state()}
+            tensors = {"shards": {"world": self.world,
+                                  "dir": checkpoint.save_shards(self.run_dir, self.step, self.model, self.optimizer.optimizer, own)}}
+        else:
+            tensors = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                       "strategy": self.strategy.state_dict(), "rng": checkpoint.rng_state()}
         if self.rank != 0:
             return
         checkpoint.save(
             self.run_dir / checkpoint.FILENAME,
             {
                 "step": self.step,
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
+                **tensors,
                 "scheduler": self.scheduler.state_dict(),
                 "sampler": self.sampler.state_dict(),
                 "realised": self.learner.realised,
                 "skipped": self.skipped,
                 "compute": self.compute,
                 "retention_before": self.retention_before,
-                "strategy": self.strategy.state_dict(),
-                "rng": checkpoint.rng_state(),
                 "config": OmegaConf.to_container(self.cfg, resolve=True),
                 "metrics_lines": self.logger.lines,  # metrics.jsonl up to here belongs to this state
             },
         )
+        if self.sharded:
+            checkpoint.prune_shards(self.run_dir, keep=tensors["shards"]["dir"])
+
+    def _engine_state(self) -> dict[str, Any]:
+        """The isolation engine's own state (masks of this rank's shards) without the inner optimizer's, which DCP saves."""
+        return {k: v for k, v in self.optimizer.state_dict().items() if k != "optimizer"}
 
     def _load(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "shards" in state:
+            if not self.sharded:
+                raise UserError(f"{state['source']}: a parallel=fsdp checkpoint of {state['shards']['world']} ranks; "
+                                f"resume it under torchrun with --nproc_per_node={state['shards']['world']} parallel=fsdp")
+            own = checkpoint.load_shards(Path(state["source"]), state, self.model, self.optimizer.optimizer)
+            self.optimizer.load_state_dict(own["engine"])
+            state = {**state, "strategy": own["strategy"], "rng": own["rng"]}
+        elif self.sharded:
+            raise UserError(f"{state['source']}: a checkpoint of an unsharded run; resume it with parallel=ddp")
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         self.learner.realised = state["realised"]

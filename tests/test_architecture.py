@@ -73,6 +73,7 @@ class BareContext:
         self.layer = torch.nn.Linear(16, 16, bias=False)
         self.named_params = {"layers.0.w": self.layer.weight}
         self.tasks, self.seed, self.rank, self.steps = ("t",), 0, 0, 10
+        self.shards = None  # one process
         self.adamw = torch.optim.AdamW(self.layer.parameters())
         self.current: dict = {}
         self.logged: list = []

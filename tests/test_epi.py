@@ -10,6 +10,7 @@ import torch
 
 from epi import checkpoint
 from epi.logging import read_metrics
+from epi.sharding import local
 from epi.strategies.epi import EPI, EPIConfig
 from epi.trainer import Trainer
 from tests.conftest import make_cfg
@@ -21,7 +22,7 @@ class WatchedEPI(EPI):
     """Real EPI that, after every step, checks each isolated coordinate still holds the value it had when isolated."""
 
     def after_step(self, step: int) -> None:
-        params = self.ctx.named_params
+        params = {name: local(p) for name, p in self.ctx.named_params.items()}  # parallel=fsdp: this rank's shards
         for name, mask in self.ctx.masks().items():
             assert torch.equal(params[name].detach()[mask], self.frozen_at[name][mask]), f"{name} moved at step {step}"
         before = self.ctx.masks()

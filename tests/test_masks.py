@@ -276,6 +276,6 @@ def test_top_p_exact_when_bracket_misses(monkeypatch: pytest.MonkeyPatch) -> Non
     """A sample that brackets the wrong place only costs speed, never exactness."""
     import epi.masks
 
-    monkeypatch.setattr(epi.masks, "_sample", lambda flats, n, generator: torch.zeros(n))
+    monkeypatch.setattr(epi.masks, "_sample", lambda flats, n, generator, *shards: torch.zeros(n))
     scores = {"x": torch.rand(1_000_000, generator=torch.Generator().manual_seed(7)) + 1}
     _assert_top(scores, top_p(scores, 0.02), 20_000)

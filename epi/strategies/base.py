@@ -29,6 +29,7 @@ from torch import Tensor
 
 from epi.masks import Masks
 from epi.schema import Schema
+from epi.sharding import Shards
 
 # strategy.mode: the two readings of "isolating task-critical parameters" (PAPERS.md). `freeze`: an
 # isolated coordinate moves for no task. `exclusive`: a coordinate critical to task t moves under t's
@@ -54,6 +55,10 @@ class Context(Protocol):
     seed: int  # the run's seed: seed every generator a strategy draws from with it
     rank: int  # this process's data-parallel rank (0 on one process)
     steps: int  # the run's step budget (`schedule.steps`) before a strategy changes the plan
+    # parallel=fsdp: where this rank's shards lie, else None. The parameters are then DTensors: a strategy reads
+    # a parameter, its .grad and its optimizer state as this rank's shard (`epi.sharding.local`), builds masks of
+    # the local shards' shapes and passes `shards` to epi.masks' rankings and counts (see `Strategy.shardable`).
+    shards: Shards | None
 
     def optimizer_state(self, name: str) -> dict[str, Any]:
         """The optimizer's state of one parameter (e.g. AdamW's `exp_avg_sq`); empty before the first step."""
@@ -126,6 +131,9 @@ class Strategy:
     """
 
     Config: type[Schema] = NoKeys
+    # Runs under parallel=fsdp: it reads tensors only as local shards and ranks and counts through `ctx.shards`.
+    # A strategy that needs whole tensors (CPI's probes and fusion) leaves it False, and the trainer refuses the pair.
+    shardable: bool = False
     ctx: Context
 
     def __init__(self, cfg: Schema | None = None):

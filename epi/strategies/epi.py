@@ -53,6 +53,7 @@ from epi.masks import (
     unpack,
 )
 from epi.schema import Schema, at_least, within
+from epi.sharding import local
 from epi.strategies.base import MODES, Context, Stage, Strategy
 
 SIGNALS = ("sq_grad", "taylor", "abs_grad")
@@ -86,6 +87,7 @@ class EvolvingIsolation(Strategy):
     """Refresh schedule, hysteresis, logging and state shared by EPI and its random control."""
 
     Config = EvolvingConfig
+    shardable = True  # parallel=fsdp: importance, masks and statistics on local shards, rankings over all ranks
 
     def __init__(self, cfg: EvolvingConfig):
         super().__init__(cfg)
@@ -140,9 +142,11 @@ class EvolvingIsolation(Strategy):
             self.refresh(step)
 
     def _select(self, scores: dict[str, Tensor], step: int) -> Masks:
-        self.ctx.mean_across_ranks(list(scores.values()))  # identical masks on every rank
+        if self.ctx.shards is None:  # data parallel: identical masks on every rank (sharded: each rank ranks its shard)
+            self.ctx.mean_across_ranks(list(scores.values()))
         try:
-            return top_p(scores, self.cfg.p, self.cfg.scope, self.cfg.method, self.cfg.sample_size, self.generator)
+            return top_p(scores, self.cfg.p, self.cfg.scope, self.cfg.method, self.cfg.sample_size, self.generator,
+                         self.ctx.shards)
         except NonFiniteScores as e:
             raise TrainingDiverged(
                 f"step {step}: importance {e}: the gradients it averages overflowed or were NaN; no mask was set. "
@@ -163,7 +167,8 @@ class EvolvingIsolation(Strategy):
         if self.first_mask is None:
             self.first_mask = pack(new_cpu)
         self.refreshes += 1
-        stats = mask_stats(new_cpu, self.numels)
+        shards = self.ctx.shards
+        stats = mask_stats(new_cpu, self.numels, shards)
         self.ctx.log(
             step,
             "mask",
@@ -171,8 +176,8 @@ class EvolvingIsolation(Strategy):
                 **stats,
                 "protected": counts["protected"],
                 "released": counts["released"],
-                "jaccard_prev": jaccard(old, new_cpu) if self.refreshes > 1 else 1.0,
-                "jaccard_first": jaccard(unpack(self.first_mask), new_cpu),
+                "jaccard_prev": jaccard(old, new_cpu, shards) if self.refreshes > 1 else 1.0,
+                "jaccard_first": jaccard(unpack(self.first_mask), new_cpu, shards),
                 "refresh_seconds": time.perf_counter() - tic,
             },
         )
@@ -188,24 +193,26 @@ class EvolvingIsolation(Strategy):
             new[task] = {n: m.cpu() for n, m in self._select(self.task_importance(task, step), step).items()}
         counts = self.ctx.set_exclusive(new)
         self.refreshes += 1
-        shapes = {n: p.shape for n, p in self.ctx.named_params.items()}
+        shards = self.ctx.shards
+        shapes = {n: local(p).shape for n, p in self.ctx.named_params.items()}
         for task, masks in new.items():
             first = from_indices(self.first_index.setdefault(task, indices(masks)), shapes)
             self.ctx.log(step, "mask", {
-                "isolated_fraction": mask_stats(masks, self.numels)["isolated_fraction"],
-                "jaccard_prev": jaccard(old[task], masks) if task in old else 1.0,
-                "jaccard_first": jaccard(first, masks),
+                "isolated_fraction": mask_stats(masks, self.numels, shards)["isolated_fraction"],
+                "jaccard_prev": jaccard(old[task], masks, shards) if task in old else 1.0,
+                "jaccard_first": jaccard(first, masks, shards),
             }, task=task)
-            self.ctx.log(step, "mask_overlap", {other: jaccard(masks, theirs) for other, theirs in new.items() if other != task}, task=task)
+            overlap = {other: jaccard(masks, theirs, shards) for other, theirs in new.items() if other != task}
+            self.ctx.log(step, "mask_overlap", overlap, task=task)
         together, before = union(*new.values()), union(*old.values()) if old else {}
         if self.first_mask is None:
             self.first_mask = pack(together)
         self.ctx.log(step, "mask", {
-            **mask_stats(together, self.numels),
+            **mask_stats(together, self.numels, shards),
             "protected": counts["protected"],
             "released": counts["released"],
-            "jaccard_prev": jaccard(before, together) if old else 1.0,
-            "jaccard_first": jaccard(unpack(self.first_mask), together),
+            "jaccard_prev": jaccard(before, together, shards) if old else 1.0,
+            "jaccard_first": jaccard(unpack(self.first_mask), together, shards),
             "refresh_seconds": time.perf_counter() - tic,
         })
 
@@ -272,7 +279,7 @@ class EPI(EvolvingIsolation):
                 "give strategy.beta a value for a separate EMA"
             )
         if self.cfg.beta is not None:
-            self.ema = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()}
+            self.ema = {n: torch.zeros_like(local(p), dtype=torch.float32) for n, p in self.params.items()}
         return stages
 
     @torch.no_grad()
@@ -282,9 +289,9 @@ class EPI(EvolvingIsolation):
             return
         for name, ema in self.ema.items():
             param = self.params[name]
-            g = param.grad
-            if g is None:
+            if param.grad is None:
                 continue
+            g, param = local(param.grad), local(param)
             signal = g * g if self.cfg.signal == "sq_grad" else (g * param if self.cfg.signal == "taylor" else g).abs()
             ema.mul_(self.cfg.beta).add_(signal, alpha=1 - self.cfg.beta)
 
@@ -295,19 +302,19 @@ class EPI(EvolvingIsolation):
         for draw in range(self.cfg.calibration_batches):
             grads = self.ctx.task_gradient(task, step, draw)
             for name, param in self.params.items():
-                g = grads[name].float()
+                g, param = grads[name].float(), local(param)
                 signal = g * g if self.cfg.signal == "sq_grad" else (g * param).abs() if self.cfg.signal == "taylor" else g.abs()
                 raw[name] = raw[name] + signal if name in raw else signal
             del grads
-        return normalize(raw, self.cfg.norm)
+        return normalize(raw, self.cfg.norm, self.ctx.shards)
 
     def importance(self) -> dict[str, Tensor]:
         if self.cfg.beta is None:
             states = {n: self.ctx.optimizer_state(n) for n in self.params}
-            raw = {n: state["exp_avg_sq"] for n, state in states.items() if "exp_avg_sq" in state}
+            raw = {n: local(state["exp_avg_sq"]) for n, state in states.items() if "exp_avg_sq" in state}
         else:
             raw = self.ema
-        return normalize(raw, self.cfg.norm)
+        return normalize(raw, self.cfg.norm, self.ctx.shards)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "ema": self.ema}

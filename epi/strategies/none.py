@@ -5,3 +5,5 @@ from epi.strategies.base import Strategy
 
 class NoIsolation(Strategy):
     """Full multi-task SFT: nothing is isolated."""
+
+    shardable = True  # it reads no tensor

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from epi.sharding import local
 from epi.strategies.epi import EvolvingIsolation
 
 
@@ -16,7 +17,16 @@ class RandomIsolation(EvolvingIsolation):
     """EPI's budget and refresh schedule with coordinates drawn uniformly at random: the control for importance."""
 
     def importance(self) -> dict[str, Tensor]:
-        return {n: torch.rand(p.shape, generator=self.generator).to(p.device) for n, p in self.params.items()}
+        """Uniform scores over the whole parameters (the same draws on every rank); under parallel=fsdp each rank
+        keeps its shard's rows of them, so a sharded run isolates the unsharded run's coordinates."""
+        scores = {}
+        for n, p in self.params.items():
+            drawn = torch.rand(p.shape, generator=self.generator)
+            if self.ctx.shards is not None:
+                start, size = self.ctx.shards.start[n], self.ctx.shards.size[n]
+                drawn = drawn.reshape(-1)[start : start + size].view(local(p).shape)
+            scores[n] = drawn.to(local(p).device)
+        return scores
 
     def task_importance(self, task: str, step: int) -> dict[str, Tensor]:
         """Exclusive mode: each task's coordinates drawn at random, as many as EPI would give it."""

@@ -1,0 +1,153 @@
+"""Fully sharded data parallel (`parallel=fsdp`, FSDP2) on CPU with 2 gloo ranks: the same training as one process,
+isolated coordinates held bit for bit on every shard, the masks of an unsharded ranking, exact resume from sharded
+checkpoints, and a Hugging Face export that loads."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from epi.logging import read_metrics
+from epi.masks import churn, jaccard, mask_stats, normalize, top_p
+from epi.sharding import Shards
+from tests.conftest import ROOT, TINY, run_script, two_ranks_and_one_process
+from tests.test_epi import EPI_FAST
+
+
+def torchrun(tmp_path: Path, *overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"), *overrides],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})},
+    )
+
+
+def test_fsdp_none_equals_one_process_and_exports_a_loadable_model(tmp_path: Path) -> None:
+    """(a) and (e): the global batch's losses and the final weights of 2 sharded ranks equal one process's."""
+    from transformers import AutoModelForCausalLM
+
+    two_ranks_and_one_process(tmp_path, [*TINY, "parallel=fsdp", "strategy=none", "schedule.steps=4", "threads=1"])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ddp" / "model")
+    assert type(model).__name__ == "LlamaForCausalLM" and sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_fsdp_epi_holds_isolated_shards_bit_for_bit_and_selects_the_unsharded_masks(tmp_path: Path) -> None:
+    """(a), (b): WatchedEPI asserts after every step that each isolated coordinate of this rank's shards holds its
+    value exactly (AdamW decay 0.5, refreshes every 3 steps); the run's losses and mask statistics equal one process's."""
+    common = [*TINY, *EPI_FAST, "strategy._target_=tests.test_epi.WatchedEPI", "parallel=fsdp", "threads=1"]
+    sharded = torchrun(tmp_path, *common, f"hydra.run.dir={tmp_path / 'fsdp'}")
+    assert sharded.returncode == 0, sharded.stderr[-4000:]
+    single = run_script("train.py", *common, f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert single.returncode == 0, single.stderr[-4000:]
+
+    def logged(run: str, split: str, metric: str) -> list[float]:
+        return [e["value"] for e in read_metrics(tmp_path / run) if e["split"] == split and e["metric"] == metric]
+
+    assert logged("fsdp", "train", "loss") == pytest.approx(logged("one", "train", "loss"), rel=1e-5)
+    refreshes = logged("one", "mask", "isolated_fraction")
+    assert len(refreshes) == 5 and logged("fsdp", "mask", "isolated_fraction") == pytest.approx(refreshes, abs=1e-4)
+    assert logged("fsdp", "mask", "jaccard_first") == pytest.approx(logged("one", "mask", "jaccard_first"), abs=1e-3)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SHAPES = {"model.layers.0.a.weight": (7, 5), "model.layers.0.b.weight": (3, 4), "model.layers.1.c.weight": (9, 3),
+          "model.layers.1.d.weight": (1, 6)}  # uneven rows, and one parameter with fewer rows than ranks
+
+
+def _scores() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    scores = {n: torch.rand(shape, generator=g) for n, shape in SHAPES.items()}
+    scores["model.layers.0.a.weight"][2:5] = 0.5  # ties across the rank boundary, at the threshold
+    scores["model.layers.1.c.weight"][4] = 0.5
+    return scores
+
+
+def _rows(world: int, rank: int, rows: int) -> slice:
+    chunk = -(-rows // world)
+    return slice(min(rank * chunk, rows), min((rank + 1) * chunk, rows))
+
+
+def _ranked(rank: int, world: int, port: int, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    full = _scores()
+    mine = {n: s[_rows(world, rank, s.shape[0])].contiguous() for n, s in full.items()}
+    shards = Shards(rank, world, {n: s.numel() for n, s in full.items()},
+                    {n: _rows(world, rank, s.shape[0]).start * s.shape[1] for n, s in full.items()},
+                    {n: s.numel() for n, s in mine.items()})
+    results = {}
+    for how in ("mean", "max"):
+        normed = normalize(mine, how, shards)
+        for scope in ("global", "layer", "tensor"):
+            for p in (0.1, 0.3):
+                results[(how, scope, p, "exact")] = top_p(normed, p, scope, "exact", shards=shards)
+                g = torch.Generator().manual_seed(3)
+                results[(how, scope, p, "sampled")] = top_p(normed, p, scope, "sampled", sample_size=17, generator=g, shards=shards)
+    a, b = results[("mean", "global", 0.1, "exact")], results[("max", "layer", 0.3, "sampled")]
+    counts = (jaccard(a, b, shards), churn(a, b, shards), mask_stats(a, shards=shards))
+    gathered = [None] * world
+    dist.all_gather_object(gathered, results)
+    if rank == 0:
+        out["masks"] = {key: {n: torch.cat([r[key][n] for r in gathered]) for n in full} for key in results}
+        out["counts"] = counts
+    dist.destroy_process_group()
+
+
+def test_sharded_top_p_normalize_and_counts_equal_the_unsharded_ones() -> None:
+    """(c): on the same importance, the sharded ranking (exact, with ties across the rank boundary, and sampled),
+    the layer normalisation and the mask statistics equal one process's, for every scope."""
+    out = mp.Manager().dict()
+    mp.spawn(_ranked, args=(2, _free_port(), out), nprocs=2, join=True)
+    full = _scores()
+    for (how, scope, p, method), sharded in out["masks"].items():
+        normed = normalize(full, how)
+        g = torch.Generator().manual_seed(3)
+        expected = top_p(normed, p, scope, method, sample_size=17, generator=g) if method == "sampled" else top_p(normed, p, scope, "exact")
+        for name in full:
+            assert torch.equal(sharded[name], expected[name]), (how, scope, p, method, name)
+    a = top_p(normalize(full, "mean"), 0.1, "global", "exact")
+    b = top_p(normalize(full, "max"), 0.3, "layer", "sampled", sample_size=17, generator=torch.Generator().manual_seed(3))
+    assert out["counts"] == (jaccard(a, b), churn(a, b), mask_stats(a))
+
+
+def test_fsdp_kill_and_resume_gives_bit_identical_weights(tmp_path: Path) -> None:
+    """(d): a sharded EPI run SIGKILLed in its second checkpoint (step 10: the shards written, checkpoint.pt not yet
+    renamed; tests/killer) resumes from the step-5 checkpoint (masks, strategy state, AdamW shards and each rank's
+    RNG from checkpoint.shards/) and ends with exactly the weights of the run that was never stopped."""
+    from safetensors.torch import load_file
+
+    common = [*TINY, *EPI_FAST, "parallel=fsdp", "threads=1", "schedule.checkpoint_every=5"]
+    straight = torchrun(tmp_path, *common, f"hydra.run.dir={tmp_path / 'straight'}")
+    assert straight.returncode == 0, straight.stderr[-4000:]
+    killer = {"PYTHONPATH": f"{ROOT}:{ROOT / 'tests' / 'killer'}", "EPI_KILL_AT_SAVE": "2"}
+    crashed = torchrun(tmp_path, *common, f"hydra.run.dir={tmp_path / 'crashed'}", env=killer)
+    assert crashed.returncode != 0
+    shards = sorted(p.name for p in (tmp_path / "crashed" / "checkpoint.shards").iterdir())
+    assert shards == ["step_00000005", "step_00000010"]  # step 10's is complete, but checkpoint.pt still names step 5
+    resumed = torchrun(tmp_path, *common, f"resume={tmp_path / 'crashed'}", f"hydra.run.dir={tmp_path / 'resumed'}")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    a, b = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("straight", "resumed"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert not (tmp_path / "resumed" / "checkpoint.shards").exists()  # a finished run removes its checkpoint
+
+
+def test_fsdp_refuses_a_strategy_that_needs_whole_tensors(tmp_path: Path) -> None:
+    proc = run_script("train.py", *TINY, "parallel=fsdp", "strategy=cpi", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "parallel=fsdp" in proc.stderr and "parallel=ddp" in proc.stderr
+    assert not list(tmp_path.rglob("metrics.jsonl")) and not list(tmp_path.rglob("checkpoint.pt"))
