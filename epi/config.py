@@ -173,9 +173,10 @@ def validate(cfg: DictConfig, known_tasks: set[str]) -> None:
     strategy = build_strategy(cfg.strategy, quiet=True)  # the strategy's own schema (Strategy.Config)
     if parallel.name == "fsdp":
         if not type(strategy).shardable:
-            name = cfg.strategy.get("name") or cfg.strategy._target_
-            raise UserError(f"parallel=fsdp: strategy={name} does not run on sharded parameters (its Strategy.shardable is "
-                            "False: CPI's probes and fusion read whole tensors); use parallel=ddp, or strategy=none/epi/random")
+            name = cfg.strategy._target_
+            raise UserError(f"parallel=fsdp: strategy {name} does not declare that it runs on sharded parameters (its "
+                            "Strategy.shardable is False: it may read whole tensors); use parallel=ddp, or make it shardable "
+                            "(epi/strategies/base.py, Context.shards)")
         if schedule.compile:
             raise UserError("parallel=fsdp with schedule.compile=true is not supported yet (the compiled forward is tested "
                             "unsharded only); use schedule.compile=false")

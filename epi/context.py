@@ -18,6 +18,7 @@ from torch import Tensor
 from epi.logging import RunLogger
 from epi.masks import Masks
 from epi.optim import IsolatedOptimizer
+from epi.sharding import local
 
 # Optimizer state entries the isolation engine can vouch for: kept for every coordinate (isolated ones
 # included under isolated_moments=track), so a strategy may read them as importance.
@@ -97,7 +98,16 @@ class TrainerContext:
             self._logger.image(f"{name}_heatmap", plot_overlap(*heatmap, path.with_suffix(".png")))
 
     def model_state(self) -> dict[str, Tensor]:
+        """The weights on CPU; under parallel=fsdp this rank's shards of the trainable parameters, by name."""
+        if self.shards is not None:
+            return {n: local(p).detach().cpu().clone() for n, p in self.named_params.items()}
         return {n: t.detach().cpu().clone() for n, t in self._model.state_dict().items()}
 
     def load_model_state(self, state: dict[str, Tensor]) -> None:
+        """Weights as `model_state` gives them (this rank's shards under parallel=fsdp)."""
+        if self.shards is not None:
+            with torch.no_grad():
+                for n, p in self.named_params.items():
+                    local(p).copy_(state[n])
+            return
         self._model.load_state_dict(state)

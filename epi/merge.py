@@ -4,14 +4,21 @@ Each merge method is a small pure function over tensors (mergekit style). SLERP
 treats a whole tensor as one flat vector. All arithmetic runs in float64, so
 the near-colinear test (1 - |cos| < eps) is meaningful for eps far below
 float32 resolution, and interpolation endpoints (t = 0, t = 1) come out exact.
+
+Under `parallel=fsdp` each rank holds dim-0 shards of every tensor: `reduce` (a sum over ranks)
+makes SLERP's whole-tensor norms and dot product those of the whole tensors, so every rank
+takes the unsharded fusion's path and angle and fuses its shard as the unsharded run would.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+Reduce = Callable[[Tensor], Tensor]  # sums a tensor over ranks (parallel=fsdp); None: one process
 
 SPACES = ("task_vector", "weight")
 PATHS = ("slerp", "linear", "zero")
@@ -27,7 +34,15 @@ def lerp(a: Tensor, b: Tensor, t: float) -> Tensor:
     return out.to(a.dtype)
 
 
-def slerp(a: Tensor, b: Tensor, t: float, eps: float = 1e-8) -> tuple[Tensor, str]:
+def _norms_and_dot(a64: Tensor, b64: Tensor, reduce: Reduce | None) -> tuple[float, float, float]:
+    """|a|, |b| and <a, b> of the whole tensors (summed over ranks' shards when `reduce` is given)."""
+    if reduce is None:
+        return a64.norm().item(), b64.norm().item(), (a64.flatten() @ b64.flatten()).item()
+    sums = reduce(torch.stack([a64.square().sum(), b64.square().sum(), a64.flatten() @ b64.flatten()]).cpu()).tolist()
+    return math.sqrt(sums[0]), math.sqrt(sums[1]), sums[2]
+
+
+def slerp(a: Tensor, b: Tensor, t: float, eps: float = 1e-8, reduce: Reduce | None = None) -> tuple[Tensor, str]:
     """Spherical interpolation of a and b as flat vectors; returns (result, path).
 
     result = sin((1-t)θ)/sin θ · a + sin(tθ)/sin θ · b with cos θ = <a,b>/(|a||b|),
@@ -41,17 +56,17 @@ def slerp(a: Tensor, b: Tensor, t: float, eps: float = 1e-8) -> tuple[Tensor, st
                 coefficients are 0/0) or nearly anti-parallel (every great
                 circle through two antipodes is equally valid). Note that
                 lerp of anti-parallel vectors passes near the origin.
-    eps > 0 keeps sin θ away from 0 on the "slerp" path.
+    eps > 0 keeps sin θ away from 0 on the "slerp" path. `reduce`: a and b are shards (see the module).
     """
     if not eps > 0:
         raise ValueError(f"eps={eps} is not valid; expected eps > 0")
     if a.shape != b.shape:
         raise ValueError(f"slerp of tensors of different shapes {tuple(a.shape)} and {tuple(b.shape)}")
     a64, b64 = a.double(), b.double()
-    norm_a, norm_b = a64.norm().item(), b64.norm().item()
+    norm_a, norm_b, dot = _norms_and_dot(a64, b64, reduce)
     if norm_a == 0.0 or norm_b == 0.0:
         return lerp(a, b, t), "zero"
-    cos = max(-1.0, min(1.0, (a64.flatten() @ b64.flatten()).item() / (norm_a * norm_b)))
+    cos = max(-1.0, min(1.0, dot / (norm_a * norm_b)))
     if 1.0 - abs(cos) < eps:
         return lerp(a, b, t), "linear"
     theta = math.acos(cos)
@@ -60,7 +75,7 @@ def slerp(a: Tensor, b: Tensor, t: float, eps: float = 1e-8) -> tuple[Tensor, st
     return out.to(a.dtype), "slerp"
 
 
-def _fold(xs: list[Tensor], eps: float, paths: dict[str, int]) -> Tensor:
+def _fold(xs: list[Tensor], eps: float, paths: dict[str, int], reduce: Reduce | None = None) -> Tensor:
     """Equal-weight SLERP of several tensors: m = x1; m = slerp(m, xi, 1/i) for i ≥ 2.
 
     With t = 1/i each earlier tensor keeps weight 1/i in the linear limit, so
@@ -68,7 +83,7 @@ def _fold(xs: list[Tensor], eps: float, paths: dict[str, int]) -> Tensor:
     """
     merged = xs[0]
     for i, x in enumerate(xs[1:], start=2):
-        merged, path = slerp(merged, x, 1.0 / i, eps)
+        merged, path = slerp(merged, x, 1.0 / i, eps, reduce)
         paths[path] += 1
     return merged
 
@@ -129,6 +144,7 @@ def fuse(
     omega: float,
     eps: float,
     space: str = "task_vector",
+    reduce: Reduce | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, dict[str, int]]]:
     """CPI-FT step 4: one backbone from base θ0, task models θi and their cores Ci.
 
@@ -156,6 +172,8 @@ def fuse(
     folds, plus in weight space the final base → M step. Weight-space SLERP of
     fine-tunes of one base is nearly colinear (PAPERS.md: cosine ≈ 0.9999), so
     it lands on "linear" once 1 - cos < eps; task vectors rarely do.
+
+    `reduce` (parallel=fsdp): base, tasks and cores are this rank's shards; see the module docstring.
     """
     _validate(base, tasks, cores, omega, space)
     order = list(tasks)
@@ -169,11 +187,11 @@ def fuse(
         values = [tasks[task][name] for task in order]
         base64 = theta0.double()
         if space == "task_vector":
-            merged = _fold([v.double() - base64 for v in values], eps, paths)
+            merged = _fold([v.double() - base64 for v in values], eps, paths, reduce)
             out = (base64 + omega * merged).to(theta0.dtype)
         else:
-            merged = _fold([v.double() for v in values], eps, paths)
-            out64, path = slerp(base64, merged, omega, eps)
+            merged = _fold([v.double() for v in values], eps, paths, reduce)
+            out64, path = slerp(base64, merged, omega, eps, reduce)
             paths[path] += 1
             out = out64.to(theta0.dtype)
         masks = [cores.get(task, {}).get(name) for task in order]

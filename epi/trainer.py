@@ -19,6 +19,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,16 +211,10 @@ class Trainer:
     def _new_learner(self, name: str, model: torch.nn.Module, weights: dict[str, float], **optimizer_args: Any) -> Learner:
         """A learner over `model`: DDP wrapper, the configured optimizer (`optimizer_args` override its keys)
         inside the isolation engine, and a mixture sampler seeded with the run's seed."""
-        loss = CausalLMLoss(model, self.cfg.schedule.lm_head, compile=self.cfg.schedule.compile)
         if self.sharded:
-            if self.root is not None:
-                raise RuntimeError(f"{name}: parallel=fsdp shards the run's model only (no strategy that trains a copy is shardable)")
-            p = self.cfg.parallel
-            shard(loss, model, p.mixed_precision, p.cpu_offload, p.reshard_after_forward)
-            self.root = forward = loss
-            with torch.no_grad():  # FSDP2 sets up its state at the root's first forward, before any other forward
-                self._backward_batch(loss, self._fallback_batch())
+            forward = self._sharded_forward(name, model)
         else:
+            loss = CausalLMLoss(model, self.cfg.schedule.lm_head, compile=self.cfg.schedule.compile)
             forward = torch.nn.parallel.DistributedDataParallel(loss) if self.world > 1 else loss
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}  # after sharding: DTensors under fsdp
         make_optimizer = build(self.cfg.optimizer, "optimizer")
@@ -245,6 +240,21 @@ class Trainer:
             sampler=MixtureSampler(sizes, weights, seed=self.cfg.seed, lengths=lengths),
             realised={task: {"examples": 0, "tokens": 0} for task in sizes},
         )
+
+    def _sharded_forward(self, name: str, model: torch.nn.Module) -> torch.nn.Module:
+        """parallel=fsdp: the run's loss module with the model sharded in it (`epi.sharding.shard`), built once; a
+        later learner (a CPI probe, `train_copy`) trains the same sharded model, since no rank holds a whole copy."""
+        if self.root is not None:
+            if model is not self.model:
+                raise RuntimeError(f"{name}: under parallel=fsdp a learner trains the run's sharded model, not a copy")
+            return self.root
+        p = self.cfg.parallel
+        loss = CausalLMLoss(model, self.cfg.schedule.lm_head)
+        shard(loss, model, p.mixed_precision, p.cpu_offload, p.reshard_after_forward)
+        with torch.no_grad():  # FSDP2 sets up its state at the root's first forward, before any other forward
+            self._backward_batch(loss, self._fallback_batch())
+        self.root = loss
+        return loss
 
     # the run's learner, as the loop and tests see it
     @property
@@ -470,8 +480,24 @@ class Trainer:
     # ---------------------------------------------------------------- for strategies (through the context)
     def train_copy(self, task: str, steps: int, lr: float) -> tuple[dict[str, Tensor], int, float]:
         """A copy of the model trained on `task` alone with `train_step` (no weight decay, constant lr):
-        its weights, the trained tokens it consumed (counted in the run's compute too) and its last loss."""
+        its weights, the trained tokens it consumed (counted in the run's compute too) and its last loss.
+
+        Under parallel=fsdp no rank can hold a whole copy: the run's own sharded model trains with a fresh
+        optimizer and sampler, its tuned shards (this rank's, by parameter name) are returned, and its
+        weights are put back bit for bit."""
+        if self.sharded:
+            theta0 = {n: local(p).detach().clone() for n, p in self.named_params.items()}
+            try:
+                return self._train(self.model, task, steps, lr, lambda: {n: local(p).detach().cpu().clone() for n, p in self.named_params.items()})
+            finally:
+                with torch.no_grad():
+                    for n, p in self.named_params.items():
+                        local(p).copy_(theta0[n])
         model = copy.deepcopy(self.model)
+        return self._train(model, task, steps, lr, lambda: {n: t.detach().cpu().clone() for n, t in model.state_dict().items()})
+
+    def _train(self, model: torch.nn.Module, task: str, steps: int, lr: float,
+               weights: Callable[[], dict[str, Tensor]]) -> tuple[dict[str, Tensor], int, float]:
         learner = self._new_learner(f"a copy trained on {task!r}", model, {task: 1.0}, lr=lr, weight_decay=0.0)
         learner.scheduler = constant(learner.optimizer.optimizer, total_steps=steps)
         learner.horizon = steps
@@ -479,7 +505,7 @@ class Trainer:
         for step in range(1, steps + 1):
             out = self.train_step(step, learner)
             tokens += out.trained_tokens
-        return {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}, tokens, out.loss
+        return weights(), tokens, out.loss
 
     def task_gradient(self, task: str, step: int, draw: int = 0) -> dict[str, Tensor]:
         """The gradient of the loss on a calibration batch of `task` alone at the run's current weights, with no
@@ -509,10 +535,15 @@ class Trainer:
         """A content key of what `train_copy(task, ...)` depends on besides its arguments."""
         h = hashlib.sha256()
         h.update(json.dumps(OmegaConf.to_container(self.cfg.model, resolve=True), sort_keys=True).encode())
-        for name, tensor in self.model.state_dict().items():  # theta0 itself, not just how it was made
+        weights = self.model.state_dict() if not self.sharded else {n: local(p) for n, p in self.named_params.items()}
+        for name, tensor in weights.items():  # theta0 itself (this rank's shards under fsdp), not just how it was made
             h.update(name.encode())
             h.update(tensor.detach().reshape(-1)[:1024].float().cpu().numpy().tobytes())
             h.update(str(float(tensor.float().sum())).encode())
+        if self.sharded:  # one key on every rank, for the set of shards: each rank's digest, in rank order
+            digests = [None] * self.world
+            dist.all_gather_object(digests, h.hexdigest())
+            h = hashlib.sha256(repr(("fsdp", self.world, digests)).encode())
         for row in self.train_sets[task]:
             h.update(bytes(str(row["input_ids"]), "utf-8"))
         s = self.cfg.schedule

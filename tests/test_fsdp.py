@@ -17,8 +17,12 @@ import torch.multiprocessing as mp
 
 from epi.logging import read_metrics
 from epi.masks import churn, jaccard, mask_stats, normalize, top_p
-from epi.sharding import Shards
+from epi.merge import fuse
+from epi.sharding import Shards, local
+from epi.strategies.base import Strategy
+from epi.strategies.cpi import CPI
 from tests.conftest import ROOT, TINY, run_script, two_ranks_and_one_process
+from tests.test_cpi import CPI_FAST
 from tests.test_epi import EPI_FAST
 
 
@@ -75,6 +79,15 @@ def _scores() -> dict[str, torch.Tensor]:
     return scores
 
 
+def _theta(seed: int, rank: int | None = None, world: int = 1) -> dict[str, torch.Tensor]:
+    """A base (seed 0) or task model (seed 1, 2) near it; this rank's rows of it when `rank` is given."""
+    g = torch.Generator().manual_seed(100)
+    base = {n: torch.randn(shape, generator=g) for n, shape in SHAPES.items()}
+    g = torch.Generator().manual_seed(seed)
+    full = {n: b + (0.1 * seed) * torch.randn(b.shape, generator=g) for n, b in base.items()}
+    return full if rank is None else {n: t[_rows(world, rank, t.shape[0])].contiguous() for n, t in full.items()}
+
+
 def _rows(world: int, rank: int, rows: int) -> slice:
     chunk = -(-rows // world)
     return slice(min(rank * chunk, rows), min((rank + 1) * chunk, rows))
@@ -98,11 +111,15 @@ def _ranked(rank: int, world: int, port: int, out: dict) -> None:
                 results[(how, scope, p, "sampled")] = top_p(normed, p, scope, "sampled", sample_size=17, generator=g, shards=shards)
     a, b = results[("mean", "global", 0.1, "exact")], results[("max", "layer", 0.3, "sampled")]
     counts = (jaccard(a, b, shards), churn(a, b, shards), mask_stats(a, shards=shards))
+    fused = {space: fuse(_theta(0, rank, world), {t: _theta(t, rank, world) for t in (1, 2)}, {1: a, 2: b}, omega=0.7,
+                         eps=1e-12, space=space, reduce=shards.sum) for space in ("task_vector", "weight")}
     gathered = [None] * world
-    dist.all_gather_object(gathered, results)
+    dist.all_gather_object(gathered, (results, fused))
     if rank == 0:
-        out["masks"] = {key: {n: torch.cat([r[key][n] for r in gathered]) for n in full} for key in results}
+        out["masks"] = {key: {n: torch.cat([r[key][n] for r, _ in gathered]) for n in full} for key in results}
         out["counts"] = counts
+        out["fused"] = {space: ({n: torch.cat([f[space][0][n] for _, f in gathered]) for n in full}, gathered[0][1][space][1])
+                        for space in fused}
     dist.destroy_process_group()
 
 
@@ -121,6 +138,58 @@ def test_sharded_top_p_normalize_and_counts_equal_the_unsharded_ones() -> None:
     a = top_p(normalize(full, "mean"), 0.1, "global", "exact")
     b = top_p(normalize(full, "max"), 0.3, "layer", "sampled", sample_size=17, generator=torch.Generator().manual_seed(3))
     assert out["counts"] == (jaccard(a, b), churn(a, b), mask_stats(a))
+    for space, (sharded, paths) in out["fused"].items():  # SLERP's norms and dot products summed over the shards
+        expected, expected_paths = fuse(_theta(0), {t: _theta(t) for t in (1, 2)}, {1: a, 2: b}, omega=0.7, eps=1e-12, space=space)
+        assert paths == expected_paths and any(p["slerp"] for p in paths.values())
+        for name in full:
+            torch.testing.assert_close(sharded[name], expected[name], rtol=1e-6, atol=1e-7, msg=f"{space} {name}")
+
+
+class ShardWatchedCPI(CPI):
+    """Real CPI that asserts after every step that each frozen core holds, on this rank's shards, its value at freezing."""
+
+    def on_stage_start(self, index, stage, step):
+        super().on_stage_start(index, stage, step)
+        self.frozen = getattr(self, "frozen", [])
+        snapshot = {n: local(p).detach().clone() for n, p in self.ctx.named_params.items()}
+        self.frozen += [(self.cores[task], snapshot) for task in (self.groups[index - 1] if index else [])]
+
+    def after_step(self, step):
+        super().after_step(step)
+        for cores, snapshot in self.frozen:
+            for name, core in cores.items():
+                assert torch.equal(local(self.ctx.named_params[name]).detach()[core], snapshot[name][core]), f"{name} moved at {step}"
+        self.ctx.log(step, "watch", {"frozen_cores": float(len(self.frozen))})
+
+
+def test_fsdp_cpi_probes_cores_fusion_and_stages_equal_one_process(tmp_path: Path) -> None:
+    """(a), (b) for CPI: probes train the run's sharded model and give it back, cores rank over both ranks' shards, the
+    fusion sums SLERP's norms over them, and each stage's earlier cores hold bit for bit on every shard; the groups,
+    the core overlaps and the losses equal one process's."""
+    import json
+
+    common = [*TINY, *CPI_FAST, "strategy._target_=tests.test_fsdp.ShardWatchedCPI", "parallel=fsdp", "threads=1", "schedule.steps=10"]
+    sharded = torchrun(tmp_path, *common, f"strategy.cache_dir={tmp_path / 'cache_fsdp'}", f"hydra.run.dir={tmp_path / 'fsdp'}")
+    assert sharded.returncode == 0, sharded.stderr[-4000:]
+    single = run_script("train.py", *common, f"strategy.cache_dir={tmp_path / 'cache_one'}", f"hydra.run.dir={tmp_path / 'one'}",
+                        cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert single.returncode == 0, single.stderr[-4000:]
+    assert len(list((tmp_path / "cache_fsdp").glob("*.rank1of2.pt"))) == 5  # each rank cached its shards of each probe
+
+    def artifact(run: str, name: str) -> dict:
+        return json.loads((tmp_path / run / "cpi" / f"{name}.json").read_text())
+
+    assert artifact("fsdp", "groups") == artifact("one", "groups")
+    overlap_fsdp, overlap_one = artifact("fsdp", "overlap")["jaccard"], artifact("one", "overlap")["jaccard"]
+    for row_fsdp, row_one in zip(overlap_fsdp, overlap_one):
+        assert row_fsdp == pytest.approx(row_one, abs=2e-3)
+
+    def losses(run: str) -> list[float]:
+        return [e["value"] for e in read_metrics(tmp_path / run) if e["split"] == "train" and e["metric"] == "loss"]
+
+    assert len(losses("one")) == 10 and losses("fsdp") == pytest.approx(losses("one"), rel=1e-4)
+    watched = [e["value"] for e in read_metrics(tmp_path / "fsdp") if e["split"] == "watch"]
+    assert len(artifact("fsdp", "groups")["groups"]) == 5 and watched == [0.0] * 2 + [1.0] * 2 + [2.0] * 2 + [3.0] * 2 + [4.0] * 2
 
 
 def test_fsdp_kill_and_resume_gives_bit_identical_weights(tmp_path: Path) -> None:
@@ -146,8 +215,12 @@ def test_fsdp_kill_and_resume_gives_bit_identical_weights(tmp_path: Path) -> Non
     assert not (tmp_path / "resumed" / "checkpoint.shards").exists()  # a finished run removes its checkpoint
 
 
-def test_fsdp_refuses_a_strategy_that_needs_whole_tensors(tmp_path: Path) -> None:
-    proc = run_script("train.py", *TINY, "parallel=fsdp", "strategy=cpi", cwd=tmp_path)
+class WholeTensors(Strategy):
+    """A plug-in that has not declared `shardable`: it might read whole parameters."""
+
+
+def test_fsdp_refuses_a_strategy_that_has_not_declared_it_runs_sharded(tmp_path: Path) -> None:
+    proc = run_script("train.py", *TINY, "parallel=fsdp", "strategy=none", "strategy._target_=tests.test_fsdp.WholeTensors", cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "parallel=fsdp" in proc.stderr and "parallel=ddp" in proc.stderr
     assert not list(tmp_path.rglob("metrics.jsonl")) and not list(tmp_path.rglob("checkpoint.pt"))

@@ -36,6 +36,7 @@ from epi.errors import TrainingDiverged, UserError
 from epi.masks import SCOPES, Masks, NonFiniteScores, jaccard, mask_stats, participating, top_p, union
 from epi.merge import SPACES, fuse
 from epi.schema import Schema, at_least, positive, within
+from epi.sharding import Shards
 from epi.strategies.base import MODES, Context, Stage, Strategy
 
 ORDERS = ("random", "given", "heuristic")
@@ -43,14 +44,15 @@ STAGE_DATA = ("mixed", "group")
 
 
 # ---------------------------------------------------------------- pure steps of the pipeline
-def core_regions(base: dict[str, Tensor], tuned: dict[str, Tensor], p: float, scope: str = "global") -> Masks:
-    """C_i: the top-p coordinates by update magnitude |theta_i - theta0| (exact ranking)."""
-    return top_p({n: (tuned[n].float() - base[n].float()).abs() for n in base}, p, scope=scope, method="exact")
+def core_regions(base: dict[str, Tensor], tuned: dict[str, Tensor], p: float, scope: str = "global",
+                 shards: Shards | None = None) -> Masks:
+    """C_i: the top-p coordinates by update magnitude |theta_i - theta0| (exact ranking; over every rank's shards)."""
+    return top_p({n: (tuned[n].float() - base[n].float()).abs() for n in base}, p, scope=scope, method="exact", shards=shards)
 
 
-def overlap_matrix(cores: dict[str, Masks]) -> list[list[float]]:
+def overlap_matrix(cores: dict[str, Masks], shards: Shards | None = None) -> list[list[float]]:
     names = list(cores)
-    return [[jaccard(cores[a], cores[b]) for b in names] for a in names]
+    return [[jaccard(cores[a], cores[b], shards) for b in names] for a in names]
 
 
 def connected_groups(names: list[str], overlap: list[list[float]], tau: float) -> list[list[str]]:
@@ -120,6 +122,9 @@ class CPI(Strategy):
     Config = CPIConfig
     fuse_models = True
     freeze_cores = True
+    # parallel=fsdp: probes train the run's sharded model (returning this rank's shards), cores by a ranking over every
+    # rank's shards, SLERP's norms and dot products summed over ranks: the unsharded pipeline, shard by shard.
+    shardable = True
 
     def __init__(self, cfg: CPIConfig):
         super().__init__(cfg)
@@ -138,16 +143,18 @@ class CPI(Strategy):
             raise UserError(f"strategy.include: {e}") from e
         base = ctx.model_state()
         tuned = {task: self.probe(task) for task in tasks}
+        shards = ctx.shards
         try:
             self.cores = {
-                task: core_regions({n: base[n] for n in names}, tuned[task], self.cfg.p, self.cfg.scope) for task in tasks
+                task: core_regions({n: base[n] for n in names}, tuned[task], self.cfg.p, self.cfg.scope, shards) for task in tasks
             }
         except NonFiniteScores as e:
             raise TrainingDiverged(
                 f"cpi: a probe diverged (its update {e}); lower strategy.probe_lr (now {self.cfg.probe_lr:g})"
             ) from e
-        overlap = overlap_matrix(self.cores)
-        mass = {t: sum(float((tuned[t][n] - base[n]).abs()[m].sum()) for n, m in self.cores[t].items()) for t in tasks}
+        overlap = overlap_matrix(self.cores, shards)
+        sums = {t: [float((tuned[t][n] - base[n]).abs()[m].sum()) for n, m in self.cores[t].items()] for t in tasks}
+        mass = {t: float(shards.sum(torch.tensor(v, dtype=torch.float64)).sum()) if shards else sum(v) for t, v in sums.items()}
         self.groups = order_groups(
             connected_groups(tasks, overlap, self.cfg.tau), self.cfg.order, seed=ctx.seed, given=self.cfg.given_order or [], mass=mass
         )
@@ -160,7 +167,8 @@ class CPI(Strategy):
         if self.freeze_cores and len(self.groups) == 1:
             ctx.info(f"cpi: all tasks form one group at tau={self.cfg.tau}, so no cores are frozen: after fusion this run is plain SFT")
         if self.fuse_models:
-            fused, paths = fuse(base, tuned, self.cores, omega=self.cfg.omega, eps=self.cfg.eps, space=self.cfg.space)
+            fused, paths = fuse(base, tuned, self.cores, omega=self.cfg.omega, eps=self.cfg.eps, space=self.cfg.space,
+                                reduce=shards.sum if shards else None)
             ctx.load_model_state(fused)
             ctx.artifact("cpi/fusion_paths", paths)
             totals = {k: sum(v[k] for v in paths.values()) for k in ("slerp", "linear", "zero")}
@@ -190,15 +198,17 @@ class CPI(Strategy):
             self.ctx.set_exclusive({t: union(*(self.cores[u] for u in g)) for g in self.groups[:index] for t in g})
         else:
             self.ctx.set_masks(isolated)
-        numels = {n: p.numel() for n, p in self.ctx.named_params.items()}
-        self.ctx.log(step, "mask", {"isolated_fraction": mask_stats(isolated, numels)["isolated_fraction"], "stage": index})
+        numels = {n: p.numel() for n, p in self.ctx.named_params.items()}  # whole parameters, sharded or not
+        fraction = mask_stats(isolated, numels, self.ctx.shards)["isolated_fraction"]
+        self.ctx.log(step, "mask", {"isolated_fraction": fraction, "stage": index})
 
     # ------------------------------------------------------------ probes
     def probe(self, task: str) -> dict[str, Tensor]:
         """theta_i: a copy of theta0 fine-tuned on `task` alone; loaded from the cache when the same probe ran before
         (its compute is charged to this run all the same, so compute columns compare like with like)."""
         key = f"{task}-{self.probe_key(task)}"
-        path = self.cache_dir / f"{key}.pt"
+        shards = self.ctx.shards  # parallel=fsdp: each rank caches its own shards of the probe
+        path = self.cache_dir / (f"{key}.rank{shards.rank}of{shards.world}.pt" if shards else f"{key}.pt")
         if path.is_file():
             self.ctx.log(0, "cpi", {"probe_cache_hit": 1.0}, task=task)
             self.ctx.info(f"cpi: probe of {task!r} from cache {path}")

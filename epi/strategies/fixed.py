@@ -13,6 +13,7 @@ import torch
 
 from epi.errors import UserError
 from epi.schema import Schema
+from epi.sharding import local
 from epi.strategies.base import Context, Stage, Strategy
 
 
@@ -25,13 +26,14 @@ class FixedModule(Strategy):
     """Freezes every parameter under the named modules, from the first step to the last."""
 
     Config = FixedConfig
+    shardable = True  # its masks are all-True on whatever part of a parameter this rank holds
 
     def prepare(self, ctx: Context, stages: list[Stage]) -> list[Stage]:
         super().prepare(ctx, stages)
         chosen = {n: p for n, p in ctx.named_params.items() if any(n == m or n.startswith(m + ".") for m in self.cfg.modules)}
         if not chosen:
             raise UserError(f"strategy.modules={self.cfg.modules}: no parameter lies under these names; parameters are named like {list(ctx.named_params)[:3]}")
-        ctx.set_masks({n: torch.ones_like(p, dtype=torch.bool) for n, p in chosen.items()})
+        ctx.set_masks({n: torch.ones_like(local(p), dtype=torch.bool) for n, p in chosen.items()})
         frozen = sum(p.numel() for p in chosen.values()) / sum(p.numel() for p in ctx.named_params.values())
         ctx.log(0, "mask", {"isolated_fraction": frozen})
         ctx.info(f"fixed: {len(chosen)} tensors frozen ({frozen:.2%} of the trainable parameters)")
