@@ -276,7 +276,7 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
     def fit(self) -> dict[str, dict[str, float]]:
         cfg, s = self.cfg, self.cfg.schedule
-        with tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True) as bar:  # closed before any error prints
+        with tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True, disable=self.rank != 0) as bar:  # closed before any error prints
             stage_end = 0
             for index, stage in enumerate(self.stages):
                 stage_start, stage_end = stage_end, stage_end + stage.steps

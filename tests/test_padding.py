@@ -1,0 +1,23 @@
+"""bench/padding.py: the padded share of the cells, stream order against length grouping, on the built-in mixture and
+on paper_mix files."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+
+def test_padding_report_shows_grouping_cuts_padding_on_both_mixtures(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "padding.py"), "--batches", "20", "--group", "10", "--paper-files", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = re.findall(r"^\| (built-in|paper_mix \(synthetic files\)) \| ([\d.]+)% \| ([\d.]+)% \| ([\d.]+)% \|$", proc.stdout, re.M)
+    assert [r[0] for r in rows] == ["built-in", "paper_mix (synthetic files)"]
+    for _, before, after, saved in rows:
+        assert float(after) < float(before) / 4 and float(saved) > 0
