@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
+import torch
 from omegaconf import DictConfig
 
 from epi.components import check_keys
@@ -177,6 +178,10 @@ def validate(cfg: DictConfig, known_tasks: set[str]) -> None:
             raise UserError(f"parallel=fsdp: strategy {name} does not declare that it runs on sharded parameters (its "
                             "Strategy.shardable is False: it may read whole tensors); use parallel=ddp, or make it shardable "
                             "(epi/strategies/base.py, Context.shards)")
+        on_gpu = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        if parallel.cpu_offload and not on_gpu:
+            raise UserError("parallel.cpu_offload=true moves sharded parameters and optimizer state from GPU to CPU memory; "
+                            "this run trains on the CPU already: use parallel.cpu_offload=false")
         if schedule.compile:
             raise UserError("parallel=fsdp with schedule.compile=true is not supported yet (the compiled forward is tested "
                             "unsharded only); use schedule.compile=false")

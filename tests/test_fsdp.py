@@ -219,8 +219,13 @@ class WholeTensors(Strategy):
     """A plug-in that has not declared `shardable`: it might read whole parameters."""
 
 
-def test_fsdp_refuses_a_strategy_that_has_not_declared_it_runs_sharded(tmp_path: Path) -> None:
-    proc = run_script("train.py", *TINY, "parallel=fsdp", "strategy=none", "strategy._target_=tests.test_fsdp.WholeTensors", cwd=tmp_path)
+@pytest.mark.parametrize(("overrides", "says"), [
+    (["strategy=none", "strategy._target_=tests.test_fsdp.WholeTensors"], "use parallel=ddp"),
+    (["parallel.cpu_offload=true"], "use parallel.cpu_offload=false"),
+])
+def test_fsdp_refuses_what_it_cannot_run_in_one_line(tmp_path: Path, overrides: list[str], says: str) -> None:
+    """A plug-in strategy that has not declared it runs on shards; CPU offload on a CPU-only run."""
+    proc = run_script("train.py", *TINY, "parallel=fsdp", *overrides, cwd=tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "parallel=fsdp" in proc.stderr and "parallel=ddp" in proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and says in proc.stderr
     assert not list(tmp_path.rglob("metrics.jsonl")) and not list(tmp_path.rglob("checkpoint.pt"))
