@@ -64,7 +64,7 @@ def bench(model: str, steps: int, refresh_every: int, refreshes: int, repeats: i
         epi = build(model, "epi", refresh_every, batch_size, Path(tmp), mode)
         base.train_step(1)
         epi.train_step(1)  # warmup=1: the first mask is in place after this step
-        epi.strategy.refresh_every = 10**9  # refreshes are timed separately below
+        epi.strategy.cfg.refresh_every = 10**9  # no refresh inside a timed step: refreshes are timed separately below
         t_base, t_epi, t_refresh, ratios = [], [], [], []
         step = 1
         for _ in range(repeats):
