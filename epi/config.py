@@ -159,6 +159,8 @@ def validate(cfg: DictConfig, known_tasks: set[str]) -> None:
         raise fail("seed", cfg.seed, "must be an integer")
     if cfg.threads is not None and (not isinstance(cfg.threads, int) or isinstance(cfg.threads, bool) or cfg.threads < 1):
         raise fail("threads", cfg.threads, "must be a positive integer, or null for cores / concurrent jobs")
+    if cfg.resume is not None and not isinstance(cfg.resume, str):
+        raise fail("resume", cfg.resume, "must be a run directory (or its checkpoint.pt), or auto")
     if cfg.device not in DEVICES:
         raise fail("device", cfg.device, f"must be one of {list(DEVICES)}")
     if cfg.model.kind not in MODELS:

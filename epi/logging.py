@@ -9,6 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import secrets
+import shutil
+import string
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,9 @@ from typing import Any
 WANDB_MODES = ("offline", "online", "disabled")
 METRICS = "metrics.jsonl"
 SHORT_NAME = 64  # characters of a W&B run or group name; the full overrides stay in the run's config
+# The run directory's W&B run id, written when W&B first starts there: every later attempt of the run (a resume,
+# a SLURM requeue) continues that W&B run instead of opening a second one under the same name.
+WANDB_ID = "wandb_id"
 
 
 def short_name(text: str, limit: int = SHORT_NAME) -> str:
@@ -57,6 +63,8 @@ class RunLogger:
                     tags=tags or [],
                     dir=str(run_dir),
                     reinit="finish_previous",
+                    id=wandb_id(Path(run_dir)) if run_dir is not None else None,
+                    resume="allow",  # the id's run if W&B has it (an earlier attempt), else a new run with that id
                 ),
             )
 
@@ -99,6 +107,27 @@ class RunLogger:
             warnings.warn(f"W&B {what} failed ({type(e).__name__}: {e}); continuing with metrics.jsonl only")
             self._wandb = None
             return None
+
+
+def wandb_id(run_dir: Path) -> str:
+    """The W&B run id kept in `run_dir` (WANDB_ID), or a new one kept there from now on. Written before W&B starts,
+    so even an attempt killed during wandb.init leaves the id its requeue will continue."""
+    path = Path(run_dir) / WANDB_ID
+    if path.is_file() and (kept := path.read_text(encoding="utf-8").strip()):
+        return kept
+    new = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's own id alphabet
+    tmp = path.with_name(WANDB_ID + ".tmp")
+    tmp.write_text(new + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return new
+
+
+def carry_wandb_id(source: Path, target: Path) -> None:
+    """A run resumed into a new directory continues the W&B run of the directory it resumed from, as its
+    metrics.jsonl continues that directory's events."""
+    kept, new = Path(source) / WANDB_ID, Path(target) / WANDB_ID
+    if kept.is_file() and not new.exists():
+        shutil.copyfile(kept, new)
 
 
 def _plain(value: Any) -> Any:

@@ -15,6 +15,9 @@ from omegaconf import DictConfig
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["WANDB_SILENT"] = "true"
+# Tests are never a requeued SLURM job, even when the suite runs inside one: train.py would take SLURM_RESTART_COUNT
+# for a requeue and continue every run directory in place (resume=auto) instead of refusing a directory that holds a run.
+os.environ.pop("SLURM_RESTART_COUNT", None)
 
 
 def _pin_xdist_worker() -> None:
