@@ -58,7 +58,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
         refuse_finished(resume)
     source = checkpoint.find(resume) if resume else None
     in_place = source is not None and source.parent.resolve() == run_dir.resolve()
-    taken = [name for name in RUN_FILES if (run_dir / name).exists()]
+    # Rank 0 alone looks: it writes the run's files, and under torchrun it may already be restoring metrics.jsonl
+    # into a new run directory while another rank would still be checking it (if rank 0 refuses, all ranks stop).
+    taken = [name for name in RUN_FILES if (run_dir / name).exists()] if rank_zero() else []
     if taken and not in_place:
         if not auto:
             raise UserError(

@@ -187,10 +187,10 @@ class WorldLogged(NoIsolation):
             self.ctx.log(step, "world", {"size": dist.get_world_size() if dist.is_initialized() else 1})
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallel", ["fsdp"])  # ddp's two ranks = one process: tests/test_trust.py (torchrun); the env is the same
 def test_a_two_task_submitit_job_trains_data_parallel_like_one_process(parallel: str, tmp_path: Path) -> None:
     """The 8-GPU config's mechanism on CPU: submitit starts 2 tasks (no torchrun), each joins the gloo group from
-    its submitit environment, and together they train what one process trains, replicated or sharded."""
+    its submitit environment, and together they train what one process trains, sharded."""
     common = [*TINY, "strategy=none", "strategy._target_=tests.test_slurm.WorldLogged", f"parallel={parallel}", "threads=1"]
     on_path = {"PYTHONPATH": str(ROOT)}  # submitit's task processes import the test strategy from tests/
     sweep = tmp_path / "sweep"
