@@ -101,13 +101,16 @@ def normalize(scores: dict[str, Tensor], how: str, shards: Shards | None = None)
     out: dict[str, Tensor] = {}
     for names in _groups(scores).values():
         if how == "mean":
-            total = torch.stack([scores[n].sum(dtype=torch.float64).cpu() for n in names]).sum()
-            total = float(shards.sum(total)) if shards else float(total)
+            sums = [scores[n].sum(dtype=torch.float64).item() for n in names]  # summed as floats, in name order
+            if shards:
+                sums = shards.sum(torch.tensor(sums, dtype=torch.float64)).tolist()
+            total = sum(sums)
             denom = total / sum(shards.numel[n] if shards else scores[n].numel() for n in names)
         else:
-            local_max = torch.stack([scores[n].max().float().cpu() if scores[n].numel() else torch.tensor(-math.inf)
-                                     for n in names]).max()
-            denom = float(shards.max(local_max)) if shards else float(local_max)
+            maxima = [scores[n].max().item() if scores[n].numel() else -math.inf for n in names]
+            if shards:
+                maxima = shards.max(torch.tensor(maxima, dtype=torch.float64)).tolist()
+            denom = max(maxima)
         denom = max(denom, torch.finfo(torch.float32).tiny)  # an all-zero group stays zero
         for n in names:
             out[n] = scores[n] / denom
@@ -309,7 +312,7 @@ def mask_stats(masks: Masks, numels: dict[str, int] | None = None, shards: Shard
     parameters' counts and the isolated counts are summed over ranks.
     """
     whole = {n: shards.numel[n] if shards else m.numel() for n, m in masks.items()}
-    numels = {**whole, **numels} if numels is not None else whole
+    numels = {**numels, **{n: c for n, c in whole.items() if n not in numels}} if numels is not None else whole
     isolated = dict(zip(numels, _count([int(masks[n].sum()) if n in masks else 0 for n in numels], shards)))
     total = sum(numels.values())
     stats = {"isolated_fraction": sum(isolated.values()) / total if total else 0.0}
