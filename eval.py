@@ -3,6 +3,7 @@
     python eval.py run_dir=<dir>          # a train.py run's model on the run's task mixture
     python eval.py model_dir=<HF dir>     # any Hugging Face model on the `data` mixture
     python eval.py runs=<dir or [dirs]>   # tables and plots over finished runs (a multirun dir, say)
+    python eval.py runs=<dir> archive=<new dir>   # ... and a copy of the runs' evidence, small enough to commit
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from epi import report
+from epi import archive, report
 from epi.cli import exit_on_user_error, write_results
 from epi.data.load import encode_tasks, load_tasks
 from epi.data.local import expand_root
@@ -34,6 +35,10 @@ def main(cfg: DictConfig) -> None:
     given = [k for k in ("run_dir", "model_dir", "runs") if cfg[k] is not None]
     if len(given) != 1:
         raise UserError("give exactly one of run_dir=<train.py run>, model_dir=<Hugging Face model dir>, runs=<dir or [dirs]>")
+    if cfg.archive is not None:
+        if cfg.runs is None:
+            raise UserError("archive=<dir> copies the evidence of runs=<dir or [dirs]>; give runs= too")
+        archive.check_destination(Path(cfg.archive))  # before any table is written
     if cfg.runs is not None:
         tabulate(cfg, out_dir)
     else:
@@ -169,6 +174,10 @@ def tabulate(cfg: DictConfig, out_dir: Path) -> None:
         + "\n"
     )
     print(table)
+    if cfg.archive is not None:
+        files, size = archive.archive_runs([r.path for r in runs] + [u.path for u in unfinished], Path(cfg.archive))
+        print(f"archived the evidence of {len(runs) + len(unfinished)} runs to {cfg.archive}: {files} files, {size / 1e6:.2f} MB "
+              f"(tabulate it with python eval.py runs={cfg.archive})")
     print(f"plots: {', '.join(p.name for p in out_dir.glob('*.png'))}" + ("" if drift else " (no mask drift: no EPI runs)"))
     if cfg.logger.mode != "disabled":
         logger = RunLogger(out_dir, mode=cfg.logger.mode, project=cfg.logger.project, name=cfg.logger.name or "eval", group="eval", config=OmegaConf.to_container(cfg, resolve=True))
