@@ -107,6 +107,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX) that oneDNN uses for bf16 matrix products."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def precision_warning(device: torch.device, precision: str) -> str | None:
+    """The line a run prints when `schedule.precision=bf16` would be far slower than fp32: on a CPU without bf16
+    instructions autocast emulates every bf16 product (SmolLM2-135M, batch 8, on an AVX2-only AMD EPYC: 108 s a
+    step against 4.6 s in fp32; bench/RESULTS.md). A warning, not a refusal: the numbers are the bf16 ones asked
+    for, only slow, and a run that must match bf16 results elsewhere may accept the cost."""
+    if device.type != "cpu" or precision != "bf16" or cpu_has_bf16():
+        return None
+    return (f"warning: schedule.precision=bf16 on a CPU without bf16 instructions ({torch.backends.cpu.get_cpu_capability()}): "
+            "autocast emulates bf16 here, about 20x slower than fp32 (bench/RESULTS.md); schedule.precision=fp32 is the fast choice")
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

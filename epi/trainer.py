@@ -18,6 +18,7 @@ import inspect
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -39,7 +40,7 @@ from epi.data.contamination import contamination, contamination_warning
 from epi.data.format import IGNORE_INDEX, collate
 from epi.data.load import encode_tasks, load_tasks
 from epi.data.mixture import MixtureSampler, sampling_weights
-from epi.distributed import init_distributed, pick_device, seed_everything
+from epi.distributed import init_distributed, pick_device, precision_warning, seed_everything
 from epi.errors import TrainingDiverged, UserError
 from epi.evaluate import average, evaluate, generation_limits
 from epi.loss import CausalLMLoss, trained_tokens
@@ -153,6 +154,8 @@ class Trainer:
         self.root: torch.nn.Module | None = None
         if self.cfg.schedule.batch_size % self.world:
             raise UserError(f"schedule.batch_size={self.cfg.schedule.batch_size} must be divisible by the number of processes ({self.world})")
+        if self.rank == 0 and (warning := precision_warning(self.device, self.cfg.schedule.precision)):
+            print(warning, file=sys.stderr)
 
     def _setup_data(self) -> None:
         """The tasks with their splits; before the model, so a bad dataset fails before a slow model load."""
