@@ -18,7 +18,8 @@ micro-batch path's to float rounding (the sums run in another order; `tests/test
 It runs where that reasoning holds: one process (DDP and FSDP reduce gradients in autograd hooks that
 a hand-written `.grad` would bypass), eager (no `schedule.compile`), no activation checkpointing (its
 recompute would run the forward twice), and every exclusive coordinate in the weight or bias of a plain
-`nn.Linear` (the default `include` isolates nothing else). Otherwise `rows_unavailable` says why and the
+`nn.Linear` whose input rows are the batch's examples (the default `include` isolates nothing else; an LM
+head under `schedule.lm_head=trained` sees the trained positions instead). Otherwise `rows_unavailable` says why and the
 trainer runs micro-batches.
 """
 
@@ -46,14 +47,20 @@ def linear_owners(model: nn.Module, names: set[str]) -> dict[str, tuple[nn.Linea
     return out
 
 
-def rows_unavailable(model: nn.Module, owned: set[str], world: int, compiled: bool, checkpointing: bool) -> str | None:
+def rows_unavailable(model: nn.Module, owned: set[str], world: int, compiled: bool, checkpointing: bool,
+                     lm_head: str = "trained") -> str | None:
     """Why `task_split=rows` cannot run for exclusive coordinates in the parameters `owned`; None if it can."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_names = {f"{prefix}.{attr}" for prefix, module in model.named_modules() if module is head and head is not None
+                  for attr in ("weight", "bias")}
     if world > 1:
         return "it runs on one process (DDP/FSDP reduce gradients in hooks a hand-written gradient would bypass)"
     if compiled:
         return "schedule.compile=true (the split forward is eager)"
     if checkpointing:
         return "model.gradient_checkpointing=true (its recompute would run the split forward twice)"
+    if lm_head == "trained" and owned & head_names:
+        return "schedule.lm_head=trained runs the LM head on the trained positions, not on the batch's rows"
     outside = sorted(owned - set(linear_owners(model, owned)))
     if outside:
         return f"{len(outside)} parameter(s) with exclusive coordinates are not a plain nn.Linear's weight or bias ({outside[0]}, ...)"
@@ -99,7 +106,7 @@ def _split_forward(module: nn.Linear, attrs: dict[str, str], shielded: dict[str,
 def _accumulate(module: nn.Linear, attrs: dict[str, str], x: Tensor, dy: Tensor,
                 shielded: dict[str, dict[str, Tensor]], ranges: dict[str, tuple[int, int]]) -> None:
     """dW (and db) summed task by task over each task's rows, each term without its shielded coordinates."""
-    if x.shape[0] != dy.shape[0] or max(stop for _, stop in ranges.values()) > x.shape[0]:
+    if x.shape[0] != max(stop for _, stop in ranges.values()):
         raise RuntimeError(f"task_split=rows: a linear layer's input has {x.shape[0]} rows, not the batch's examples")
     sums: dict[str, Tensor] = {}
     for task, (start, stop) in ranges.items():

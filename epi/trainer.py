@@ -441,7 +441,8 @@ class Trainer:
             model = learner.model
             flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
             checkpointing = getattr(model, flag, False)
-            why = rows_unavailable(model, set(owned), self.world, self.cfg.schedule.compile, bool(checkpointing))
+            why = rows_unavailable(model, set(owned), self.world, self.cfg.schedule.compile, bool(checkpointing),
+                                   self.cfg.schedule.lm_head)
             self._rows_why[owned] = why
             if why and self.rank == 0 and all(w is None for k, w in self._rows_why.items() if k != owned):
                 tqdm.write(f"schedule.task_split=rows: {why}; exclusive isolation runs task-homogeneous micro-batches")

@@ -312,5 +312,8 @@ def test_rows_says_once_why_it_cannot_run_and_trains_micro_batches(tmp_path: Pat
     assert "one process" in rows_unavailable(trainer.model, owned, world=2, compiled=False, checkpointing=False)
     assert "compile" in rows_unavailable(trainer.model, owned, world=1, compiled=True, checkpointing=False)
     assert "checkpointing" in rows_unavailable(trainer.model, owned, world=1, compiled=False, checkpointing=True)
+    head = {"lm_head.weight"}  # tiny's untied head: a linear layer, over the batch's rows only under lm_head=all
+    assert "trained positions" in rows_unavailable(trainer.model, head, world=1, compiled=False, checkpointing=False)
+    assert rows_unavailable(trainer.model, head, world=1, compiled=False, checkpointing=False, lm_head="all") is None
     checkpointed = run_split(tmp_path / "ckpt", "rows", "model.gradient_checkpointing=true")  # the trainer sees the model's flag
     assert any("checkpointing" in (why or "") for why in checkpointed._rows_why.values())
