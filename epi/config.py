@@ -27,6 +27,7 @@ from epi.schedules import DECAYS
 from epi.schema import Rule, Schema, at_least, fail, parse, positive, within
 from epi.sharding import MIXED_PRECISION, PARALLEL
 from epi.strategies import build_strategy
+from epi.task_split import TASK_SPLITS
 
 PRECISIONS = ("fp32", "bf16")
 SPLITS = ("train", "val", "test")
@@ -62,6 +63,7 @@ class ScheduleConfig(Schema):
     group_by_length: Annotated[int, Rule(lambda v: v >= 0, "must be an integer >= 0 (0 = off; HF's mega-batch is 50)")]
     nonfinite: Literal[NONFINITE]
     isolated_moments: Literal[MOMENT_POLICIES]
+    task_split: Literal[TASK_SPLITS]  # exclusive isolation: one backward split by rows, or one micro-batch per task (epi/task_split.py)
     stages: list[StageConfig] | None
     log_every: Every
     eval_every: Every

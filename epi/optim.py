@@ -9,9 +9,11 @@ not inflate the gradient-clipping norm.
 Two readings of "isolating task-critical parameters" (PAPERS.md):
 - freeze (`set_masks`): an isolated coordinate is held for every task;
 - exclusive (`set_exclusive`): a coordinate critical to task t is updated by t's gradient
-  only. The step runs task-homogeneous micro-batches; `begin_task(t)`/`end_task(t)` around
-  t's backward put back the gradient of every coordinate t does not own but another task
-  does, so t's contribution never reaches it; and a step whose batch holds none of a
+  only. Either one backward of the whole batch sums each linear weight's gradient task by task
+  without the coordinates each task does not own (`epi.task_split`, `shielded(t)`), or the step
+  runs task-homogeneous micro-batches and `begin_task(t)`/`end_task(t)` around t's backward put
+  back the gradient of every coordinate t does not own but another task does; either way t's
+  contribution never reaches it; and a step whose batch holds none of a
   coordinate's owners holds its value, as a frozen one. Its optimizer state therefore
   integrates its owners' gradients only (zero in the steps it is held).
 
@@ -156,12 +158,17 @@ class IsolatedOptimizer:
         change (coordinates another task owns and `task` does not). No-op without exclusive coordinates."""
         if not self.owned:
             return
-        if task not in self._shielded:  # a task that owns nothing may touch no owned coordinate
-            self._shielded[task] = self._indices(list(self.owned), [])
         self._task_stash = {
             name: None if self.named_params[name].grad is None else local(self.named_params[name].grad).view(-1)[idx].clone()
-            for name, idx in self._shielded[task].items()
+            for name, idx in self.shielded(task).items()
         }
+
+    def shielded(self, task: str | None) -> dict[str, Tensor]:
+        """Flat indices, per parameter, of the coordinates `task`'s gradient must not reach: owned by another
+        task and not by `task` (every owned coordinate, for a task that owns nothing)."""
+        if task not in self._shielded:
+            self._shielded[task] = self._indices(list(self.owned), [])
+        return self._shielded[task]
 
     def end_task(self, task: str | None) -> None:
         """After that backward: put those gradients back, so `task`'s contribution never reaches them."""

@@ -20,8 +20,8 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ from epi.optim import IsolatedOptimizer, clip_coefficient
 from epi.schedules import constant
 from epi.sharding import Shards, full_state_dict, grad_norm, local, shard, unsharded_root
 from epi.strategies import Stage, Strategy, build_strategy
+from epi.task_split import rows_unavailable, split_by_rows
 
 
 def default_stages(cfg: DictConfig) -> list[Stage]:
@@ -90,6 +91,15 @@ class StepResult:
     trained_tokens: int  # of which carry loss
 
 
+@dataclass(frozen=True)
+class MicroBatch:
+    """One forward/backward of a step."""
+
+    batch: dict[str, Tensor] | None  # this rank's rows, collated; None when it has none
+    tasks: frozenset[str]  # the tasks of its rows
+    rows: dict[str, tuple[int, int]] | None = None  # task_split=rows: each task's (start, stop) rows in `batch`
+
+
 @dataclass
 class Learner:
     """A model in training and everything one `train_step` advances: the run's own, or a copy a strategy trains."""
@@ -128,6 +138,7 @@ class Trainer:
         )
         self.stages = self.strategy.prepare(ctx, default_stages(cfg))
         self._setup_lr_schedule()
+        self._rows_why: dict[frozenset[str], str | None] = {}  # task_split=rows: why not, per set of owned parameters
         self.step = 0
         self.skipped = 0  # updates dropped for a non-finite loss or gradient (schedule.nonfinite=skip)
         self.last_checkpoint: int | None = None  # step of the newest checkpoint this run wrote
@@ -349,11 +360,9 @@ class Trainer:
         micro_batches, tokens, trained = self._draw_step(learner, step)
         self.charge(1, trained)  # every step of every learner, probes and skipped steps included
         loss_sum = torch.zeros((), device=self.device)
-        engine = learner.optimizer
-        for task, batch in micro_batches:
-            engine.begin_task(task)
-            token_losses, counted = self._backward(learner, batch, trained)
-            engine.end_task(task)
+        for micro in micro_batches:
+            with self._shielding(learner, micro):
+                token_losses, counted = self._backward(learner, micro.batch, trained)
             if counted:
                 loss_sum += token_losses.detach()  # stays on the device until the one check below
         if self.world > 1:
@@ -376,7 +385,7 @@ class Trainer:
         if s.clip_norm:
             torch.nn.utils.clip_grads_with_norm_(params, s.clip_norm, norm)
         learner.optimizer.step(clip_coefficient(norm, s.clip_norm) if s.clip_norm else 1.0,
-                               tasks=frozenset(task for task, _ in micro_batches))
+                               tasks=frozenset().union(*(micro.tasks for micro in micro_batches)))
         scheduler.step()
         learner.optimizer.zero_grad(set_to_none=True)
         hooks.after_step(step)
@@ -406,16 +415,50 @@ class Trainer:
             "or schedule.nonfinite=skip to drop such updates and count them."
         )
 
-    def _draw_step(self, learner: Learner, step: int) -> tuple[list[tuple[str | None, dict[str, Tensor] | None]], int, int]:
-        """This step's micro-batches (this rank's shards, each with its task when the batch is split by
-        task), and the global batch's tokens and trained tokens.
+    @contextmanager
+    def _shielding(self, learner: Learner, micro: MicroBatch) -> Iterator[None]:
+        """Around one micro-batch's backward under exclusive isolation: keep each task's gradient from the
+        coordinates it does not own, per task's rows (`split_by_rows`) or around a one-task micro-batch."""
+        engine = learner.optimizer
+        if not engine.owned:
+            yield
+        elif micro.rows is not None:
+            with split_by_rows(learner.model, {task: engine.shielded(task) for task in micro.rows}, micro.rows):
+                yield
+        else:
+            (task,) = micro.tasks
+            engine.begin_task(task)
+            yield
+            engine.end_task(task)
+
+    def _split_rows(self, learner: Learner) -> bool:
+        """Whether exclusive isolation runs `schedule.task_split=rows` for the coordinates owned now; when it
+        is asked for and cannot run, says why once (the micro-batch path gives the same to float rounding)."""
+        if self.cfg.schedule.task_split != "rows":
+            return False
+        owned = frozenset(name for index in learner.optimizer.owned.values() for name in index)
+        if owned not in self._rows_why:
+            model = learner.model
+            flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+            checkpointing = getattr(model, flag, False)
+            why = rows_unavailable(model, set(owned), self.world, self.cfg.schedule.compile, bool(checkpointing),
+                                   self.cfg.schedule.lm_head)
+            self._rows_why[owned] = why
+            if why and self.rank == 0 and all(w is None for k, w in self._rows_why.items() if k != owned):
+                tqdm.write(f"schedule.task_split=rows: {why}; exclusive isolation runs task-homogeneous micro-batches")
+        return self._rows_why[owned] is None
+
+    def _draw_step(self, learner: Learner, step: int) -> tuple[list[MicroBatch], int, int]:
+        """This step's micro-batches (this rank's shards, with their tasks), and the global batch's tokens
+        and trained tokens.
 
         The whole global batch (batch_size x grad_accum examples) is drawn at once, the same on every
         rank, so its trained-token count needs no communication and `grad_accum=k` sees exactly the
         examples of one batch k times as large. Under `schedule.group_by_length` the pool of
         length-grouped batches ends with the current weights (`learner.horizon`). Under exclusive
-        isolation the same examples run as task-homogeneous micro-batches of at most batch_size
-        (`_by_task`), so each task's gradient can be kept from the coordinates it does not own.
+        isolation each task's gradient must be kept from the coordinates it does not own: with
+        `schedule.task_split=rows` each micro-batch's rows are ordered by task (`MicroBatch.rows`), else
+        the same examples run as task-homogeneous micro-batches of at most batch_size (`_by_task`).
         """
         s = self.cfg.schedule
         group = min(s.group_by_length, learner.horizon - step + 1) if s.group_by_length else 0
@@ -427,12 +470,22 @@ class Trainer:
             learner.realised[task]["tokens"] += len(row["input_ids"])
             tokens += len(row["input_ids"])
             trained += self.trained_counts[task][i]
-        if learner.optimizer.owned:
-            chunks = self._by_task(picks, s.batch_size)
+        chunks = [picks[k * s.batch_size : (k + 1) * s.batch_size] for k in range(s.grad_accum)]
+        if not learner.optimizer.owned:
+            micro_batches = [MicroBatch(self._shard(self._rows(chunk)), frozenset(t for t, _ in chunk)) for chunk in chunks]
+        elif self._split_rows(learner):  # one process: the shard is the whole chunk
+            micro_batches = []
+            for chunk in chunks:
+                chunk = sorted(chunk, key=lambda pick: pick[0])  # stable: each task's rows contiguous, in draw order
+                tasks = [t for t, _ in chunk]
+                rows = {t: (tasks.index(t), len(tasks) - tasks[::-1].index(t)) for t in sorted(set(tasks))}
+                micro_batches.append(MicroBatch(self._shard(self._rows(chunk)), frozenset(rows), rows))
         else:
-            chunks = [(None, picks[k * s.batch_size : (k + 1) * s.batch_size]) for k in range(s.grad_accum)]
-        micro_batches = [(task, self._shard([self.train_sets[t][i] for t, i in chunk])) for task, chunk in chunks]
+            micro_batches = [MicroBatch(self._shard(self._rows(chunk)), frozenset([task])) for task, chunk in self._by_task(picks, s.batch_size)]
         return micro_batches, tokens, trained
+
+    def _rows(self, picks: list[tuple[str, int]]) -> list[dict[str, list[int]]]:
+        return [self.train_sets[task][i] for task, i in picks]
 
     def _shard(self, rows: list[dict[str, list[int]]]) -> dict[str, Tensor] | None:
         """This rank's share of `rows`, collated on the device; None when it has none."""

@@ -29,6 +29,7 @@ from tests.conftest import TINY, make_cfg, run_script
         ("logger.mode=sometimes", "logger.mode='sometimes'"),
         ("schedule.isolated_moments=freeze", "schedule.isolated_moments='freeze'"),
         ("schedule.nonfinite=ignore", "schedule.nonfinite='ignore'"),
+        ("schedule.task_split=tokens", "schedule.task_split='tokens'"),
         ("model.kind=gpt", "model.kind='gpt'"),
         ("model.dtype=fp8", "model.dtype='fp8'"),
         ("data.n_train=60000", "data.n_train=60000: the built-in tasks generate at most 50000"),

@@ -112,7 +112,7 @@ class Watched:
 
         def recording(learner, step):
             out = draw(learner, step)
-            self.tasks = frozenset(task for task, _ in out[0])
+            self.tasks = frozenset().union(*(micro.tasks for micro in out[0]))
             self.before = {n: p.detach().clone() for n, p in trainer.named_params.items()}
             self.owned = trainer.optimizer.exclusive_masks
             return out
@@ -147,6 +147,7 @@ def test_exclusive_epi_in_the_real_loop_holds_absent_tasks_coordinates(tmp_path:
     watched = Watched(trainer)
     trainer.fit()
     assert watched.checked > 10 and watched.moved > 0
+    assert all(why is None for why in trainer._rows_why.values())  # the default split (rows) ran
     assert set(trainer.optimizer.exclusive_masks) == set(trainer.tasks) and not trainer.optimizer.index
     events = read_metrics(tmp_path)
     per_task = {e["task"] for e in events if e["split"] == "mask" and e.get("task")}
@@ -222,3 +223,97 @@ def test_two_ranks_equal_one_process_under_exclusive_isolation(tmp_path: Path) -
     so DDP's all-reduce still pairs up) train what one process trains."""
     two_ranks_and_one_process(tmp_path, [*TINY, "strategy=epi", "strategy.mode=exclusive", "strategy.warmup=1",
                                          "strategy.refresh_every=2", "strategy.p=0.1", "schedule.steps=4", "schedule.batch_size=8"])
+
+
+# --- schedule.task_split: one backward split by rows against one backward per task -------------
+
+class TwoLinears(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(6, 8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.tanh(self.up(x)))
+
+
+def test_split_by_rows_gives_each_coordinate_its_owners_gradient_only() -> None:
+    """The batch's rows 0-2 are task a's, 3-4 task b's: one backward of all five under `split_by_rows` leaves
+    the gradient the micro-batch path (one backward per task, shielded coordinates put back) leaves."""
+    from epi.task_split import split_by_rows
+
+    torch.manual_seed(0)
+    model = TwoLinears()
+    x, y = torch.randn(5, 3, 6), torch.randn(5, 3, 4)
+    rows = {"a": (0, 3), "b": (3, 5)}
+    gen = torch.Generator().manual_seed(1)
+    owned = {task: {"up.weight": torch.rand(8, 6, generator=gen) < 0.3, "down.weight": torch.rand(4, 8, generator=gen) < 0.3,
+                    "down.bias": torch.rand(4, generator=gen) < 0.5} for task in rows}
+    engine = IsolatedOptimizer(torch.optim.AdamW(model.parameters()), dict(model.named_parameters()))
+    engine.set_exclusive(owned)
+
+    def loss(lo: int, hi: int) -> torch.Tensor:
+        return ((model(x[lo:hi]) - y[lo:hi]) ** 2).sum()
+
+    for task, (lo, hi) in rows.items():  # the reference: one backward per task
+        engine.begin_task(task)
+        loss(lo, hi).backward()
+        engine.end_task(task)
+    reference = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    with split_by_rows(model, {task: engine.shielded(task) for task in rows}, rows):
+        loss(0, 5).backward()
+    assert "forward" not in vars(model.up)  # the split forward is gone after the block
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, reference[name], msg=name)
+    alone = {}  # and the check does not pass vacuously: task a's gradient alone differs where b's would add
+    for task, (lo, hi) in rows.items():
+        model.zero_grad(set_to_none=True)
+        loss(lo, hi).backward()
+        alone[task] = model.up.weight.grad.clone()
+    only_a = owned["a"]["up.weight"] & ~owned["b"]["up.weight"]
+    torch.testing.assert_close(reference["up.weight"][only_a], alone["a"][only_a])
+    assert not torch.allclose(reference["up.weight"][only_a], (alone["a"] + alone["b"])[only_a])
+
+
+def run_split(tmp_path: Path, split: str, *extra: str) -> Trainer:
+    (tmp_path / split).mkdir(parents=True)
+    trainer = Trainer(make_cfg(*EXCLUSIVE, "schedule.batch_size=8", f"schedule.task_split={split}", *extra), tmp_path / split)
+    trainer.fit()
+    return trainer
+
+
+def test_rows_and_micro_batches_train_the_same_model(tmp_path: Path) -> None:
+    rows, micro = run_split(tmp_path, "rows"), run_split(tmp_path, "micro_batches")
+    assert rows._rows_why and all(why is None for why in rows._rows_why.values())  # the rows path ran
+    assert not micro._rows_why
+    for name, value in rows.model.state_dict().items():
+        torch.testing.assert_close(value, micro.model.state_dict()[name], rtol=1e-4, atol=1e-6, msg=name)
+    loss = {run: [e["value"] for e in read_metrics(tmp_path / run) if e["metric"] == "loss"] for run in ("rows", "micro_batches")}
+    assert loss["rows"] == pytest.approx(loss["micro_batches"], rel=1e-5)
+
+
+def test_micro_batches_hold_absent_tasks_coordinates_bit_for_bit(tmp_path: Path) -> None:
+    """The reference path keeps the guarantee the default (`rows`) is checked for above."""
+    trainer = Trainer(make_cfg(*EXCLUSIVE, "schedule.batch_size=2", "schedule.task_split=micro_batches"), tmp_path)
+    watched = Watched(trainer)
+    trainer.fit()
+    assert watched.checked > 10 and watched.moved > 0
+
+
+def test_rows_says_once_why_it_cannot_run_and_trains_micro_batches(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from epi.task_split import rows_unavailable
+
+    trainer = run_split(tmp_path, "rows", "strategy.include.norms=true")  # a norm's weight is not a linear layer's
+    out = capsys.readouterr().out
+    assert out.count("schedule.task_split=rows:") == 1 and "not a plain nn.Linear" in out
+    assert any(why for why in trainer._rows_why.values())
+    owned = {"model.layers.0.mlp.up_proj.weight"}
+    assert rows_unavailable(trainer.model, owned, world=1, compiled=False, checkpointing=False) is None
+    assert "one process" in rows_unavailable(trainer.model, owned, world=2, compiled=False, checkpointing=False)
+    assert "compile" in rows_unavailable(trainer.model, owned, world=1, compiled=True, checkpointing=False)
+    assert "checkpointing" in rows_unavailable(trainer.model, owned, world=1, compiled=False, checkpointing=True)
+    head = {"lm_head.weight"}  # tiny's untied head: a linear layer, over the batch's rows only under lm_head=all
+    assert "trained positions" in rows_unavailable(trainer.model, head, world=1, compiled=False, checkpointing=False)
+    assert rows_unavailable(trainer.model, head, world=1, compiled=False, checkpointing=False, lm_head="all") is None
+    checkpointed = run_split(tmp_path / "ckpt", "rows", "model.gradient_checkpointing=true")  # the trainer sees the model's flag
+    assert any("checkpointing" in (why or "") for why in checkpointed._rows_why.values())

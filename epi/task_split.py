@@ -1,0 +1,128 @@
+"""Per-task weight gradients from one backward of a mixed batch (`schedule.task_split=rows`).
+
+Exclusive isolation (`strategy.mode=exclusive`, `epi/optim.py`) needs, for every coordinate another
+task owns, the gradient without the current task's contribution. The reference way runs the batch as
+task-homogeneous micro-batches and puts the shielded gradients back after each task's backward
+(`task_split=micro_batches`): correct, but on a small batch each micro-batch of one or two examples
+costs nearly a whole batch (SmolLM2 at batch 8: 1.35x a step of `none`).
+
+The gradient of a linear weight is a sum over rows, dW = Σ_rows dYᵀ·X, and the examples of a batch are
+independent (no row attends to another), so the backward of the whole batch already holds every task's
+dY and X. Here each linear layer whose weight has exclusive coordinates runs its forward with the weight
+detached (autograd still computes dX through it, but not dW), keeps X, and when dY arrives sums
+dYᵀ·X task by task over the task's rows, zeroing in each task's term the coordinates it must not
+reach, then adds the result to the weight's `.grad`. The same products as one weight gradient (the rows
+are split, not repeated), one forward and one backward of the whole batch, and the result equals the
+micro-batch path's to float rounding (the sums run in another order; `tests/test_exclusive.py`).
+
+It runs where that reasoning holds: one process (DDP and FSDP reduce gradients in autograd hooks that
+a hand-written `.grad` would bypass), eager (no `schedule.compile`), no activation checkpointing (its
+recompute would run the forward twice), and every exclusive coordinate in the weight or bias of a plain
+`nn.Linear` whose input rows are the batch's examples (the default `include` isolates nothing else; an LM
+head under `schedule.lm_head=trained` sees the trained positions instead). Otherwise `rows_unavailable` says why and the
+trainer runs micro-batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+TASK_SPLITS = ("rows", "micro_batches")  # schedule.task_split
+
+
+def linear_owners(model: nn.Module, names: set[str]) -> dict[str, tuple[nn.Linear, str]]:
+    """Parameter name -> (its plain nn.Linear module, "weight" | "bias"), for the names that are one."""
+    out = {}
+    for prefix, module in model.named_modules():
+        if type(module).forward is not nn.Linear.forward or not isinstance(module, nn.Linear):
+            continue
+        for attr in ("weight", "bias"):
+            name = f"{prefix}.{attr}" if prefix else attr
+            if name in names and getattr(module, attr) is not None:
+                out[name] = (module, attr)
+    return out
+
+
+def rows_unavailable(model: nn.Module, owned: set[str], world: int, compiled: bool, checkpointing: bool,
+                     lm_head: str = "trained") -> str | None:
+    """Why `task_split=rows` cannot run for exclusive coordinates in the parameters `owned`; None if it can."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_names = {f"{prefix}.{attr}" for prefix, module in model.named_modules() if module is head and head is not None
+                  for attr in ("weight", "bias")}
+    if world > 1:
+        return "it runs on one process (DDP/FSDP reduce gradients in hooks a hand-written gradient would bypass)"
+    if compiled:
+        return "schedule.compile=true (the split forward is eager)"
+    if checkpointing:
+        return "model.gradient_checkpointing=true (its recompute would run the split forward twice)"
+    if lm_head == "trained" and owned & head_names:
+        return "schedule.lm_head=trained runs the LM head on the trained positions, not on the batch's rows"
+    outside = sorted(owned - set(linear_owners(model, owned)))
+    if outside:
+        return f"{len(outside)} parameter(s) with exclusive coordinates are not a plain nn.Linear's weight or bias ({outside[0]}, ...)"
+    return None
+
+
+@contextmanager
+def split_by_rows(model: nn.Module, shielded: dict[str, dict[str, Tensor]], ranges: dict[str, tuple[int, int]]) -> Iterator[None]:
+    """Within the block, a forward and backward of one batch whose rows `ranges[task] = (start, stop)` hold
+    each task's examples (contiguous, along dim 0 of every linear layer's input) leaves in `.grad` of each
+    parameter of `shielded` the sum over tasks of that task's gradient, with `shielded[task][name]` (flat
+    indices) taken out of its term. Every other parameter's gradient is autograd's, unchanged."""
+    names = {name for per_task in shielded.values() for name in per_task}
+    modules: dict[nn.Linear, dict[str, str]] = {}
+    for name, (module, attr) in linear_owners(model, names).items():
+        modules.setdefault(module, {})[attr] = name
+    try:
+        for module, attrs in modules.items():
+            module.forward = _split_forward(module, attrs, shielded, ranges)  # an instance attribute shadows nn.Linear.forward
+        yield
+    finally:
+        for module in modules:
+            del module.forward
+
+
+def _split_forward(module: nn.Linear, attrs: dict[str, str], shielded: dict[str, dict[str, Tensor]],
+                   ranges: dict[str, tuple[int, int]]):
+    weight_split, bias_split = "weight" in attrs, "bias" in attrs
+
+    def forward(x: Tensor) -> Tensor:
+        weight, bias = module.weight, module.bias
+        y = nn.functional.linear(x, weight.detach() if weight_split else weight,
+                                 bias.detach() if bias_split and bias is not None else bias)
+        if torch.is_grad_enabled():
+            saved = x.detach()
+            y.register_hook(lambda dy: _accumulate(module, attrs, saved, dy, shielded, ranges))
+        return y
+
+    return forward
+
+
+@torch.no_grad()
+def _accumulate(module: nn.Linear, attrs: dict[str, str], x: Tensor, dy: Tensor,
+                shielded: dict[str, dict[str, Tensor]], ranges: dict[str, tuple[int, int]]) -> None:
+    """dW (and db) summed task by task over each task's rows, each term without its shielded coordinates."""
+    if x.shape[0] != max(stop for _, stop in ranges.values()):
+        raise RuntimeError(f"task_split=rows: a linear layer's input has {x.shape[0]} rows, not the batch's examples")
+    sums: dict[str, Tensor] = {}
+    for task, (start, stop) in ranges.items():
+        rows_dy = dy[start:stop].reshape(-1, dy.shape[-1])
+        terms = {}
+        if "weight" in attrs:
+            terms["weight"] = rows_dy.t().mm(x[start:stop].reshape(-1, x.shape[-1]).to(dy.dtype))
+        if "bias" in attrs:
+            terms["bias"] = rows_dy.sum(0)
+        for attr, term in terms.items():
+            param = getattr(module, attr)
+            term = term.to(param.dtype)
+            idx = shielded.get(task, {}).get(attrs[attr])
+            if idx is not None:
+                term.view(-1).index_fill_(0, idx, 0)
+            sums[attr] = sums[attr].add_(term) if attr in sums else term
+    for attr, total in sums.items():
+        param = getattr(module, attr)
+        param.grad = total if param.grad is None else param.grad.add_(total)
