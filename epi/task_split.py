@@ -27,23 +27,35 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 TASK_SPLITS = ("rows", "micro_batches")  # schedule.task_split
 
+Layers = dict[nn.Linear, dict[str, str]]  # a plain nn.Linear -> {"weight" | "bias": its parameter's name}
 
-def linear_owners(model: nn.Module, names: set[str]) -> dict[str, tuple[nn.Linear, str]]:
-    """Parameter name -> (its plain nn.Linear module, "weight" | "bias"), for the names that are one."""
-    out = {}
+
+@dataclass(frozen=True)
+class RowSplit:
+    """How one micro-batch's backward is split: the layers whose gradients are summed per task, and the rows
+    `(start, stop)` of each task's examples in the batch (contiguous, along dim 0 of every layer's input)."""
+
+    layers: Layers
+    rows: dict[str, tuple[int, int]]
+
+
+def linear_layers(model: nn.Module, names: set[str]) -> Layers:
+    """The plain nn.Linear modules whose weight or bias is one of `names`, with those names."""
+    out: Layers = {}
     for prefix, module in model.named_modules():
-        if type(module).forward is not nn.Linear.forward or not isinstance(module, nn.Linear):
+        if not isinstance(module, nn.Linear) or type(module).forward is not nn.Linear.forward:
             continue
         for attr in ("weight", "bias"):
             name = f"{prefix}.{attr}" if prefix else attr
             if name in names and getattr(module, attr) is not None:
-                out[name] = (module, attr)
+                out.setdefault(module, {})[attr] = name
     return out
 
 
@@ -61,39 +73,34 @@ def rows_unavailable(model: nn.Module, owned: set[str], world: int, compiled: bo
         return "model.gradient_checkpointing=true (its recompute would run the split forward twice)"
     if lm_head == "trained" and owned & head_names:
         return "schedule.lm_head=trained runs the LM head on the trained positions, not on the batch's rows"
-    outside = sorted(owned - set(linear_owners(model, owned)))
+    covered = {name for attrs in linear_layers(model, owned).values() for name in attrs.values()}
+    outside = sorted(owned - covered)
     if outside:
         return f"{len(outside)} parameter(s) with exclusive coordinates are not a plain nn.Linear's weight or bias ({outside[0]}, ...)"
     return None
 
 
 @contextmanager
-def split_by_rows(model: nn.Module, shielded: dict[str, dict[str, Tensor]], ranges: dict[str, tuple[int, int]]) -> Iterator[None]:
-    """Within the block, a forward and backward of one batch whose rows `ranges[task] = (start, stop)` hold
-    each task's examples (contiguous, along dim 0 of every linear layer's input) leaves in `.grad` of each
-    parameter of `shielded` the sum over tasks of that task's gradient, with `shielded[task][name]` (flat
-    indices) taken out of its term. Every other parameter's gradient is autograd's, unchanged."""
-    names = {name for per_task in shielded.values() for name in per_task}
-    modules: dict[nn.Linear, dict[str, str]] = {}
-    for name, (module, attr) in linear_owners(model, names).items():
-        modules.setdefault(module, {})[attr] = name
+def split_by_rows(split: RowSplit, shielded: dict[str, dict[str, Tensor]]) -> Iterator[None]:
+    """Within the block, a forward and backward of one batch leaves in `.grad` of each parameter of
+    `split.layers` the sum over tasks of that task's gradient (from its rows `split.rows[task]`), with
+    `shielded[task][name]` (flat indices) taken out of its term. Every other parameter's gradient is
+    autograd's, unchanged."""
     try:
-        for module, attrs in modules.items():
-            module.forward = _split_forward(module, attrs, shielded, ranges)  # an instance attribute shadows nn.Linear.forward
+        for module, attrs in split.layers.items():
+            module.forward = _split_forward(module, attrs, shielded, split.rows)  # an instance attribute shadows nn.Linear.forward
         yield
     finally:
-        for module in modules:
-            del module.forward
+        for module in split.layers:
+            vars(module).pop("forward", None)
 
 
 def _split_forward(module: nn.Linear, attrs: dict[str, str], shielded: dict[str, dict[str, Tensor]],
                    ranges: dict[str, tuple[int, int]]):
-    weight_split, bias_split = "weight" in attrs, "bias" in attrs
-
     def forward(x: Tensor) -> Tensor:
         weight, bias = module.weight, module.bias
-        y = nn.functional.linear(x, weight.detach() if weight_split else weight,
-                                 bias.detach() if bias_split and bias is not None else bias)
+        y = nn.functional.linear(x, weight.detach() if "weight" in attrs else weight,
+                                 bias.detach() if "bias" in attrs else bias)
         if torch.is_grad_enabled():
             saved = x.detach()
             y.register_hook(lambda dy: _accumulate(module, attrs, saved, dy, shielded, ranges))

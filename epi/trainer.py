@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
+import itertools
 import json
 import math
 import os
@@ -49,7 +50,7 @@ from epi.optim import IsolatedOptimizer, clip_coefficient
 from epi.schedules import constant
 from epi.sharding import Shards, full_state_dict, grad_norm, local, shard, unsharded_root
 from epi.strategies import Stage, Strategy, build_strategy
-from epi.task_split import rows_unavailable, split_by_rows
+from epi.task_split import RowSplit, Layers, linear_layers, rows_unavailable, split_by_rows
 
 
 def default_stages(cfg: DictConfig) -> list[Stage]:
@@ -97,7 +98,7 @@ class MicroBatch:
 
     batch: dict[str, Tensor] | None  # this rank's rows, collated; None when it has none
     tasks: frozenset[str]  # the tasks of its rows
-    rows: dict[str, tuple[int, int]] | None = None  # task_split=rows: each task's (start, stop) rows in `batch`
+    split: RowSplit | None = None  # task_split=rows: the layers split by task and each task's rows in `batch`
 
 
 @dataclass
@@ -138,7 +139,8 @@ class Trainer:
         )
         self.stages = self.strategy.prepare(ctx, default_stages(cfg))
         self._setup_lr_schedule()
-        self._rows_why: dict[frozenset[str], str | None] = {}  # task_split=rows: why not, per set of owned parameters
+        # task_split=rows, per set of parameters with exclusive coordinates: why it cannot run, or the layers it splits
+        self._rows_plan: dict[frozenset[str], str | Layers] = {}
         self.step = 0
         self.skipped = 0  # updates dropped for a non-finite loss or gradient (schedule.nonfinite=skip)
         self.last_checkpoint: int | None = None  # step of the newest checkpoint this run wrote
@@ -422,8 +424,8 @@ class Trainer:
         engine = learner.optimizer
         if not engine.owned:
             yield
-        elif micro.rows is not None:
-            with split_by_rows(learner.model, {task: engine.shielded(task) for task in micro.rows}, micro.rows):
+        elif micro.split is not None:
+            with split_by_rows(micro.split, {task: engine.shielded(task) for task in micro.split.rows}):
                 yield
         else:
             (task,) = micro.tasks
@@ -431,22 +433,28 @@ class Trainer:
             yield
             engine.end_task(task)
 
-    def _split_rows(self, learner: Learner) -> bool:
-        """Whether exclusive isolation runs `schedule.task_split=rows` for the coordinates owned now; when it
-        is asked for and cannot run, says why once (the micro-batch path gives the same to float rounding)."""
+    @property
+    def _rows_why(self) -> dict[frozenset[str], str | None]:
+        """Why `task_split=rows` could not run, per set of owned parameters it was asked for (None: it ran)."""
+        return {owned: plan if isinstance(plan, str) else None for owned, plan in self._rows_plan.items()}
+
+    def _row_layers(self, learner: Learner) -> Layers | None:
+        """The layers `schedule.task_split=rows` splits for the coordinates owned now, or None where it is not
+        asked for or cannot run; then it says why once (the micro-batch path gives the same to float rounding).
+        Worked out once per set of owned parameters, not per step."""
         if self.cfg.schedule.task_split != "rows":
-            return False
+            return None
         owned = frozenset(name for index in learner.optimizer.owned.values() for name in index)
-        if owned not in self._rows_why:
+        if owned not in self._rows_plan:
             model = learner.model
             flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
-            checkpointing = getattr(model, flag, False)
-            why = rows_unavailable(model, set(owned), self.world, self.cfg.schedule.compile, bool(checkpointing),
+            why = rows_unavailable(model, set(owned), self.world, self.cfg.schedule.compile, bool(getattr(model, flag, False)),
                                    self.cfg.schedule.lm_head)
-            self._rows_why[owned] = why
-            if why and self.rank == 0 and all(w is None for k, w in self._rows_why.items() if k != owned):
+            if why and self.rank == 0 and not any(isinstance(plan, str) for plan in self._rows_plan.values()):
                 tqdm.write(f"schedule.task_split=rows: {why}; exclusive isolation runs task-homogeneous micro-batches")
-        return self._rows_why[owned] is None
+            self._rows_plan[owned] = why or linear_layers(model, set(owned))
+        plan = self._rows_plan[owned]
+        return None if isinstance(plan, str) else plan
 
     def _draw_step(self, learner: Learner, step: int) -> tuple[list[MicroBatch], int, int]:
         """This step's micro-batches (this rank's shards, with their tasks), and the global batch's tokens
@@ -457,7 +465,7 @@ class Trainer:
         examples of one batch k times as large. Under `schedule.group_by_length` the pool of
         length-grouped batches ends with the current weights (`learner.horizon`). Under exclusive
         isolation each task's gradient must be kept from the coordinates it does not own: with
-        `schedule.task_split=rows` each micro-batch's rows are ordered by task (`MicroBatch.rows`), else
+        `schedule.task_split=rows` each micro-batch's rows are ordered by task (`MicroBatch.split`), else
         the same examples run as task-homogeneous micro-batches of at most batch_size (`_by_task`).
         """
         s = self.cfg.schedule
@@ -473,13 +481,15 @@ class Trainer:
         chunks = [picks[k * s.batch_size : (k + 1) * s.batch_size] for k in range(s.grad_accum)]
         if not learner.optimizer.owned:
             micro_batches = [MicroBatch(self._shard(self._rows(chunk)), frozenset(t for t, _ in chunk)) for chunk in chunks]
-        elif self._split_rows(learner):  # one process: the shard is the whole chunk
+        elif (layers := self._row_layers(learner)) is not None:  # one process: the shard is the whole chunk
             micro_batches = []
             for chunk in chunks:
                 chunk = sorted(chunk, key=lambda pick: pick[0])  # stable: each task's rows contiguous, in draw order
-                tasks = [t for t, _ in chunk]
-                rows = {t: (tasks.index(t), len(tasks) - tasks[::-1].index(t)) for t in sorted(set(tasks))}
-                micro_batches.append(MicroBatch(self._shard(self._rows(chunk)), frozenset(rows), rows))
+                rows, start = {}, 0
+                for task, group in itertools.groupby(chunk, key=lambda pick: pick[0]):
+                    stop = start + len(list(group))
+                    rows[task], start = (start, stop), stop
+                micro_batches.append(MicroBatch(self._shard(self._rows(chunk)), frozenset(rows), RowSplit(layers, rows)))
         else:
             micro_batches = [MicroBatch(self._shard(self._rows(chunk)), frozenset([task])) for task, chunk in self._by_task(picks, s.batch_size)]
         return micro_batches, tokens, trained

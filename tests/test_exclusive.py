@@ -239,7 +239,7 @@ class TwoLinears(nn.Module):
 def test_split_by_rows_gives_each_coordinate_its_owners_gradient_only() -> None:
     """The batch's rows 0-2 are task a's, 3-4 task b's: one backward of all five under `split_by_rows` leaves
     the gradient the micro-batch path (one backward per task, shielded coordinates put back) leaves."""
-    from epi.task_split import split_by_rows
+    from epi.task_split import RowSplit, linear_layers, split_by_rows
 
     torch.manual_seed(0)
     model = TwoLinears()
@@ -260,7 +260,8 @@ def test_split_by_rows_gives_each_coordinate_its_owners_gradient_only() -> None:
         engine.end_task(task)
     reference = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    with split_by_rows(model, {task: engine.shielded(task) for task in rows}, rows):
+    layers = linear_layers(model, {name for masks in owned.values() for name in masks})
+    with split_by_rows(RowSplit(layers, rows), {task: engine.shielded(task) for task in rows}):
         loss(0, 5).backward()
     assert "forward" not in vars(model.up)  # the split forward is gone after the block
     for name, param in model.named_parameters():
