@@ -112,24 +112,36 @@ def _split_forward(module: nn.Linear, attrs: dict[str, str], shielded: dict[str,
 @torch.no_grad()
 def _accumulate(module: nn.Linear, attrs: dict[str, str], x: Tensor, dy: Tensor,
                 shielded: dict[str, dict[str, Tensor]], ranges: dict[str, tuple[int, int]]) -> None:
-    """dW (and db) summed task by task over each task's rows, each term without its shielded coordinates."""
+    """dW (and db) summed task by task over each task's rows, each term without its shielded coordinates.
+
+    Each term is accumulated in place (`addmm_`: no weight-sized temporary and extra add per task); the
+    coordinates it must not reach are read before and written back after, so they keep the other tasks' sum."""
     if x.shape[0] != max(stop for _, stop in ranges.values()):
         raise RuntimeError(f"task_split=rows: a linear layer's input has {x.shape[0]} rows, not the batch's examples")
-    sums: dict[str, Tensor] = {}
+    totals: dict[str, Tensor] = {}
     for task, (start, stop) in ranges.items():
         rows_dy = dy[start:stop].reshape(-1, dy.shape[-1])
-        terms = {}
-        if "weight" in attrs:
-            terms["weight"] = rows_dy.t().mm(x[start:stop].reshape(-1, x.shape[-1]).to(dy.dtype))
-        if "bias" in attrs:
-            terms["bias"] = rows_dy.sum(0)
-        for attr, term in terms.items():
-            param = getattr(module, attr)
-            term = term.to(param.dtype)
-            idx = shielded.get(task, {}).get(attrs[attr])
-            if idx is not None:
-                term.view(-1).index_fill_(0, idx, 0)
-            sums[attr] = sums[attr].add_(term) if attr in sums else term
-    for attr, total in sums.items():
+        rows_x = x[start:stop].reshape(-1, x.shape[-1]).to(dy.dtype)  # under autocast: the bf16 input the product used
+
+        def term(attr: str) -> Tensor:  # this task's gradient of `attr`, in the parameter's dtype
+            value = rows_dy.t().mm(rows_x) if attr == "weight" else rows_dy.sum(0)
+            return value.to(getattr(module, attr).dtype)
+
+        for attr, name in attrs.items():
+            idx = shielded.get(task, {}).get(name)
+            total = totals.get(attr)
+            if total is None:  # the first task's term starts the sum
+                totals[attr] = total = term(attr)
+                if idx is not None:
+                    total.view(-1).index_fill_(0, idx, 0)
+                continue
+            kept = total.view(-1)[idx] if idx is not None else None
+            if attr == "weight" and total.dtype == dy.dtype:
+                total.addmm_(rows_dy.t(), rows_x)
+            else:
+                total.add_(term(attr))
+            if kept is not None:
+                total.view(-1).index_copy_(0, idx, kept)
+    for attr, total in totals.items():
         param = getattr(module, attr)
         param.grad = total if param.grad is None else param.grad.add_(total)
