@@ -201,7 +201,7 @@ def held_fraction(project: Trainer) -> float:
 def extra_bytes_per_param(project: Trainer) -> float:
     """What the isolation holds beyond AdamW's state, per parameter (bench_isolation.py's count)."""
     engine = project.optimizer
-    extra = tensor_bytes(engine.index) + tensor_bytes(engine.owned) + tensor_bytes(project.strategy.state_dict())
+    extra = engine.isolation_bytes() + tensor_bytes(project.strategy.state_dict())
     return extra / sum(p.numel() for p in project.named_params.values())
 
 

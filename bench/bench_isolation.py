@@ -15,7 +15,8 @@ in place (so every timed step pays the isolation cost) and its refresh is timed 
 amortised over `refresh_every` steps. The timed steps come in `--repeats` blocks, each with its own
 refreshes and ratio: the table gives the median ratio and its range over the blocks (one number
 from a shared machine says little). Extra memory is what EPI holds beyond AdamW's own state,
-counted from the tensors themselves (isolation indices, strategy buffers, first mask), per parameter.
+counted from the tensors themselves (every tensor the isolation engine holds, `isolation_bytes()`,
+and the strategy's state: buffers, first mask), per parameter.
 Targets (issue 3): ratio <= 1.05 at refresh_every=100, extra memory <= 1 byte per parameter.
 """
 
@@ -88,7 +89,7 @@ def bench(model: str, steps: int, refresh_every: int, refreshes: int, repeats: i
             t_epi += block_epi
             t_refresh += block_refresh
         n_params = sum(p.numel() for p in epi.named_params.values())
-        extra = tensor_bytes(epi.optimizer.index) + tensor_bytes(epi.optimizer.owned) + tensor_bytes(epi.strategy.state_dict())
+        extra = epi.optimizer.isolation_bytes() + tensor_bytes(epi.strategy.state_dict())
         return {
             "params": n_params,
             "step_none_s": statistics.median(t_base),

@@ -31,6 +31,8 @@ from epi.masks import Masks, churn, pack, unpack
 from epi.sharding import Shards, local
 
 MOMENT_POLICIES = ("track", "reset")
+# The smallest integer type that holds one owner bit per task, by the number of tasks it holds (int64: 63, its sign bit unused).
+_OWNER_DTYPES = ((torch.uint8, 8), (torch.int16, 15), (torch.int32, 31), (torch.int64, 63))
 # State entries that carry momentum, zeroed on release under "reset".
 _MOMENTUM_KEYS = ("exp_avg", "momentum_buffer")
 
@@ -61,10 +63,14 @@ class IsolatedOptimizer:
         self.moments = moments
         self.shards = shards  # parallel=fsdp: where the local shards lie (churn counts are summed over ranks)
         self.index: dict[str, Tensor] = {}  # flat indices of isolated elements, per parameter with any
-        self.owned: dict[str, dict[str, Tensor]] = {}  # task -> flat indices of the coordinates exclusive to it
-        self._shielded: dict[str, dict[str, Tensor]] = {}  # task -> owned by another task and not by this one
-        self._held: dict[frozenset[str], dict[str, Tensor]] = {}  # tasks in a batch -> exclusive coordinates held
-        self._task_stash: dict[str, Tensor | None] = {}  # grads of shielded coordinates, between begin_task and end_task
+        # Exclusive isolation, stored once for all tasks: per parameter the sorted flat indices owned by any task
+        # (`_exclusive`) and, per such coordinate, a bit per task that owns it (`_owners`, bit k = `_tasks[k]`).
+        # 9 bytes per owned coordinate whatever the number of tasks; every per-task or per-batch set (a task's own
+        # coordinates, those it must not reach, those a batch holds) is derived from it when needed, not cached.
+        self._tasks: list[str] = []
+        self._exclusive: dict[str, Tensor] = {}
+        self._owners: dict[str, Tensor] = {}
+        self._task_stash: dict[str, tuple[Tensor, Tensor | None]] = {}  # shielded (indices, grads) between begin_task and end_task
         self._stash: dict[str, Tensor] = {}  # isolated grads, compact, between hide and step
         self._hidden = False
 
@@ -102,8 +108,23 @@ class IsolatedOptimizer:
 
     # ---------------------------------------------------------------- exclusive isolation
     @property
+    def exclusive(self) -> bool:
+        """Whether exclusive isolation is set (for at least one task, possibly with no coordinates yet)."""
+        return bool(self._tasks)
+
+    @property
+    def exclusive_params(self) -> frozenset[str]:
+        """The parameters with any exclusive coordinate."""
+        return frozenset(self._exclusive)
+
+    @property
+    def owned(self) -> dict[str, dict[str, Tensor]]:
+        """Each task's exclusive coordinates as flat indices per parameter (derived: built on each call)."""
+        return {task: self._select(lambda bits, bit=1 << k: bits & bit != 0) for k, task in enumerate(self._tasks)}
+
+    @property
     def exclusive_masks(self) -> dict[str, Masks]:
-        """Each task's exclusive coordinates as bool masks (stored as flat indices)."""
+        """Each task's exclusive coordinates as bool masks."""
         return {task: self._as_masks(index) for task, index in self.owned.items()}
 
     def _as_masks(self, index: dict[str, Tensor]) -> Masks:
@@ -120,75 +141,86 @@ class IsolatedOptimizer:
         updated by each of them. Returns churn counts of their union. Call between steps."""
         if self._hidden or self._task_stash:
             raise RuntimeError("set_exclusive inside a step would mismatch the stashed grads")
-        owned: dict[str, dict[str, Tensor]] = {}
-        for task, task_masks in masks.items():
-            index = {}
+        tasks = list(masks)
+        if len(tasks) > 63:
+            raise ValueError(f"exclusive isolation keeps a bit per task in an int64: at most 63 tasks, got {len(tasks)}")
+        bits_dtype = next(d for d, width in _OWNER_DTYPES if len(tasks) <= width)
+        per_name: dict[str, list[tuple[Tensor, int]]] = {}
+        for k, (task, task_masks) in enumerate(masks.items()):
             for name, mask in task_masks.items():
                 mask = self._checked(name, mask)
                 if mask.any():
-                    index[name] = mask.reshape(-1).nonzero().squeeze(1)
-            owned[task] = index
-        counts = churn(self._union(self.owned), self._union(owned), self.shards)
-        self.owned = owned
-        self._held = {}
-        self._shielded = {task: self._indices([t for t in owned if t != task], [task]) for task in owned}
+                    per_name.setdefault(name, []).append((mask.reshape(-1).nonzero().squeeze(1), 1 << k))
+        exclusive, owners = {}, {}
+        for name, parts in per_name.items():
+            idx = torch.cat([i for i, _ in parts])
+            bits = torch.cat([torch.full_like(i, bit) for i, bit in parts])
+            exclusive[name], inverse = torch.unique(idx, sorted=True, return_inverse=True)
+            # each task lists a coordinate once, so summing distinct powers of two is their bitwise or
+            owners[name] = torch.zeros_like(exclusive[name]).scatter_add_(0, inverse, bits).to(bits_dtype)
+        counts = churn(self._as_masks(self._exclusive), self._as_masks(exclusive), self.shards)
+        self._tasks, self._exclusive, self._owners = tasks, exclusive, owners
         return counts
 
-    def _union(self, owned: dict[str, dict[str, Tensor]]) -> Masks:
-        masks: Masks = {}
-        for index in owned.values():
-            for name, mask in self._as_masks(index).items():
-                masks[name] = masks[name] | mask if name in masks else mask
-        return masks
-
-    def _indices(self, tasks: list[str], minus: list[str]) -> dict[str, Tensor]:
-        """Flat indices owned by any of `tasks` and by none of `minus`, per parameter."""
+    def _select(self, keep) -> dict[str, Tensor]:
+        """Flat indices, per parameter, of the exclusive coordinates whose owner bits satisfy `keep`."""
         out = {}
-        for name in sorted({n for t in tasks for n in self.owned.get(t, {})}):
-            idx = torch.cat([self.owned[t][name] for t in tasks if name in self.owned.get(t, {})]).unique()
-            away = [self.owned[t][name] for t in minus if name in self.owned.get(t, {})]
-            if away:
-                idx = idx[~torch.isin(idx, torch.cat(away))]
-            if idx.numel():
-                out[name] = idx
+        for name, idx in self._exclusive.items():
+            chosen = idx[keep(self._owners[name])]
+            if chosen.numel():
+                out[name] = chosen
         return out
 
-    def begin_task(self, task: str | None) -> None:
-        """Before the backward of a micro-batch of `task` alone: remember the gradients its backward must not
-        change (coordinates another task owns and `task` does not). No-op without exclusive coordinates."""
-        if not self.owned:
-            return
-        self._task_stash = {
-            name: None if self.named_params[name].grad is None else local(self.named_params[name].grad).view(-1)[idx].clone()
-            for name, idx in self.shielded(task).items()
-        }
+    def _bits(self, tasks) -> int:
+        """The owner bits of `tasks` (tasks without exclusive isolation have none)."""
+        return sum(1 << k for k, task in enumerate(self._tasks) if task in tasks)
 
     def shielded(self, task: str | None) -> dict[str, Tensor]:
         """Flat indices, per parameter, of the coordinates `task`'s gradient must not reach: owned by another
         task and not by `task` (every owned coordinate, for a task that owns nothing)."""
-        if task not in self._shielded:
-            self._shielded[task] = self._indices(list(self.owned), [])
-        return self._shielded[task]
+        bit = self._bits({task})
+        return self._select(lambda bits: bits & bit == 0) if bit else dict(self._exclusive)
+
+    def begin_task(self, task: str | None) -> None:
+        """Before the backward of a micro-batch of `task` alone: remember the gradients its backward must not
+        change (coordinates another task owns and `task` does not). No-op without exclusive coordinates."""
+        if not self._tasks:
+            return
+        self._task_stash = {}
+        for name, idx in self.shielded(task).items():
+            grad = self.named_params[name].grad
+            self._task_stash[name] = (idx, None if grad is None else local(grad).view(-1)[idx].clone())
 
     def end_task(self, task: str | None) -> None:
         """After that backward: put those gradients back, so `task`'s contribution never reaches them."""
-        if not self.owned:
+        if not self._tasks:
             return
-        for name, idx in self._shielded[task].items():
+        for name, (idx, before) in self._task_stash.items():
             grad = self.named_params[name].grad
             if grad is None:
                 continue
             grad = local(grad)
-            before = self._task_stash.get(name)
             grad.view(-1).index_copy_(0, idx, torch.zeros_like(grad.view(-1)[idx]) if before is None else before)
         self._task_stash = {}
 
     def _exclusive_held(self, present: frozenset[str]) -> dict[str, Tensor]:
         """Exclusive coordinates none of whose owners is in this step's batch: held like frozen ones."""
-        if present not in self._held:
-            absent = [t for t in self.owned if t not in present]
-            self._held[present] = self._indices(absent, [t for t in self.owned if t in present])
-        return self._held[present]
+        bit = self._bits(present)
+        return self._select(lambda bits: bits & bit == 0) if bit else dict(self._exclusive)
+
+    def isolation_bytes(self) -> int:
+        """Bytes of every tensor the engine holds beyond the inner optimizer and the parameters: masks, owner bits,
+        stashes and anything a later change might cache (counted from the attributes, so none is missed)."""
+        def size(obj) -> int:
+            if isinstance(obj, Tensor):
+                return obj.numel() * obj.element_size()
+            if isinstance(obj, dict):
+                return sum(size(v) for v in obj.values())
+            if isinstance(obj, (list, tuple)):
+                return sum(size(v) for v in obj)
+            return 0
+
+        return sum(size(value) for key, value in vars(self).items() if key not in ("optimizer", "named_params", "shards"))
 
     def _checked(self, name: str, mask: Tensor) -> Tensor:
         """`mask` as a bool tensor on its parameter's device, after checking it names a parameter of its shape."""
@@ -242,7 +274,7 @@ class IsolatedOptimizer:
         for name, values in self._stash.items():
             local(self.named_params[name].grad).view(-1).index_copy_(0, self.index[name], values * clip_coef)
         hold = list(self.index.items())
-        if self.owned:
+        if self._tasks:
             hold += list(self._exclusive_held(tasks).items())
         held = [(name, idx, local(self.named_params[name]).view(-1)[idx]) for name, idx in hold]
         self.optimizer.step()

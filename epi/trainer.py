@@ -422,7 +422,7 @@ class Trainer:
         """Around one micro-batch's backward under exclusive isolation: keep each task's gradient from the
         coordinates it does not own, per task's rows (`split_by_rows`) or around a one-task micro-batch."""
         engine = learner.optimizer
-        if not engine.owned:
+        if not engine.exclusive:
             yield
         elif micro.split is not None:
             with split_by_rows(micro.split, {task: engine.shielded(task) for task in micro.split.rows}):
@@ -444,7 +444,7 @@ class Trainer:
         Worked out once per set of owned parameters, not per step."""
         if self.cfg.schedule.task_split != "rows":
             return None
-        owned = frozenset(name for index in learner.optimizer.owned.values() for name in index)
+        owned = learner.optimizer.exclusive_params
         if owned not in self._rows_plan:
             model = learner.model
             flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
@@ -479,7 +479,7 @@ class Trainer:
             tokens += len(row["input_ids"])
             trained += self.trained_counts[task][i]
         chunks = [picks[k * s.batch_size : (k + 1) * s.batch_size] for k in range(s.grad_accum)]
-        if not learner.optimizer.owned:
+        if not learner.optimizer.exclusive:
             micro_batches = [MicroBatch(self._shard(self._rows(chunk)), frozenset(t for t, _ in chunk)) for chunk in chunks]
         elif (layers := self._row_layers(learner)) is not None:  # one process: the shard is the whole chunk
             micro_batches = []
