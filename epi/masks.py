@@ -224,7 +224,7 @@ def _select(scores: dict[str, Tensor], p: float, method: str, sample_size: int,
         if need == 0:
             break
         ties = (scores[n] == thr).reshape(-1)
-        n_ties = int(ties.sum())
+        n_ties = int(torch.count_nonzero(ties))
         before, total = 0, n_ties
         if shards:  # a parameter's elements run through the ranks in order: earlier ranks' ties come first
             per_rank = shards.gather(torch.tensor([n_ties], dtype=torch.int64)).tolist()
@@ -285,8 +285,9 @@ def jaccard(a: Masks, b: Masks, shards: Shards | None = None) -> float:
     for name in sorted(a.keys() | b.keys()):
         x = _get(a, name, b.get(name))
         y = _get(b, name, x)
-        inter += int((x & y).sum())
-        union_count += int((x | y).sum())
+        both = int(torch.count_nonzero(x & y))  # count_nonzero: ~4x a bool .sum(), which widens to int64 first
+        inter += both
+        union_count += int(torch.count_nonzero(x)) + int(torch.count_nonzero(y)) - both
     inter, union_count = _count([inter, union_count], shards)
     return inter / union_count if union_count else 1.0
 
@@ -297,9 +298,10 @@ def churn(old: Masks, new: Masks, shards: Shards | None = None) -> dict[str, int
     for name in old.keys() | new.keys():
         o = _get(old, name, new.get(name))
         n = _get(new, name, o)
-        counts["protected"] += int((n & ~o).sum())
-        counts["released"] += int((o & ~n).sum())
-        counts["kept"] += int((o & n).sum())
+        kept = int(torch.count_nonzero(o & n))
+        counts["protected"] += int(torch.count_nonzero(n)) - kept
+        counts["released"] += int(torch.count_nonzero(o)) - kept
+        counts["kept"] += kept
     return dict(zip(counts, _count(list(counts.values()), shards)))
 
 
@@ -313,7 +315,7 @@ def mask_stats(masks: Masks, numels: dict[str, int] | None = None, shards: Shard
     """
     whole = {n: shards.numel[n] if shards else m.numel() for n, m in masks.items()}
     numels = {**numels, **{n: c for n, c in whole.items() if n not in numels}} if numels is not None else whole
-    isolated = dict(zip(numels, _count([int(masks[n].sum()) if n in masks else 0 for n in numels], shards)))
+    isolated = dict(zip(numels, _count([int(torch.count_nonzero(masks[n])) if n in masks else 0 for n in numels], shards)))
     total = sum(numels.values())
     stats = {"isolated_fraction": sum(isolated.values()) / total if total else 0.0}
     for layer, names in _groups(numels).items():

@@ -195,6 +195,7 @@ class EvolvingIsolation(Strategy):
         self.refreshes += 1
         shards = self.ctx.shards
         shapes = {n: local(p).shape for n, p in self.ctx.named_params.items()}
+        pairs: dict[frozenset[str], float] = {}  # the overlap matrix is symmetric: each pair once
         for task, masks in new.items():
             first = from_indices(self.first_index.setdefault(task, indices(masks)), shapes)
             self.ctx.log(step, "mask", {
@@ -202,7 +203,13 @@ class EvolvingIsolation(Strategy):
                 "jaccard_prev": jaccard(old[task], masks, shards) if task in old else 1.0,
                 "jaccard_first": jaccard(first, masks, shards),
             }, task=task)
-            overlap = {other: jaccard(masks, theirs, shards) for other, theirs in new.items() if other != task}
+            overlap = {}
+            for other, theirs in new.items():
+                if other != task:
+                    pair = frozenset((task, other))
+                    if pair not in pairs:
+                        pairs[pair] = jaccard(masks, theirs, shards)
+                    overlap[other] = pairs[pair]
             self.ctx.log(step, "mask_overlap", overlap, task=task)
         together, before = union(*new.values()), union(*old.values()) if old else {}
         if self.first_mask is None:
