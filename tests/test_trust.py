@@ -115,6 +115,18 @@ def test_nan_importance_is_an_error_in_every_selection_method(method: str, scope
         top_p(scores, 0.01, scope=scope, method=method, sample_size=100, generator=torch.Generator().manual_seed(0))
 
 
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_an_inf_score_is_an_error_and_an_overflowing_sum_of_finite_scores_is_not(bad: float) -> None:
+    """top_p checks finiteness from the sum first: inf, -inf and NaN are caught; finite scores whose sum
+    overflows float32 are still ranked."""
+    huge = {"layers.0.w": torch.full((8, 8), 3e38), "layers.1.w": torch.rand(8, 8)}
+    assert not torch.isfinite(huge["layers.0.w"].sum())
+    assert top_p(huge, 0.5)["layers.0.w"].all()
+    huge["layers.1.w"][2, 2] = bad
+    with pytest.raises(NonFiniteScores, match="layers.1.w"):
+        top_p(huge, 0.5)
+
+
 class NaNImportanceEPI(EPI):
     def importance(self):
         scores = super().importance()
