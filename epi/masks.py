@@ -312,6 +312,19 @@ def churn(old: Masks, new: Masks, shards: Shards | None = None) -> dict[str, int
     return dict(zip(counts, _count(list(counts.values()), shards)))
 
 
+def churn_indices(old: dict[str, Tensor], new: dict[str, Tensor], shards: Shards | None = None) -> dict[str, int]:
+    """`churn` of masks given as sorted, unique flat indices per parameter (no mask is materialised)."""
+    counts = {"protected": 0, "released": 0, "kept": 0}
+    for name in old.keys() | new.keys():
+        o = old.get(name, torch.empty(0, dtype=torch.int64))
+        n = new.get(name, torch.empty(0, dtype=torch.int64))
+        kept = int(torch.count_nonzero(torch.isin(n, o, assume_unique=True))) if o.numel() and n.numel() else 0
+        counts["protected"] += n.numel() - kept
+        counts["released"] += o.numel() - kept
+        counts["kept"] += kept
+    return dict(zip(counts, _count(list(counts.values()), shards)))
+
+
 def mask_stats(masks: Masks, numels: dict[str, int] | None = None, shards: Shards | None = None) -> dict[str, float]:
     """Isolated fraction overall and per layer group (`frac/<layer>`).
 

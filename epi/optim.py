@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from epi.masks import Masks, churn, pack, unpack
+from epi.masks import Masks, churn, churn_indices, pack, unpack
 from epi.sharding import Shards, local
 
 MOMENT_POLICIES = ("track", "reset")
@@ -158,7 +158,7 @@ class IsolatedOptimizer:
             exclusive[name], inverse = torch.unique(idx, sorted=True, return_inverse=True)
             # each task lists a coordinate once, so summing distinct powers of two is their bitwise or
             owners[name] = torch.zeros_like(exclusive[name]).scatter_add_(0, inverse, bits).to(bits_dtype)
-        counts = churn(self._as_masks(self._exclusive), self._as_masks(exclusive), self.shards)
+        counts = churn_indices(self._exclusive, exclusive, self.shards)
         self._tasks, self._exclusive, self._owners = tasks, exclusive, owners
         return counts
 

@@ -7,6 +7,7 @@ import torch
 
 from epi.masks import (
     churn,
+    churn_indices,
     jaccard,
     layer_of,
     mask_stats,
@@ -237,6 +238,15 @@ def test_jaccard_and_churn() -> None:
     assert jaccard(a, {}) == 0.0
     assert churn(a, b) == {"protected": 2, "released": 2, "kept": 1}
     assert churn({}, a) == {"protected": 3, "released": 0, "kept": 0}
+
+
+def test_churn_of_indices_equals_churn_of_the_masks() -> None:
+    g = torch.Generator().manual_seed(0)
+    old = {"x": torch.rand(500, generator=g) < 0.1, "y": torch.rand(40, generator=g) < 0.5}
+    new = {"x": torch.rand(500, generator=g) < 0.1, "z": torch.rand(30, generator=g) < 0.5}
+    flat = lambda masks: {n: m.nonzero().squeeze(1) for n, m in masks.items()}  # noqa: E731
+    for a, b in ((old, new), (new, old), ({}, new), (old, old)):
+        assert churn_indices(flat(a), flat(b)) == churn(a, b)
 
 
 def test_mask_stats() -> None:
