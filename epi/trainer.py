@@ -587,7 +587,8 @@ class Trainer:
         self.charge(0, trained)
         with torch.enable_grad():  # strategies call this from their no-grad refresh
             self._backward(learner, self._shard([rows[i] for i in picks]), trained)
-        grads = {n: torch.zeros_like(local(p)) if p.grad is None else local(p.grad).detach().clone()  # local shards under fsdp
+        # the gradients themselves, not copies: zero_grad(set_to_none) only drops the parameters' references to them
+        grads = {n: torch.zeros_like(local(p)) if p.grad is None else local(p.grad).detach()  # local shards under fsdp
                  for n, p in learner.named_params.items()}
         learner.optimizer.zero_grad(set_to_none=True)
         return grads
