@@ -15,7 +15,9 @@ bookkeeping keys `logger.*` and `threads`, which change no number), so the seeds
   Since s(t) < last, forgetting >= -BWT, and both lie in [-1, 1] for scores in [0, 1].
 - delta_A / delta_B (the papers' "train A then B" table): the change over the last stage of
   the scores of the first stage's tasks (A: forgetting when negative) and of the last
-  stage's tasks (B: the gain).
+  stage's tasks (B: the gain). loss_A_before / loss_A_after: the first stage's tasks' mean test
+  loss before and after the last stage (forgetting that exact match cannot see: a score can sit
+  at 0 while the loss says how much of A is left); nan for runs that logged no after-stage loss.
 - compute of a setting: the optimizer steps and trained tokens its runs logged (split
   `compute`, probes included), mean over seeds; none when a run lacks them (older runs).
 - 95% interval over seeds of every mean over seeds (scores, average, transfer numbers, retention):
@@ -56,7 +58,7 @@ from epi.cli import is_bookkeeping
 from epi.errors import UserError
 from epi.logging import read_metrics
 
-TRANSFER = ("delta_A", "delta_B", "bwt", "forgetting")
+TRANSFER = ("delta_A", "delta_B", "bwt", "forgetting", "loss_A_before", "loss_A_after")
 COMPUTE = {"steps": "optimizer_steps", "tokens": "trained_tokens"}  # score-table column: metric of the `compute` split
 # train.py's own record of a failure, then Hydra's job log; train.py prints `error: ...` to
 # stderr, which Hydra does not copy into the job log and the joblib launcher does not keep
@@ -87,6 +89,7 @@ class Run:
     stages: list[list[str]] = field(default_factory=list)  # tasks trained in each stage
     matrix: list[dict[str, float] | None] = field(default_factory=list)  # after each stage: task -> score; None = not evaluated
     missing_stages: list[int] = field(default_factory=list)  # stages whose after-stage evaluation is not in metrics.jsonl
+    losses: list[dict[str, float] | None] = field(default_factory=list)  # after each stage: task -> test loss, like `matrix`
     compute: dict[str, float] = field(default_factory=dict)  # COMPUTE column -> value; empty for runs from before it was logged
     retention: dict | None = None  # retention.json as written (Trainer.write_retention); None when the run measured none
     overrides: list[str] = field(default_factory=list)  # the group's overrides, `+` stripped, kept whole: `shorten` relabels `setting`
@@ -164,10 +167,11 @@ def load_run(path: Path, split: str) -> Run:
     final = json.loads(result.read_text())
     events = read_metrics(path)
     after: dict[int, dict[str, float]] = {}
+    after_loss: dict[int, dict[str, float]] = {}
+    prefix = f"{split}/after_stage"
     for e in events:
-        prefix = f"{split}/after_stage"
-        if e["split"].startswith(prefix) and e["metric"] == "score" and e["task"]:
-            after.setdefault(int(e["split"][len(prefix):]), {})[e["task"]] = e["value"]
+        if e["split"].startswith(prefix) and e["metric"] in ("score", "loss") and e["task"]:
+            (after if e["metric"] == "score" else after_loss).setdefault(int(e["split"][len(prefix):]), {})[e["task"]] = e["value"]
     stages = _stages(path, cfg)
     # row k is stage k's: a stage without its evaluation stays a marked gap, never closed up by the next one
     expected = range(len(stages)) if len(stages) > 1 else sorted(after)
@@ -184,6 +188,7 @@ def load_run(path: Path, split: str) -> Run:
         stages=stages,
         matrix=[after.get(k) for k in expected],
         missing_stages=[k for k in expected if k not in after],
+        losses=[after_loss.get(k) for k in expected],
         compute=_compute(events),
         retention=json.loads(retention.read_text()) if retention.is_file() else None,
         overrides=[p.lstrip("+") for p in split_overrides(group)],
@@ -233,6 +238,8 @@ def summarize(values: Sequence[float]) -> Stat:
     """Mean, std and the 95% Student-t interval of per-seed values: with 2 to 5 seeds the normal 1.96
     would understate the interval by a factor of up to 6.5."""
     n = len(values)
+    if any(math.isnan(v) for v in values):  # a run without the value (e.g. no after-stage loss): no mean to give
+        return Stat(math.nan, math.nan, n, None, None)
     mean = statistics.fmean(values)
     if n < 2:
         return Stat(mean, 0.0, n, None, None)
@@ -402,7 +409,12 @@ def transfer(run: Run) -> dict[str, float] | None:
     first, final = ([t for t in run.stages[k] if t in last] for k in (0, len(run.matrix) - 1))
     delta_a = statistics.fmean(last[t] - run.matrix[-2][t] for t in first) if first else math.nan
     delta_b = statistics.fmean(last[t] - run.matrix[-2][t] for t in final) if final else math.nan
-    return {"bwt": bwt, "forgetting": forgetting, "delta_A": delta_a, "delta_B": delta_b}
+    loss = {}
+    for key, row in (("loss_A_before", run.losses[-2] if len(run.losses) >= 2 else None),
+                     ("loss_A_after", run.losses[-1] if run.losses else None)):
+        known = [row[t] for t in run.stages[0] if row and t in row]
+        loss[key] = statistics.fmean(known) if known and len(known) == len(run.stages[0]) else math.nan
+    return {"bwt": bwt, "forgetting": forgetting, "delta_A": delta_a, "delta_B": delta_b, **loss}
 
 
 Key = tuple[str, str, str, int]  # a test example: (task, prompt, reference, occurrence of that triple in the file)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import json
 from pathlib import Path
 
@@ -75,7 +77,8 @@ def test_score_table_normalised_score_and_transfer(runs: Path) -> None:
     assert none["normalised"] == pytest.approx((0.5 / 0.8 + 0.3 / 0.6) / 2)
     seq = next(r for r in loaded if r.setting == "seq")
     t = report.transfer(seq)
-    assert t == pytest.approx({"bwt": 0.3 - 0.7, "forgetting": 0.7 - 0.3, "delta_A": 0.3 - 0.7, "delta_B": 0.9 - 0.1})
+    assert {k: t[k] for k in ("bwt", "forgetting", "delta_A", "delta_B")} == pytest.approx(
+        {"bwt": 0.3 - 0.7, "forgetting": 0.7 - 0.3, "delta_A": 0.3 - 0.7, "delta_B": 0.9 - 0.1})
     assert report.transfer(loaded[0]) is None
 
 
@@ -217,7 +220,10 @@ def test_forgetting_sign_and_range_as_documented() -> None:
     mixed = report.Run(path=Path("x"), setting="s", seed=0, tasks=["a", "b", "c"], scores={}, stages=[["a"], ["b"], ["c"]],
                        matrix=[{"a": 0.5, "b": 0.0, "c": 0.0}, {"a": 0.4, "b": 0.6, "c": 0.1}, {"a": 0.7, "b": 0.2, "c": 0.9}])
     # bwt: ((0.7 - 0.5) + (0.2 - 0.6)) / 2; forgetting: ((max(0.5, 0.4) - 0.7) + (max(0.0, 0.6) - 0.2)) / 2
-    assert report.transfer(mixed) == pytest.approx({"bwt": -0.1, "forgetting": 0.1, "delta_A": 0.7 - 0.4, "delta_B": 0.9 - 0.1})
+    t = report.transfer(mixed)
+    assert {k: t[k] for k in ("bwt", "forgetting", "delta_A", "delta_B")} == pytest.approx(
+        {"bwt": -0.1, "forgetting": 0.1, "delta_A": 0.7 - 0.4, "delta_B": 0.9 - 0.1})
+    assert math.isnan(t["loss_A_before"]) and math.isnan(t["loss_A_after"])  # no after-stage losses logged
     gain = report.Run(path=Path("x"), setting="s", seed=0, tasks=["a", "b"], scores={}, stages=[["a"], ["b"]],
                       matrix=[{"a": 0.3, "b": 0.0}, {"a": 0.8, "b": 0.9}])
     t = report.transfer(gain)
@@ -225,6 +231,17 @@ def test_forgetting_sign_and_range_as_documented() -> None:
     for run in (mixed, gain):
         t = report.transfer(run)
         assert -1 <= t["forgetting"] <= 1 and t["forgetting"] >= -t["bwt"] - 1e-12
+
+
+def test_a_loss_before_and_after_the_last_stage() -> None:
+    """loss_A_*: the first stage's tasks' mean test loss after the stage before the last, and after the last."""
+    run = report.Run(path=Path("x"), setting="s", seed=0, tasks=["a", "c", "b"], scores={}, stages=[["a", "c"], ["b"]],
+                     matrix=[{"a": 0.9, "b": 0.0, "c": 0.5}, {"a": 0.0, "b": 0.5, "c": 0.5}],
+                     losses=[{"a": 0.1, "b": 4.0, "c": 0.3}, {"a": 1.5, "b": 0.2, "c": 0.5}])
+    t = report.transfer(run)
+    assert t["loss_A_before"] == pytest.approx(0.2) and t["loss_A_after"] == pytest.approx(1.0)
+    run.losses[1] = {"a": 1.5, "b": 0.2}  # a task of A without its loss: no partial mean
+    assert math.isnan(report.transfer(run)["loss_A_after"])
 
 
 def test_eval_py_report_sections(sweep: Path, tmp_path: Path) -> None:
