@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from epi.checkpoint import nbytes
 from epi.masks import Masks, churn, churn_indices, pack, unpack
 from epi.sharding import Shards, local
 
@@ -211,16 +212,7 @@ class IsolatedOptimizer:
     def isolation_bytes(self) -> int:
         """Bytes of every tensor the engine holds beyond the inner optimizer and the parameters: masks, owner bits,
         stashes and anything a later change might cache (counted from the attributes, so none is missed)."""
-        def size(obj) -> int:
-            if isinstance(obj, Tensor):
-                return obj.numel() * obj.element_size()
-            if isinstance(obj, dict):
-                return sum(size(v) for v in obj.values())
-            if isinstance(obj, (list, tuple)):
-                return sum(size(v) for v in obj)
-            return 0
-
-        return sum(size(value) for key, value in vars(self).items() if key not in ("optimizer", "named_params", "shards"))
+        return sum(nbytes(value) for key, value in vars(self).items() if key not in ("optimizer", "named_params", "shards"))
 
     def _checked(self, name: str, mask: Tensor) -> Tensor:
         """`mask` as a bool tensor on its parameter's device, after checking it names a parameter of its shape."""
