@@ -49,7 +49,10 @@ def test_experiment_runs_in_a_smoke_setting(experiment: str, tmp_path: Path) -> 
     sweep = tmp_path / "multirun"
     extra = SMOKE[experiment]
     tiny = list(TINY)
-    proc = run_script("train.py", "-m", f"experiment={experiment}", "seed=0", *tiny, *extra, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    # the basic launcher: the arms one after another in one process (joblib's workers would each import torch again
+    # on the one core a test worker has; the launcher itself is tested in tests/test_ux.py and tests/test_slurm.py)
+    proc = run_script("train.py", "-m", f"experiment={experiment}", "seed=0", *tiny, *extra, f"hydra.sweep.dir={sweep}",
+                      "hydra/launcher=basic", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = run_script("eval.py", f"runs={sweep}", f"hydra.run.dir={tmp_path / 'report'}", cwd=tmp_path)
     assert report.returncode == 0, report.stderr[-3000:]
