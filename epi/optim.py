@@ -172,15 +172,16 @@ class IsolatedOptimizer:
                 out[name] = chosen
         return out
 
-    def _bits(self, tasks) -> int:
-        """The owner bits of `tasks` (tasks without exclusive isolation have none)."""
-        return sum(1 << k for k, task in enumerate(self._tasks) if task in tasks)
+    def _owned_by_none_of(self, tasks) -> dict[str, Tensor]:
+        """Flat indices, per parameter, of the exclusive coordinates that none of `tasks` owns (all of them when
+        none of `tasks` has exclusive isolation)."""
+        bit = sum(1 << k for k, task in enumerate(self._tasks) if task in tasks)
+        return self._select(lambda bits: bits & bit == 0) if bit else dict(self._exclusive)
 
     def shielded(self, task: str | None) -> dict[str, Tensor]:
         """Flat indices, per parameter, of the coordinates `task`'s gradient must not reach: owned by another
         task and not by `task` (every owned coordinate, for a task that owns nothing)."""
-        bit = self._bits({task})
-        return self._select(lambda bits: bits & bit == 0) if bit else dict(self._exclusive)
+        return self._owned_by_none_of({task})
 
     def begin_task(self, task: str | None) -> None:
         """Before the backward of a micro-batch of `task` alone: remember the gradients its backward must not
@@ -206,8 +207,7 @@ class IsolatedOptimizer:
 
     def _exclusive_held(self, present: frozenset[str]) -> dict[str, Tensor]:
         """Exclusive coordinates none of whose owners is in this step's batch: held like frozen ones."""
-        bit = self._bits(present)
-        return self._select(lambda bits: bits & bit == 0) if bit else dict(self._exclusive)
+        return self._owned_by_none_of(present)
 
     def isolation_bytes(self) -> int:
         """Bytes of every tensor the engine holds beyond the inner optimizer and the parameters: masks, owner bits,

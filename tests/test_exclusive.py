@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from epi.checkpoint import nbytes
 from epi.errors import UserError
 from epi.logging import read_metrics
 from epi.optim import IsolatedOptimizer
@@ -188,14 +189,9 @@ def test_exclusive_state_is_under_a_byte_per_parameter_for_five_tasks(tmp_path: 
     engine, strategy = trainer.optimizer, trainer.strategy
     n = sum(p.numel() for p in strategy.params.values())  # the parameters that take part (strategy.include)
 
-    def size(obj) -> int:
-        if isinstance(obj, torch.Tensor):
-            return obj.numel() * obj.element_size()
-        return sum(size(v) for v in obj.values()) if isinstance(obj, dict) else 0
-
     owned = sum(i.numel() for index in engine.owned.values() for i in index.values())
     assert len(engine.owned) == 5 and owned > 0.045 * n  # five tasks at 1% each, few shared
-    assert (engine.isolation_bytes() + size(strategy.state_dict())) / n < 1.0
+    assert (engine.isolation_bytes() + nbytes(strategy.state_dict())) / n < 1.0
 
 
 def test_exclusive_cpi_lets_a_groups_cores_move_under_its_own_tasks_only(tmp_path: Path) -> None:
