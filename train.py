@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +16,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from epi import checkpoint
+from epi import checkpoint, rundir
 from epi.cli import exit_on_user_error, run_name, setting_name, write_results
 from epi.config import validate
 from epi.data.load import known_tasks
 from epi.data.local import expand_root
 from epi.distributed import export_launcher_env, requeued, slurm_task_cpus
-from epi.errors import UserError
+from epi.errors import RunDirTaken, UserError
 from epi.evaluate import average
 from epi.logging import METRICS, carry_wandb_id, restore_metrics, short_name
 from epi.trainer import Trainer
@@ -40,46 +42,55 @@ AUTO = "auto"
 ATTEMPT_FILES = (METRICS, "error.txt")
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
-    """One run into `run_dir`: check the config, resume if asked, train, evaluate, write the results.
+def train(cfg: DictConfig, run_dir: Path, hydra_record: Callable[[Path], None] | None = None) -> dict[str, dict[str, float]]:
+    """One run into `run_dir`: check the config, take the directory, resume if asked, train, evaluate, write the results.
 
-    Callable without Hydra (tests do); `main` below only adds Hydra's run directory and run names.
+    Callable without Hydra (tests do); `main` below only adds Hydra's run directory and run names, and its record
+    (`hydra_record(run_dir)` writes .hydra/), which is written only once this run may use the directory.
     """
     cfg.data = expand_root(cfg.data)  # data=local: one task per folder under data.root
     validate(cfg, known_tasks(cfg.data))
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(run_dir)
-    auto = continues_in_place(cfg.resume)
-    if auto and (done := finished_results(cfg, run_dir)) is not None:
-        return done
-    resume = resume_source(cfg.resume, run_dir, auto)
-    if resume:
-        refuse_finished(resume)
-    source = checkpoint.find(resume) if resume else None
-    in_place = source is not None and source.parent.resolve() == run_dir.resolve()
-    # Rank 0 alone looks: it writes the run's files, and under torchrun it may already be restoring metrics.jsonl
-    # into a new run directory while another rank would still be checking it (if rank 0 refuses, all ranks stop).
-    taken = [name for name in RUN_FILES if (run_dir / name).exists()] if rank_zero() else []
-    if taken and not in_place:
-        if not auto:
-            raise UserError(
-                f"{run_dir} already holds a run ({', '.join(taken)}); a new run there would mix with it. Use a new "
-                f"directory (hydra.run.dir=...), or continue that run with resume={run_dir} hydra.run.dir={run_dir} "
-                f"(or resume={AUTO})."
-            )
-        replace_attempt(cfg, run_dir)
-    resume_state = checkpoint.load(resume) if source is not None else None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if resume_state is not None:
-        saved, now = resume_state["config"], OmegaConf.to_container(cfg, resolve=True)
-        changed = [k for k in RESUME_MUST_MATCH if trained_settings(saved, k) != trained_settings(now, k)]
-        if changed:
-            raise UserError(
-                f"resume={cfg.resume!r}: the checkpoint {source} was trained with different {changed}; resume with the "
-                "same settings, or start a new run in a new directory (hydra.run.dir=..., or hydra.sweep.dir=... for a sweep)."
-            )
+    # Rank 0 alone locks and looks: it writes the run's files, and under torchrun it may already be restoring
+    # metrics.jsonl into a new run directory while another rank would still be checking it (if rank 0 refuses, all
+    # ranks stop).
+    with rundir.hold(run_dir, lock=rank_zero()) as lock:
+        auto = continues_in_place(cfg.resume)
+        if auto and (done := finished_results(cfg, run_dir)) is not None:
+            return done
+        resume = resume_source(cfg.resume, run_dir, auto)
+        if resume:
+            refuse_finished(resume)
+        source = checkpoint.find(resume) if resume else None
+        in_place = source is not None and source.parent.resolve() == run_dir.resolve()
+        taken = [name for name in RUN_FILES if (run_dir / name).exists()] if rank_zero() else []
+        if taken and not in_place:
+            if not auto:
+                raise RunDirTaken(
+                    f"{run_dir} already holds a run ({', '.join(taken)}); a new run there would mix with it. Use a new "
+                    f"directory (hydra.run.dir=...), or continue that run with resume={run_dir} hydra.run.dir={run_dir} "
+                    f"(or resume={AUTO})."
+                )
+            same_run_or_refuse(cfg, run_dir, "a run with no checkpoint")
+        resume_state = checkpoint.load(resume) if source is not None else None
+        if resume_state is not None:
+            saved, now = resume_state["config"], OmegaConf.to_container(cfg, resolve=True)
+            changed = [k for k in RESUME_MUST_MATCH if trained_settings(saved, k) != trained_settings(now, k)]
+            if changed:
+                raise UserError(
+                    f"resume={cfg.resume!r}: the checkpoint {source} was trained with different {changed}; resume with the "
+                    "same settings, or start a new run in a new directory (hydra.run.dir=..., or hydra.sweep.dir=... for a sweep)."
+                )
+        # From here on this run owns the directory: nothing above wrote to it.
+        lock.claim()
         if rank_zero():
+            if hydra_record is not None:
+                hydra_record(run_dir)
+            if taken and not in_place:
+                replace_attempt(run_dir)
+        if resume_state is not None and rank_zero():
             if not restore_metrics(source.parent / METRICS, run_dir / METRICS, resume_state["metrics_lines"]):
                 print(f"warning: {source.parent / METRICS} lacks the events before step {resume_state['step']}; this run's {METRICS} starts at the resume")
             if auto:
@@ -87,18 +98,18 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
             if not in_place:
                 carry_wandb_id(source.parent, run_dir)
             print(f"resuming {source} at step {resume_state['step']}")
-    trainer = Trainer(cfg, run_dir, resume_state)
-    writer = trainer.rank == 0  # under torchrun, rank 0 writes the run's files
-    if writer:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    results = trainer.fit()
-    if writer:
-        scorers = {name: task.scorer for name, task in trainer.tasks.items()}
-        title = f"{short_name(cfg.logger.name or 'run')} ({cfg.eval.split} split, {run_dir})"
-        print(write_results(run_dir, cfg.eval.split, results, scorers, title, trainer.predictions))
-        if not cfg.schedule.keep_checkpoint:  # the run is complete: nothing is left to resume
-            checkpoint.remove(run_dir)  # checkpoint.pt, and checkpoint.shards/ under parallel=fsdp
-    return results
+        trainer = Trainer(cfg, run_dir, resume_state)
+        writer = trainer.rank == 0  # under torchrun, rank 0 writes the run's files
+        if writer:
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        results = trainer.fit()
+        if writer:
+            scorers = {name: task.scorer for name, task in trainer.tasks.items()}
+            title = f"{short_name(cfg.logger.name or 'run')} ({cfg.eval.split} split, {run_dir})"
+            print(write_results(run_dir, cfg.eval.split, results, scorers, title, trainer.predictions))
+            if not cfg.schedule.keep_checkpoint:  # the run is complete: nothing is left to resume
+                checkpoint.remove(run_dir)  # checkpoint.pt, and checkpoint.shards/ under parallel=fsdp
+        return results
 
 
 def continues_in_place(resume: str | None) -> bool:
@@ -126,7 +137,7 @@ def same_run_or_refuse(cfg: DictConfig, run_dir: Path, what: str) -> None:
     saved, now = OmegaConf.to_container(OmegaConf.load(path), resolve=True), OmegaConf.to_container(cfg, resolve=True)
     changed = [k for k in RESUME_MUST_MATCH if trained_settings(saved, k) != trained_settings(now, k)]
     if changed:
-        raise UserError(
+        raise RunDirTaken(
             f"resume={AUTO}: {run_dir} holds {what} trained with different {changed} ({path}); continue it with its own "
             "settings, or start this run in a new directory (hydra.run.dir=..., or hydra.sweep.dir=... for a sweep)."
         )
@@ -141,7 +152,7 @@ def finished_results(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, floa
     same_run_or_refuse(cfg, run_dir, "a finished run")
     results = run_dir / f"eval_{cfg.eval.split}.json"
     if not results.is_file():
-        raise UserError(
+        raise RunDirTaken(
             f"resume={AUTO}: {run_dir} holds this run, finished and evaluated on another split than eval.split="
             f"{cfg.eval.split}; evaluate it on that split with eval.py run_dir={run_dir} eval.split={cfg.eval.split}."
         )
@@ -150,15 +161,14 @@ def finished_results(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, floa
     return json.loads(results.read_text())
 
 
-def replace_attempt(cfg: DictConfig, run_dir: Path) -> None:
+def replace_attempt(run_dir: Path) -> None:
     """resume=auto in a directory whose earlier attempt of this run stopped before its first checkpoint: nothing
-    there can be continued, so the run starts afresh and that attempt's events are removed (by rank 0; the other
-    ranks only decide the same). The W&B run id stays: the new attempt continues the same W&B run."""
-    same_run_or_refuse(cfg, run_dir, "a run with no checkpoint")
-    if rank_zero():
-        for name in ATTEMPT_FILES:
-            (run_dir / name).unlink(missing_ok=True)
-        print(f"resume={AUTO}: {run_dir} has no {checkpoint.FILENAME} yet (an earlier attempt stopped before its first); starting the run afresh there")
+    there can be continued, so the run starts afresh and that attempt's events are removed (by rank 0, once this
+    run holds the directory; `same_run_or_refuse` checked first that it is this run's). The W&B run id stays: the
+    new attempt continues the same W&B run."""
+    for name in ATTEMPT_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    print(f"resume={AUTO}: {run_dir} has no {checkpoint.FILENAME} yet (an earlier attempt stopped before its first); starting the run afresh there")
 
 
 def rank_zero() -> bool:
@@ -182,7 +192,7 @@ def refuse_finished(resume: str) -> None:
     results = sorted(run.glob("eval_*.json"))
     if (run / checkpoint.FILENAME).exists() or not (run / "model").is_dir() or not results:
         return
-    raise UserError(
+    raise RunDirTaken(
         f"resume={resume!r}: {run} holds a run that already finished (model/ and {results[0].name} written), and "
         f"its {checkpoint.FILENAME} was removed then (schedule.keep_checkpoint=false); there is nothing left to "
         f"resume. Evaluate it with eval.py run_dir={run}, or train further from its weights as a new run: "
@@ -211,6 +221,7 @@ def auto_threads(hc: Any) -> int:
 @exit_on_user_error
 def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
+    task_config = copy.deepcopy(cfg)  # as composed: what Hydra would have written to .hydra/config.yaml
     export_launcher_env()  # SLURM/submitit tasks: RANK, LOCAL_WORLD_SIZE, ... as torchrun sets them, read below
     if cfg.threads is None:
         cfg.threads = auto_threads(hc)  # recorded in config.yaml
@@ -219,17 +230,19 @@ def main(cfg: DictConfig) -> float | None:
     cfg.logger.group = cfg.logger.group or setting_name(overrides)
     run_dir = Path(hc.runtime.output_dir)
     try:
-        results = train(cfg, run_dir)
+        results = train(cfg, run_dir, lambda d: rundir.write_hydra_record(d, task_config, hc, hc.overrides.task))
     except Exception as e:
         if hc.mode != RunMode.MULTIRUN:
             raise  # one run: one line on stderr (a UserError) or the traceback of a bug, and its exit code
         message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
-        if rank_zero():  # what eval.py runs= lists for a job that did not finish
+        if rank_zero() and not isinstance(e, RunDirTaken):  # what eval.py runs= lists for a job that did not finish; a
+            # job refused because its directory holds another run leaves that run's files as they are
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "error.txt").write_text(f"error: {message}\n")
         if not isinstance(e, UserError):
             raise
-        print(f"error: {message} (job {hc.job.num} recorded as failed in {run_dir / 'error.txt'}; the sweep goes on)", file=sys.stderr)
+        recorded = "its directory was left as it was" if isinstance(e, RunDirTaken) else f"recorded as failed in {run_dir / 'error.txt'}"
+        print(f"error: {message} (job {hc.job.num} {recorded}; the sweep goes on)", file=sys.stderr)
         return None
     return average(results).get("score")  # the sweeper's objective; None when every task is scored by perplexity
 

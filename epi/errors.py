@@ -15,3 +15,8 @@ class TrainingDiverged(UserError):
     """A non-finite loss or gradient norm stopped the run before the bad update. Exit code 3."""
 
     exit_code = 3
+
+
+class RunDirTaken(UserError):
+    """The run directory holds another run (finished, running, or trained with other settings): this run was refused
+    before it wrote anything there, and must not write there either (not even error.txt). Exit code 2."""
