@@ -8,11 +8,14 @@ error is one line naming the key, the bad value and what would be valid, so the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from epi.components import check_keys
 from epi.data.format import TRUNCATE
@@ -150,13 +153,55 @@ class HFModelConfig(Schema):
     dtype: Literal[tuple(DTYPES)]
     attn_implementation: str
     gradient_checkpointing: bool
+    trust_remote_code: bool = False  # true runs the Python files a model directory ships (auto_map) when it loads
 
 
 MODELS = {"tiny": TinyModelConfig, "hf": HFModelConfig}
 
+# The top level of the composed config: the groups of conf/config.yaml's defaults and its own keys.
+GROUPS = ("model", "data", "strategy", "schedule", "optimizer", "parallel", "lr_scheduler", "logger", "eval")
+ROOT_KEYS = (*GROUPS, "seed", "device", "resume", "threads")
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def declared_variables() -> set[str]:
+    """Top-level keys that an experiment or arm file declares for its own interpolations (the forgetting
+    experiments' `pair` and `stage_steps`). A config file declares them, so they are known keys; a key that only
+    an override brings (`+sead=3`) is not, and is refused like a misspelt key of a group."""
+    names: set[str] = set()
+    for path in [*(CONF / "experiment").glob("*.yaml"), *(CONF / "arm").glob("*.yaml")]:
+        names |= {str(k) for k in OmegaConf.load(path)} - {"defaults", "hydra", *ROOT_KEYS}
+    return names
+
+
+def check_root(cfg: DictConfig) -> None:
+    """What no group schema sees: unknown top-level keys, mandatory values left unset (`???`), and non-finite
+    numbers anywhere (an lr of inf would pass every `> 0` rule and turn the weights to NaN in one step)."""
+    unknown = sorted(set(map(str, cfg)) - set(ROOT_KEYS) - declared_variables())
+    if unknown:
+        raise UserError(f"config: unknown top-level key(s) {unknown}; valid keys: {sorted(ROOT_KEYS)} (an experiment's own "
+                        "variables are declared at the top of its conf/experiment/*.yaml)")
+    try:
+        values = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as e:
+        raise UserError(f"{e.full_key}=???: must be set, it has no default (add {e.full_key}=... to the command)") from None
+    for key, value in _leaves(values, ""):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise fail(key, value, "must be a finite number")
+
+
+def _leaves(value: Any, key: str) -> list[tuple[str, Any]]:
+    """(dotted key, value) of every scalar in a nested config container."""
+    if isinstance(value, dict):
+        return [leaf for k, v in value.items() for leaf in _leaves(v, f"{key}.{k}" if key else str(k))]
+    if isinstance(value, list):
+        return [leaf for i, v in enumerate(value) for leaf in _leaves(v, f"{key}[{i}]")]
+    return [(key, value)]
+
 
 def validate(cfg: DictConfig, known_tasks: set[str]) -> None:
     """Every group against its schema, then the rules between groups; the first problem is one UserError line."""
+    check_root(cfg)
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise fail("seed", cfg.seed, "must be an integer")
     if cfg.threads is not None and (not isinstance(cfg.threads, int) or isinstance(cfg.threads, bool) or cfg.threads < 1):

@@ -45,6 +45,9 @@ class RunLogger:
     ):
         # run_dir=None: a silent logger (data-parallel ranks other than 0)
         self._file = None
+        # While a resumed run rebuilds itself (data statistics, a strategy's prepare), what it logs was logged before
+        # the checkpoint, and metrics.jsonl already holds it: the trainer mutes the logger until the state is loaded.
+        self.muted = False
         self.lines = 0  # events in metrics.jsonl, a resume's restored ones included: checkpoints record it
         if run_dir is not None:
             path = Path(run_dir) / METRICS
@@ -70,6 +73,8 @@ class RunLogger:
 
     def log(self, step: int, split: str, metrics: dict[str, float], task: str | None = None) -> None:
         """Log `metrics` of one split (and task) at `step`."""
+        if self.muted:
+            return
         if self._file is not None:
             for metric, value in metrics.items():
                 event = {"step": step, "split": split, "task": task, "metric": metric, "value": _plain(value)}

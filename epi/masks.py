@@ -237,7 +237,7 @@ def _select(scores: dict[str, Tensor], p: float, method: str, sample_size: int,
     return masks
 
 
-def _all_finite(t: Tensor) -> bool:
+def all_finite(t: Tensor) -> bool:
     """Whether every element is finite. A NaN or inf makes the sum NaN or inf, so a finite sum settles it in one
     pass without a bool temporary (13x `isfinite(t).all()` on 20M elements); an overflowing sum of finite
     values is told apart by the element-wise check."""
@@ -265,7 +265,7 @@ def top_p(scores: dict[str, Tensor], p: float, scope: str = "global", method: st
         raise ValueError(f"p={p!r} is not valid; expected 0 < p <= 1")
     _check_choice("scope", scope, SCOPES)
     _check_choice("method", method, METHODS)
-    bad = [n for n, t in scores.items() if not _all_finite(t)]
+    bad = [n for n, t in scores.items() if not all_finite(t)]
     if shards and _count([bool(bad)], shards)[0] and not bad:
         bad = ["(on another rank)"]
     if bad:

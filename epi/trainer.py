@@ -45,6 +45,7 @@ from epi.distributed import init_distributed, pick_device, precision_warning, se
 from epi.errors import TrainingDiverged, UserError
 from epi.evaluate import average, evaluate, generation_limits
 from epi.loss import CausalLMLoss, trained_tokens
+from epi.masks import all_finite
 from epi.models import build_model
 from epi.optim import IsolatedOptimizer, clip_coefficient
 from epi.schedules import constant
@@ -130,7 +131,7 @@ class Trainer:
         self._setup_model()
         self._setup_tokenized_data()
         self._setup_optimizer()
-        self._setup_logger()
+        self._setup_logger(replaying=resume_state is not None)
         self._setup_retention(measure=resume_state is None)
         ctx = TrainerContext(
             model=self.model, engine=self.optimizer, logger=self.logger, run_dir=self.run_dir, tasks=tuple(self.tasks),
@@ -147,6 +148,7 @@ class Trainer:
         self._evaluated: tuple[int, dict, list] | None = None  # (step, results, predictions) of the last evaluation
         if resume_state is not None:
             self._load(resume_state)
+            self.logger.muted = False  # from here on, the events are new
 
     # ---------------------------------------------------------------- setup, in order
     def _setup_strategy(self) -> None:
@@ -204,7 +206,8 @@ class Trainer:
         """The run's learner: the optimizer config node wrapped by the isolation engine."""
         self.learner = self._new_learner("run", self.model, {t: 1.0 for t in self.tasks})
 
-    def _setup_logger(self) -> None:
+    def _setup_logger(self, replaying: bool) -> None:
+        """metrics.jsonl (and W&B); muted while a resumed run rebuilds what its checkpoint's events already hold."""
         cfg = self.cfg
         make_logger = build(cfg.logger, "logger")
         self.logger = make_logger(
@@ -212,6 +215,7 @@ class Trainer:
             mode=cfg.logger.mode if self.rank == 0 else "disabled",
             config=OmegaConf.to_container(cfg, resolve=True),
         )
+        self.logger.muted = replaying
         if self.rank == 0:
             print(format_stats(self.data_stats, cfg.data))
             if warning := contamination_warning(self.overlap, cfg.data.contamination_warn):
@@ -405,10 +409,7 @@ class Trainer:
                 tqdm.write(f"{what}: update skipped ({self.skipped} so far; schedule.nonfinite=skip)")
             return
         self.logger.close()
-        last = (
-            f"the last good checkpoint is {self.run_dir / checkpoint.FILENAME} (step {self.last_checkpoint})"
-            if self.last_checkpoint is not None else "no checkpoint had been written yet"
-        )
+        last = self._last_good()
         s = self.cfg.schedule
         raise TrainingDiverged(
             f"{what}; training diverged and was stopped before the update; {last}, and no model was saved. "
@@ -684,7 +685,9 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Everything the rest of the run depends on, in types `torch.load(weights_only=True)` accepts.
         Under parallel=fsdp the model, optimizer, masks, strategy state and RNG are saved per rank first
-        (`checkpoint.save_shards`), and `checkpoint.pt` names their directory."""
+        (`checkpoint.save_shards`), and `checkpoint.pt` names their directory. Weights that are not finite are never
+        saved: a checkpoint is what a divergence message calls the last good one."""
+        self._check_finite_weights()
         self.last_checkpoint = self.step
         if self.sharded:
             own = {"engine": self._engine_state(), "strategy": self.strategy.state_dict(), "rng": checkpoint.rng_state()}
@@ -712,6 +715,29 @@ class Trainer:
         )
         if self.sharded:
             checkpoint.prune_shards(self.run_dir, keep=tensors["shards"]["dir"])
+
+    def _check_finite_weights(self) -> None:
+        """Stops the run (exit 3) when an update left a weight NaN or inf with a finite loss and gradient norm (an lr
+        far too large does that in one step): the checkpoint on disk stays the last good one."""
+        finite = torch.tensor(float(all(all_finite(local(p).detach()) for p in self.named_params.values())), device=self.device)
+        if self.world > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # a rank's shard alone may hold the bad values
+        if finite.item() == 1.0:
+            return
+        self.logger.close()
+        s, last = self.cfg.schedule, self._last_good()
+        raise TrainingDiverged(
+            f"step {self.step}: the weights are not finite after the update (its loss and gradient norm were finite: an "
+            f"update too large); training was stopped and this state was not saved; {last}, and no model was saved. "
+            f"Usual fixes: a lower schedule.lr (now {s.lr:g}), a longer schedule.warmup_steps (now {s.warmup_steps}), "
+            f"schedule.clip_norm (now {s.clip_norm})."
+        )
+
+    def _last_good(self) -> str:
+        """Where a stopped run can resume from, for the line that stops it."""
+        if self.last_checkpoint is None:
+            return "no checkpoint had been written yet"
+        return f"the last good checkpoint is {self.run_dir / checkpoint.FILENAME} (step {self.last_checkpoint})"
 
     def _engine_state(self) -> dict[str, Any]:
         """The isolation engine's own state (masks of this rank's shards) without the inner optimizer's, which DCP saves."""

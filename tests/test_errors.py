@@ -34,6 +34,17 @@ from tests.conftest import TINY, make_cfg, run_script
         ("model.dtype=fp8", "model.dtype='fp8'"),
         ("data.n_train=60000", "data.n_train=60000: the built-in tasks generate at most 50000"),
         ("data.contamination_warn=2", "data.contamination_warn=2"),
+        # non-finite numbers pass every `> 0` rule: refused wherever they stand, group keys and optimizer keys alike
+        ("schedule.lr=inf", "schedule.lr=inf: must be a finite number"),
+        ("schedule.betas=[0.9,nan]", "schedule.betas[1]=nan: must be a finite number"),
+        ("schedule.weight_decay=inf", "schedule.weight_decay=inf: must be a finite number"),
+        ("schedule.clip_norm=inf", "schedule.clip_norm=inf: must be a finite number"),
+        ("+optimizer.eps=nan", "optimizer.eps=nan: must be a finite number"),
+        ("strategy.p=nan", "strategy.p=nan: must be a finite number"),
+        # a key only an override brings is refused like a misspelt group key; an experiment's declared variables are not
+        ("+foo=1", "config: unknown top-level key(s) ['foo']"),
+        ("+sead=3", "config: unknown top-level key(s) ['sead']"),
+        ("model=hf", "model.name_or_path=???: must be set"),
     ],
 )
 def test_bad_config_value_names_the_key(override: str, needle: str) -> None:
@@ -41,6 +52,29 @@ def test_bad_config_value_names_the_key(override: str, needle: str) -> None:
     with pytest.raises(UserError, match=None) as err:
         validate(cfg, known_tasks(cfg.data))
     assert needle in str(err.value)
+
+
+def test_probe_lr_must_be_finite() -> None:
+    cfg = make_cfg("strategy=cpi", "strategy.probe_lr=inf")
+    with pytest.raises(UserError, match=r"strategy.probe_lr=inf: must be a finite number"):
+        validate(cfg, known_tasks(cfg.data))
+
+
+def test_experiment_variables_are_known_keys() -> None:
+    cfg = make_cfg("experiment=table_forgetting", "pair=[format,instruct]", "stage_steps=3")
+    validate(cfg, known_tasks(cfg.data))
+
+
+def test_weights_made_non_finite_by_a_finite_loss_step_are_never_checkpointed(tmp_path: Path) -> None:
+    """lr=1e300 is a finite config value, but AdamW's fp32 update makes every weight inf at step 1 while that step's
+    loss and gradient norm are finite: the run stops there (exit 3) and writes no checkpoint of that state."""
+    run = tmp_path / "run"
+    proc = run_script("train.py", *TINY, "strategy=none", "schedule.lr=1e300", "schedule.checkpoint_every=1",
+                      f"hydra.run.dir={run}", cwd=tmp_path)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: step 1: the weights are not finite after the update") and "no checkpoint had been written yet" in line
+    assert not (run / checkpoint.FILENAME).exists() and not (run / "model").exists()
 
 
 def test_unknown_model_id_fails_fast_with_the_fix() -> None:
