@@ -27,7 +27,7 @@ def exit_on_user_error(fn: Callable) -> Callable:
         except OSError as e:
             if e.errno != errno.ENOSPC:
                 raise
-            print(f"error: no space left on device writing {e.filename or 'a run file'}; free space and resume from the run's checkpoint", file=sys.stderr)
+            print(f"error: no space left on device writing {e.filename or 'a run file'}; free space, then run it again with resume=auto in its directory (it continues from its last checkpoint, or starts afresh when it has none)", file=sys.stderr)
             sys.exit(2)
 
     return wrapper

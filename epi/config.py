@@ -210,6 +210,9 @@ def validate(cfg: DictConfig, known_tasks: set[str]) -> None:
         raise fail("resume", cfg.resume, "must be a run directory (or its checkpoint.pt), or auto")
     if cfg.device not in DEVICES:
         raise fail("device", cfg.device, f"must be one of {list(DEVICES)}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        built = "is built without CUDA" if torch.version.cuda is None else "sees no GPU (CUDA_VISIBLE_DEVICES, the driver)"
+        raise fail("device", cfg.device, f"this torch {torch.__version__} {built}; use device=cpu, or device=auto to take a GPU when there is one")
     if cfg.model.kind not in MODELS:
         raise fail("model.kind", cfg.model.kind, f"must be one of {list(MODELS)}")
     parse(cfg.model, MODELS[cfg.model.kind], "model")

@@ -20,3 +20,8 @@ class TrainingDiverged(UserError):
 class RunDirTaken(UserError):
     """The run directory holds another run (finished, running, or trained with other settings): this run was refused
     before it wrote anything there, and must not write there either (not even error.txt). Exit code 2."""
+
+
+class UnsafeFile(UserError):
+    """A file a run reads asks to construct or run Python objects: refused without running anything, and never
+    passed over as merely unusable (a cache entry like that is tampering, not wear). Exit code 2."""

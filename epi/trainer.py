@@ -401,7 +401,7 @@ class Trainer:
         """`schedule.nonfinite`: `stop` ends the run before the bad update; `skip` drops the update and counts it."""
         what = f"step {step}: loss {loss:.4g}, gradient norm {grad_norm:.4g}: not finite"
         if learner is not self.learner:
-            raise TrainingDiverged(f"{learner.name}, {what}; lower its learning rate (now {lr:.3g})")
+            raise TrainingDiverged(f"{learner.name}, {what} at learning rate {lr:.3g}")  # its caller names the key to change
         self.logger.log(step, "nonfinite", {"loss": loss, "grad_norm": grad_norm})
         if self.cfg.schedule.nonfinite == "skip":
             self.skipped += 1

@@ -96,6 +96,40 @@ def test_second_run_hits_the_probe_cache(tmp_path: Path) -> None:
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 10
 
 
+@pytest.mark.parametrize("content", [[1, 2], {"weights": {}}, {"weights": {"x": 1}, "trained_tokens": 3}, "nan", b"not a torch file"])
+def test_a_bad_probe_cache_file_is_named_ignored_and_replaced(tmp_path: Path, content, capsys) -> None:
+    cfg = make_cfg(*CPI_FAST, f"strategy.cache_dir={tmp_path / 'cache'}", "strategy.tau=0.0", "schedule.steps=3", "data.tasks=[math,code]")
+    (tmp_path / "first").mkdir()
+    first = Trainer(cfg, tmp_path / "first")
+    path = next((tmp_path / "cache").glob("math-*.pt"))
+    if content == "nan":  # a probe of the right structure whose weights are not finite
+        cached = torch.load(path, weights_only=True)
+        next(iter(cached["weights"].values())).fill_(float("nan"))
+        torch.save(cached, path)
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    (tmp_path / "second").mkdir()
+    second = Trainer(cfg, tmp_path / "second")
+    said = capsys.readouterr().out
+    assert f"cpi: ignored the cached probe of 'math' {path}: " in said
+    hits = {e["task"]: e["value"] for e in read_metrics(tmp_path / "second") if e["metric"] == "probe_cache_hit"}
+    assert hits == {"math": 0.0, "code": 1.0}  # probed again; the good file still read
+    assert all(torch.equal(x, y) for x, y in zip(first.model.state_dict().values(), second.model.state_dict().values()))
+    assert torch.load(path, weights_only=True)["trained_tokens"] > 0  # replaced by a good probe
+
+
+@pytest.mark.parametrize("probe_steps", [1, 3])
+def test_a_diverged_probe_is_never_cached_and_names_probe_lr(tmp_path: Path, probe_steps: int) -> None:
+    from epi.errors import TrainingDiverged
+
+    cfg = make_cfg(*CPI_FAST, f"strategy.cache_dir={tmp_path / 'cache'}", "strategy.probe_lr=1e300", f"strategy.probe_steps={probe_steps}")
+    with pytest.raises(TrainingDiverged, match=r"cpi: the probe of '\w+' diverged .*Lower strategy.probe_lr \(now 1e\+300\)"):
+        Trainer(cfg, tmp_path)
+    assert not list((tmp_path / "cache").glob("*.pt"))
+
+
 @pytest.mark.parametrize("stage_data", ["group", "mixed"])
 def test_stage_data_decides_what_the_first_stage_draws(tmp_path: Path, stage_data: str) -> None:
     trainer = Trainer(make_cfg(*CPI_FAST, f"strategy.cache_dir={tmp_path / 'cache'}", f"strategy.stage_data={stage_data}"), tmp_path)

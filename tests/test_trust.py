@@ -148,7 +148,8 @@ def test_disk_full_checkpoint_one_line_temp_removed_earlier_checkpoint_intact(tm
     checkpoint.save(path, {"step": 1, "w": torch.zeros(4)})
     tmp = path.with_name(path.name + ".tmp")
     tmp.symlink_to("/dev/full")  # every write there fails with ENOSPC, as on a full disk
-    with pytest.raises(UserError, match=r"no space left on device writing checkpoint .*checkpoint.pt \(needs about 4.0 MB"):
+    with pytest.raises(UserError, match=r"no space left on device writing checkpoint .*checkpoint.pt \(needs about 4.0 MB.*"
+                                        r"Free space and continue from its checkpoint"):
         checkpoint.save(path, {"step": 2, "w": torch.zeros(1_000_000)})
     assert not tmp.exists() and not tmp.is_symlink()
     assert checkpoint.load_tensors(path, "checkpoint")["step"] == 1
@@ -162,7 +163,30 @@ def test_disk_full_through_train_py_is_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error: no space left on device writing checkpoint") and "Traceback" not in proc.stderr
+    # its first checkpoint: there is nothing to resume from, and the line says how to start again instead
+    assert "No checkpoint of this run was written before: free space and start it again (resume=auto" in lines[-1]
+    assert "continue from its checkpoint" not in lines[-1]
     assert not (run / "checkpoint.pt.tmp").is_symlink() and not (run / "model").exists()
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_points_to_resume_auto(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("seed: 0\n")  # what a run killed while writing its first checkpoint leaves
+    (run / "checkpoint.pt.tmp").write_bytes(b"half")
+    proc = run_script("train.py", *TINY, "strategy=none", f"resume={run}", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert proc.returncode == 2
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: resume='{run}': no checkpoint at {run / 'checkpoint.pt'}: the run in {run} stopped before")
+    assert "resume=auto" in line
+
+
+def test_device_cuda_without_cuda_is_one_line(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = run_script("train.py", *TINY, "device=cuda", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: device='cuda': this torch ")
 
 
 # --- run directories and resume ---------------------------------------------------------------

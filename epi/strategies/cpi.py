@@ -32,11 +32,11 @@ import torch
 from torch import Tensor
 
 from epi.checkpoint import load_tensors
-from epi.errors import TrainingDiverged, UserError
-from epi.masks import SCOPES, Masks, NonFiniteScores, jaccard, mask_stats, participating, top_p, union
+from epi.errors import TrainingDiverged, UnsafeFile, UserError
+from epi.masks import SCOPES, Masks, NonFiniteScores, all_finite, jaccard, mask_stats, participating, top_p, union
 from epi.merge import SPACES, fuse
 from epi.schema import Schema, at_least, positive, within
-from epi.sharding import Shards
+from epi.sharding import Shards, local
 from epi.strategies.base import MODES, Context, Stage, Strategy
 
 ORDERS = ("random", "given", "heuristic")
@@ -205,24 +205,56 @@ class CPI(Strategy):
     # ------------------------------------------------------------ probes
     def probe(self, task: str) -> dict[str, Tensor]:
         """theta_i: a copy of theta0 fine-tuned on `task` alone; loaded from the cache when the same probe ran before
-        (its compute is charged to this run all the same, so compute columns compare like with like)."""
+        (its compute is charged to this run all the same, so compute columns compare like with like). A probe whose
+        weights are not finite stops the run naming strategy.probe_lr, and is never cached."""
         key = f"{task}-{self.probe_key(task)}"
         shards = self.ctx.shards  # parallel=fsdp: each rank caches its own shards of the probe
         path = self.cache_dir / (f"{key}.rank{shards.rank}of{shards.world}.pt" if shards else f"{key}.pt")
-        if path.is_file():
+        if path.is_file() and (cached := self._cached_probe(task, path)) is not None:
             self.ctx.log(0, "cpi", {"probe_cache_hit": 1.0}, task=task)
             self.ctx.info(f"cpi: probe of {task!r} from cache {path}")
-            cached = load_tensors(path, f"cpi: cached probe of {task!r} (delete it to probe again):")
             self.ctx.charge(self.cfg.probe_steps, cached["trained_tokens"])
             return cached["weights"]
         self.ctx.log(0, "cpi", {"probe_cache_hit": 0.0}, task=task)
-        tuned, trained_tokens, final_loss = self.ctx.train_copy(task, self.cfg.probe_steps, self.cfg.probe_lr)
+        diverged = (f"cpi: the probe of {task!r} diverged ({{why}}); nothing was cached. Lower strategy.probe_lr (now "
+                    f"{self.cfg.probe_lr:g}) or strategy.probe_steps (now {self.cfg.probe_steps}).")
+        try:
+            tuned, trained_tokens, final_loss = self.ctx.train_copy(task, self.cfg.probe_steps, self.cfg.probe_lr)
+        except TrainingDiverged as e:
+            raise TrainingDiverged(diverged.format(why=e)) from e
+        if bad := [n for n, t in tuned.items() if not all_finite(t)]:
+            raise TrainingDiverged(diverged.format(why=f"its weights are not finite after {self.cfg.probe_steps} step(s), e.g. {bad[0]}"))
         self.ctx.log(0, "cpi", {"probe_final_loss": final_loss}, task=task)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")  # data-parallel ranks probe too: no shared temp file
         torch.save({"weights": tuned, "trained_tokens": trained_tokens}, tmp)
         tmp.replace(path)
         return tuned
+
+    def _cached_probe(self, task: str, path: Path) -> dict[str, Any] | None:
+        """The cache file's probe, or None (said in one line) when it is not one this run can use: unreadable, another
+        structure, other parameters or shapes, or non-finite weights. It is probed again and the file replaced. A
+        file that asks to run code stops the run instead (`UnsafeFile`): that is tampering, not a stale cache."""
+        expected = {n: local(p).shape for n, p in self.ctx.named_params.items()}  # this rank's shards under fsdp
+        why = None
+        try:
+            cached = load_tensors(path, "file")
+        except UnsafeFile as e:  # tampering, not wear: the run stops and says so
+            raise UnsafeFile(f"cpi: cached probe of {task!r} (delete it to probe again): {e}") from None
+        except UserError as e:
+            cached, why = None, str(e).removeprefix(f"file {path} ")
+        if why is None:
+            weights = cached.get("weights") if isinstance(cached, dict) else None
+            if not (isinstance(weights, dict) and isinstance(cached.get("trained_tokens"), int)):
+                why = "not a probe ({'weights': {name: tensor}, 'trained_tokens': int})"
+            elif not all(isinstance(weights.get(n), Tensor) and weights[n].shape == shape for n, shape in expected.items()):
+                why = "its parameters or shapes are not this model's"
+            elif not all(isinstance(t, Tensor) and all_finite(t) for t in weights.values()):
+                why = "its weights are not finite"
+        if why is None:
+            return cached
+        self.ctx.info(f"cpi: ignored the cached probe of {task!r} {path}: {why}; probing again and replacing it")
+        return None
 
     def probe_key(self, task: str) -> str:
         """Content key: the run's model, data and batch settings (the context's fingerprint) and the probe's own."""
