@@ -7,17 +7,25 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
-
+# The suite passes whatever the caller's environment holds (tests/test_environment.py proves it): what a cluster or a
+# shell exports for W&B, Hugging Face, Hydra, threads, GPUs or launchers is cleared here and the few things the tests
+# rely on are pinned, before torch or any library reads them. Tests that need one of these set it themselves.
+HOSTILE_PREFIXES = ("WANDB_", "TRANSFORMERS_", "HF_", "HUGGINGFACE_", "HYDRA_", "SLURM_", "SUBMITIT_", "TORCHELASTIC_")
+HOSTILE = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "RANK", "LOCAL_RANK", "WORLD_SIZE",
+           "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT", "PYTORCH_CUDA_ALLOC_CONF")
+for _name in [n for n in os.environ if n.startswith(HOSTILE_PREFIXES) or n in HOSTILE]:
+    del os.environ[_name]
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["WANDB_SILENT"] = "true"
-# Tests are never a requeued SLURM job, even when the suite runs inside one: train.py would take SLURM_RESTART_COUNT
-# for a requeue and continue every run directory in place (resume=auto) instead of refusing a directory that holds a run.
-os.environ.pop("SLURM_RESTART_COUNT", None)
+# No GPU in tests: every number they compare was made on the CPU, and a GPU machine must not change which device
+# device=auto picks (a test that wants CUDA would ask for it).
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+import pytest  # noqa: E402 - after the environment is cleared: libraries read it at import
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 
 def _pin_xdist_worker() -> None:
