@@ -29,9 +29,9 @@ from epi.trainer import Trainer
 
 # Sections of the config a resumed run must share with its checkpoint.
 RESUME_MUST_MATCH = ("model", "data", "strategy", "schedule", "seed")
-# Keys inside them that only decide which files a finished run keeps, not what it trains: a resume may change
-# them, and a checkpoint written before they existed still resumes.
-RESUME_MAY_DIFFER = {"schedule": ("keep_checkpoint",)}
+# Keys inside them that decide which files a finished run keeps or whether a model directory's code may run, not what
+# it trains: a resume may change them, and a checkpoint written before they existed still resumes.
+RESUME_MAY_DIFFER = {"schedule": ("keep_checkpoint",), "model": ("trust_remote_code",)}
 # Files that mark a directory as holding a run: a new run there would mix its events into the old one's.
 RUN_FILES = ("config.yaml", METRICS, checkpoint.FILENAME, "model")
 # resume=auto: continue this run directory's own checkpoint if it has one, else start the run there. What a SLURM
@@ -239,6 +239,9 @@ def main(cfg: DictConfig) -> float | None:
             # job refused because its directory holds another run leaves that run's files as they are
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "error.txt").write_text(f"error: {message}\n")
+            if not (run_dir / rundir.HYDRA_RECORD).exists():  # a job refused before it held its (new) directory:
+                # its overrides name it in eval.py's list; an existing run's record is never replaced
+                rundir.write_hydra_record(run_dir, task_config, hc, hc.overrides.task)
         if not isinstance(e, UserError):
             raise
         recorded = "its directory was left as it was" if isinstance(e, RunDirTaken) else f"recorded as failed in {run_dir / 'error.txt'}"

@@ -12,6 +12,7 @@ state (isolation masks of its shards, strategy state, RNG) into `checkpoint.shar
 rank 0 then writes `checkpoint.pt` as before, with everything else and the name of that directory.
 The directory is complete before `checkpoint.pt` names it, and older ones are removed only after,
 so a crash at any point leaves a checkpoint that resumes exactly (at the same number of ranks).
+Its files are read by `epi.safe_pickle`, not by DCP's own reader, which would run code a crafted file asks for.
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 
-from epi.errors import UserError
+from epi.errors import UnsafeFile, UserError
 
 FILENAME = "checkpoint.pt"
 SHARDS = "checkpoint.shards"  # parallel=fsdp: beside checkpoint.pt, one directory per saved step
@@ -94,12 +95,18 @@ def is_disk_full(error: BaseException) -> bool:
     return False
 
 
-def disk_full_error(path: Path, needed: int, what: str) -> UserError:
+def disk_full_error(path: Path, needed: int, what: str, run_dir: Path) -> UserError:
+    """One line for a full disk: what needed how much, and how to go on from what `run_dir` holds now."""
     free = shutil.disk_usage(path.parent).free
+    if (Path(run_dir) / FILENAME).is_file():
+        then = (f"Free space and continue from its checkpoint {Path(run_dir) / FILENAME} (resume={run_dir} "
+                f"hydra.run.dir={run_dir}, or resume=auto)")
+    else:
+        then = (f"No checkpoint of this run was written before: free space and start it again (resume=auto "
+                f"hydra.run.dir={run_dir} starts it afresh there)")
     return UserError(
         f"no space left on device writing {what} {path} (needs about {_size(needed)}, {_size(free)} free there); "
-        "the partial file was removed and earlier files are intact. Free space and resume from the run directory, "
-        "or write runs elsewhere (hydra.run.dir=...)."
+        f"the partial file was removed and earlier files are intact. {then}, or write runs elsewhere (hydra.run.dir=...)."
     )
 
 
@@ -124,7 +131,7 @@ def write_atomically(path: Path, write: Callable[[Path], None], needed: int, wha
         else:
             tmp.unlink(missing_ok=True)
         if isinstance(e, Exception) and is_disk_full(e):
-            raise disk_full_error(path, needed, what) from e
+            raise disk_full_error(path, needed, what, path.parent) from e
         raise
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
@@ -146,6 +153,12 @@ def find(resume: str) -> Path:
     path = Path(resume)
     if path.is_dir():
         path = path / FILENAME
+    if not path.is_file() and path.parent.is_dir() and (path.parent / "config.yaml").is_file():
+        raise UserError(
+            f"resume={resume!r}: no checkpoint at {path}: the run in {path.parent} stopped before its first checkpoint "
+            f"was in place, so there is nothing to continue. Start it afresh in that directory with resume=auto "
+            f"hydra.run.dir={path.parent} (and the same overrides), or in a new directory."
+        )
     if not path.is_file():
         raise UserError(
             f"resume={resume!r}: no checkpoint at {path}. Pass a run directory that holds {FILENAME} "
@@ -155,23 +168,32 @@ def find(resume: str) -> Path:
     return path
 
 
-def load_tensors(path: Path, what: str) -> Any:
-    """`torch.load(weights_only=True)`: tensors and plain values only, nothing in the file is executed."""
+def load_tensors(path: Path, what: str, source: IO[bytes] | None = None) -> Any:
+    """`torch.load(weights_only=True)`: tensors and plain values only, nothing in the file is executed.
+
+    Reads `source` instead of opening `path` when given (an item inside a DCP `.distcp` file); `path` names it."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        code = re.search(r"GLOBAL ([\w.]+)", str(e))
+        return torch.load(path if source is None else source, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read means the file is unusable
+        raise unreadable(e, path, what) from e
+
+
+def unreadable(error: BaseException, path: Path, what: str, kind: str = "a tensor file") -> UserError:
+    """The one line for a file that failed to load: refused, if its pickle names code to construct or run (the
+    GLOBAL in the unpickler's message), else corrupt (not `kind`, if it is no pickle). Shared by every loader of run
+    files (epi.safe_pickle too)."""
+    if isinstance(error, pickle.UnpicklingError):
+        code = re.search(r"GLOBAL ([\w.]+)", str(error))
         if code:
-            raise UserError(
+            return UnsafeFile(
                 f"{what} {path} asks to construct or run Python objects ({code.group(1)}), not only tensors and "
                 "plain values; it was refused and nothing in it was run. Use files written by this tool."
-            ) from e
-        raise UserError(f"{what} {path} is corrupt or unreadable (not a tensor file); it was left untouched.") from e
-    except Exception as e:  # noqa: BLE001 - any other failure to read means the file is unusable
-        raise UserError(f"{what} {path} is corrupt or unreadable ({type(e).__name__}: {_first_line(e)}); it was left untouched.") from e
+            )
+        return UserError(f"{what} {path} is corrupt or unreadable (not {kind}); it was left untouched.")
+    return UserError(f"{what} {path} is corrupt or unreadable ({type(error).__name__}: {_first_line(error)}); it was left untouched.")
 
 
-def _first_line(e: Exception) -> str:
+def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else ""
 
@@ -218,7 +240,7 @@ def save_shards(run_dir: Path, step: int, model: torch.nn.Module, optimizer: tor
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         if is_disk_full(e):
-            raise disk_full_error(final, nbytes(tensors) * dist.get_world_size(), "sharded checkpoint") from e
+            raise disk_full_error(final, nbytes(tensors) * dist.get_world_size(), "sharded checkpoint", run_dir) from e
         raise
     dist.barrier()
     if rank == 0:
@@ -241,13 +263,14 @@ def load_shards(checkpoint_path: Path, state: dict[str, Any], model: torch.nn.Mo
     """Every rank: the sharded model and optimizer of the checkpoint `state` (read from `checkpoint_path`)
     loaded in place, and this rank's own state returned. The same number of ranks as the saving run."""
     import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         get_optimizer_state_dict,
         set_model_state_dict,
         set_optimizer_state_dict,
     )
+
+    from epi import safe_pickle
 
     shards = state["shards"]
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -258,10 +281,10 @@ def load_shards(checkpoint_path: Path, state: dict[str, Any], model: torch.nn.Mo
         )
     directory = Path(checkpoint_path).parent / SHARDS / shards["dir"]
     own_file = directory / f"rank{dist.get_rank()}.pt"
-    if not own_file.is_file():
+    if not own_file.is_file() or not (directory / safe_pickle.METADATA).is_file():
         raise UserError(f"{checkpoint_path}: its shards directory {directory} is missing or incomplete; it was left untouched.")
     tensors = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(tensors, checkpoint_id=str(directory))
+    safe_pickle.load(tensors, directory, f"{checkpoint_path}: shard file")  # DCP's own reader would run code in the files
     set_model_state_dict(model, tensors["model"])
     set_optimizer_state_dict(model, optimizer, tensors["optimizer"])
     return load_tensors(own_file, f"{checkpoint_path}: rank state")

@@ -5,12 +5,22 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from epi.errors import UserError
 from epi.evaluate import format_table
+
+
+def say_error(message: str) -> None:
+    """`error: <message>` on stderr in one write, so the lines of ranks failing at once never interleave. Under
+    torchrun every rank usually fails alike: rank 0's line is the `error:` line, another rank's starts `rank N: `
+    (then it is said even when only that rank failed)."""
+    rank = int(os.environ.get("RANK", "0"))
+    sys.stderr.flush()
+    os.write(2, f"{f'rank {rank}: ' if rank else ''}error: {message}\n".encode(errors="replace"))
 
 
 def exit_on_user_error(fn: Callable) -> Callable:
@@ -22,12 +32,13 @@ def exit_on_user_error(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
+            say_error(str(e))
             sys.exit(e.exit_code)
         except OSError as e:
             if e.errno != errno.ENOSPC:
                 raise
-            print(f"error: no space left on device writing {e.filename or 'a run file'}; free space, then run it again with resume=auto in its directory (it continues from its last checkpoint, or starts afresh when it has none)", file=sys.stderr)
+            say_error(f"no space left on device writing {e.filename or 'a run file'}; free space, then run it again with resume=auto "
+                      "in its directory (it continues from its last checkpoint, or starts afresh when it has none)")
             sys.exit(2)
 
     return wrapper

@@ -2,11 +2,16 @@
 
 Every model comes back as a plain fp32 (or `dtype`) `PreTrainedModel` that `save_pretrained`
 accepts, so the run directory always ends with a loadable Hugging Face model.
+
+A model directory that ships its own Python code (`auto_map` in config.json or tokenizer_config.json) is refused
+unless `model.trust_remote_code=true`: transformers would run that code on load (and, left to itself, asks on
+stdin whether to). Everything else it reads is data: JSON, safetensors, `torch.load(weights_only=True)`, GGUF.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -94,6 +99,10 @@ def _pretrained(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
             )
     else:
         _require_hub(path)
+    if not cfg.trust_remote_code:
+        _refuse_remote_code(cfg.name_or_path, path, local)
+    # Never None: transformers would then ask on stdin whether to run the directory's code, and `y` would run it.
+    kwargs["trust_remote_code"] = bool(cfg.trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
@@ -107,6 +116,53 @@ def _pretrained(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
     if cfg.gguf_file:
         model = _dequantized_copy(model)
     return model, tok
+
+
+CODE_CONFIGS = ("config.json", "tokenizer_config.json")  # where a model names its own Python classes (auto_map)
+
+
+def _refuse_remote_code(name_or_path: str, path: str, local: bool) -> None:
+    """One line, before transformers reads anything, for a model that ships Python code (`auto_map`): loading it
+    with trust_remote_code=false would fail inside transformers with a longer message (or, for a known
+    model_type, silently use transformers' own class instead of the one the directory asks for)."""
+    named: dict[str, list[str]] = {}
+    for filename in CODE_CONFIGS:
+        config = _config_file(path, filename, local)
+        if config is None:
+            continue
+        try:
+            auto_map = json.loads(config.read_text(encoding="utf-8")).get("auto_map")
+        except (OSError, ValueError, AttributeError):
+            continue  # not a JSON object: transformers says what is wrong with it
+        files = _code_files(auto_map)
+        if files:
+            named[str(config)] = files
+    if named:
+        files = sorted({file for files in named.values() for file in files})
+        raise UserError(
+            f"model.name_or_path={name_or_path!r}: {path} ships its own Python code ({', '.join(files)}, named by auto_map "
+            f"in {' and '.join(named)}); it was not run. model.trust_remote_code=true would run those files with your "
+            "permissions when the model loads: set it only for a model you trust."
+        )
+
+
+def _config_file(path: str, filename: str, local: bool) -> Path | None:
+    """A local directory's `filename`, or a hub id's copy in the HF cache; None when there is none to read."""
+    if local:
+        file = Path(path) / filename
+        return file if file.is_file() else None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(path, filename)
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def _code_files(auto_map: object) -> list[str]:
+    """The Python files an `auto_map` names: "configuration_x.XConfig" is configuration_x.py, also inside
+    [slow, fast] tokenizer pairs; "org/repo--modeling_x.X" is modeling_x.py of another hub repository."""
+    values = auto_map.values() if isinstance(auto_map, dict) else [auto_map] if auto_map else []
+    refs = [ref for value in values for ref in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(ref, str)]
+    return sorted({ref.rsplit(".", 1)[0].replace("--", ": ") + ".py" for ref in refs})
 
 
 def _require_hub(name: str) -> None:

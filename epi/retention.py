@@ -6,17 +6,28 @@ list of Python standard-library modules, as the running Python ships them, cut i
 `tokens` tokens (plain text, no chat template). The corpus is named by the SHA-256 of its text
 (`corpus_sha256`): two numbers compare only when their hashes match (another Python version may
 ship other docstrings). It is prose about code, not any built-in task's format.
+
+The text comes from nowhere else: no data file, run directory or config value adds to it, and each module
+is imported only from the standard library itself (`stdlib_module`), never from a file of the same name
+that happens to come first on sys.path.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import inspect
 import math
+import sys
+import sysconfig
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 
 import torch
+
+from epi.errors import UserError
 
 MODULES = (
     "abc", "argparse", "asyncio", "base64", "bisect", "calendar", "collections", "contextlib", "copy", "csv",
@@ -29,8 +40,36 @@ MODULES = (
 
 def corpus() -> str:
     """The docstrings of MODULES, in that order, separated by blank lines."""
-    docs = (inspect.getdoc(importlib.import_module(name)) for name in MODULES)
+    docs = (inspect.getdoc(stdlib_module(name)) for name in MODULES)
     return "\n\n".join(doc.strip() for doc in docs if doc)
+
+
+def _stdlib_dirs() -> tuple[Path, ...]:
+    """The running Python's standard library (pure and compiled), from its base install, not a virtual environment."""
+    prefix, exec_prefix = sys.base_prefix, sys.base_exec_prefix
+    base = {"base": prefix, "platbase": exec_prefix, "installed_base": prefix, "installed_platbase": exec_prefix}
+    return tuple({Path(sysconfig.get_path(key, vars=base)).resolve() for key in ("stdlib", "platstdlib")})
+
+
+def stdlib_module(name: str) -> ModuleType:
+    """Module `name`, checked to come from the standard library before it is imported (the import runs its code).
+
+    sys.path puts the script's directory first, and under `python -m` (submitit's SLURM jobs) the working
+    directory: a file there named like a module of MODULES that nothing imported yet (html, sqlite3) would run,
+    and its docstring would silently change the corpus. Packages installed over the standard library don't count.
+    """
+    module = sys.modules.get(name)
+    spec = module.__spec__ if module is not None else importlib.util.find_spec(name)
+    origin = spec.origin if spec is not None else None
+    if origin not in ("built-in", "frozen"):
+        path = Path(origin).resolve() if origin else None
+        in_stdlib = path is not None and any(path.is_relative_to(d) for d in _stdlib_dirs())
+        if not in_stdlib or {"site-packages", "dist-packages"} & set(path.parts):
+            raise UserError(
+                f"retention corpus: module {name!r} would be imported from {origin}, not from the standard library; "
+                "rename that file or run from another directory (eval.retention reads standard-library docstrings)"
+            )
+    return module if module is not None else importlib.import_module(name)
 
 
 @dataclass(frozen=True)

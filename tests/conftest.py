@@ -13,8 +13,13 @@ from pathlib import Path
 HOSTILE_PREFIXES = ("WANDB_", "TRANSFORMERS_", "HF_", "HUGGINGFACE_", "HYDRA_", "SLURM_", "SUBMITIT_", "TORCHELASTIC_")
 HOSTILE = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "RANK", "LOCAL_RANK", "WORLD_SIZE",
            "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT", "PYTORCH_CUDA_ALLOC_CONF")
-for _name in [n for n in os.environ if n.startswith(HOSTILE_PREFIXES) or n in HOSTILE]:
-    del os.environ[_name]
+# A process a test starts (a torchrun rank importing a test's strategy class, say) inherits the pinned environment plus
+# what that test set on purpose (RANK, WORLD_SIZE, ...): PINNED tells it not to clear again.
+PINNED = "EPI_TESTS_ENV_PINNED"
+if os.environ.get(PINNED) != "1":
+    for _name in [n for n in os.environ if n.startswith(HOSTILE_PREFIXES) or n in HOSTILE]:
+        del os.environ[_name]
+os.environ[PINNED] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["WANDB_SILENT"] = "true"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from epi.config import validate
 from epi.data.contamination import contamination, contamination_warning
 from epi.data.format import Chat, encode_task
 from epi.data.load import known_tasks, load_tasks
+from epi.data.local import expand_root
 from epi.data.sources import read_file
 from epi.data.tasks import SPLITS, Example, Task
 from epi.errors import UserError
@@ -216,6 +218,153 @@ def test_chat_with_null_or_empty_reply_is_dropped(tmp_path: Path) -> None:
     assert task.input_stats == {"rows": 23, "empty_dropped": 2, "converted": 1}
 
 
+# --- rows that cannot be read one way only: refused where they are read ---------------------------
+
+SURROGATE = "column {column!r} is not valid Unicode text (an unpaired surrogate, {escape}: half of a UTF-16 pair without the other half); repair or remove that value"
+
+
+@pytest.mark.parametrize("row,column,escape", [
+    ('{"question": "bad \\ud800", "answer": "x"}', "question", "\\ud800"),
+    ('{"question": "q", "answer": "x", "meta": {"note": ["\\uDC00"]}}', "meta", "\\udc00"),  # any string, nested or unused
+    ('{"messages": [{"role": "user", "content": "hi \\udfff"}]}', "messages", "\\udfff"),
+])
+def test_lone_surrogate_in_jsonl_names_file_line_and_column(tmp_path: Path, row: str, column: str, escape: str) -> None:
+    """json.loads turns a lone \\ud800 escape into a str no encoder accepts: it crashed the holdout hash with a traceback."""
+    path = tmp_path / "surrogate.jsonl"
+    path.write_text('{"question": "emoji \\ud83d\\ude00 as a pair", "answer": "fine"}\n\n' + row + "\n")  # a pair is valid
+    with pytest.raises(UserError) as err:
+        read_file(path, None)
+    assert str(err.value) == f"{path}:3: " + SURROGATE.format(column=column, escape=escape)
+
+
+def test_lone_surrogate_in_a_json_file_names_row_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "surrogate.json"
+    path.write_text('[\n  {"question": "caf\\u00e9", "answer": "1"},\n\n  {"question": "q",\n   "answer": "\\ud800"}\n]\n')
+    with pytest.raises(UserError) as err:
+        read_file(path, None)
+    assert str(err.value) == f"{path}: row 2 (line 4): " + SURROGATE.format(column="answer", escape="\\ud800")
+
+
+def test_lone_surrogate_through_load_tasks_is_one_line_not_a_crash(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:5]) + '{"question": "bad \\ud800", "answer": "x"}\n')
+    msg = bad_data(tmp_path, *one_task(path))
+    assert msg == f"{path}:6: " + SURROGATE.format(column="question", escape="\\ud800")
+
+
+def test_lone_surrogate_from_a_saved_dataset_json_column_is_refused(tmp_path: Path) -> None:
+    """A `datasets` Json column is decoded from JSON text on reading, and that decoder keeps a lone low surrogate."""
+    import datasets
+
+    features = datasets.Features({"question": datasets.Json(), "answer": datasets.Value("string")})
+    rows = {"question": ['"fine"', '"bad \\udc00"'], "answer": ["1", "2"]}
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "saved"))
+    msg = bad_data(tmp_path, *one_task(tmp_path / "saved"))
+    assert msg == f"{tmp_path / 'saved'}: row 2: " + SURROGATE.format(column="question", escape="\\udc00")
+
+
+def not_utf8_table():
+    """Arrow checks no string's bytes on writing: row 6 of `question` holds an encoded surrogate (not UTF-8)."""
+    import pyarrow as pa
+
+    values = [r["question"].encode() for r in ROWS]
+    values[5] = b"bad \xed\xa0\x80"
+    return pa.table({"question": pa.array(values, pa.binary()).view(pa.string()), "answer": [r["answer"] for r in ROWS]})
+
+
+@pytest.mark.parametrize("kind", ["parquet", "saved"])
+def test_string_column_not_utf8_names_file_row_and_column(tmp_path: Path, kind: str) -> None:
+    """Parquet said "not a readable Parquet file" of a readable file; a save_to_disk directory crashed in to_list."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    path = tmp_path / ("rows.parquet" if kind == "parquet" else "saved")
+    if kind == "parquet":
+        pq.write_table(not_utf8_table(), path, row_group_size=4)  # row 6 is in the second row group
+    else:
+        datasets.Dataset(not_utf8_table()).save_to_disk(str(path))
+    msg = bad_data(tmp_path, *one_task(path))
+    assert msg == f"{path}: row 6: column 'question' is not UTF-8 text (byte 0xed at byte offset 4 of its value); write that value as UTF-8"
+
+
+DUPLICATE = "key {key!r} appears twice in one object; keep one (which of the two values is meant is ambiguous)"
+
+
+@pytest.mark.parametrize("row,key", [
+    ('{"question": "a", "question": "b", "answer": "c"}', "question"),
+    ('{"messages": [{"role": "user", "content": "a", "content": "b"}]}', "content"),
+])
+def test_duplicate_key_in_jsonl_is_refused_naming_file_line_and_key(tmp_path: Path, row: str, key: str) -> None:
+    """json.loads kept the last value silently: the row trained on one of two answers its writer gave."""
+    path = tmp_path / "dup.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n" + row + "\n")
+    with pytest.raises(UserError) as err:
+        read_file(path, None)
+    assert str(err.value) == f"{path}:2: " + DUPLICATE.format(key=key)
+
+
+def test_duplicate_key_in_a_json_file_names_row_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "dup.json"
+    path.write_text('[{"question": "a", "answer": "b"},\n {"question": "c",\n  "answer": "d", "answer": "e"}]')
+    with pytest.raises(UserError) as err:
+        read_file(path, None)
+    assert str(err.value) == f"{path}: row 2 (line 2): " + DUPLICATE.format(key="answer")
+    path.write_text('{"rows": 1, "rows": 2}')
+    with pytest.raises(UserError) as err:
+        read_file(path, None)
+    assert str(err.value) == f"{path}: " + DUPLICATE.format(key="rows")
+
+
+# --- data=local: what a folder holds under a split's name ------------------------------------------
+
+
+def local_folder(tmp_path: Path) -> Path:
+    """data.root with one task folder `t` holding a good train.jsonl."""
+    (tmp_path / "tasks/t").mkdir(parents=True)
+    write_jsonl(tmp_path / "tasks/t/train.jsonl", ROWS)
+    return tmp_path / "tasks"
+
+
+def expand(root: Path) -> str:
+    with pytest.raises(UserError) as err:
+        expand_root(make_cfg("data=local", f"data.root={root}").data)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("name,key", [("train.jsonl", "train"), ("validation.jsonl", "val"), ("test.csv.gz", "eval")])
+def test_directory_named_like_a_split_file_says_it_is_a_directory(tmp_path: Path, name: str, key: str) -> None:
+    """A train.jsonl directory was "no train file"; a validation.jsonl one was passed over and val silently held out of train."""
+    root = local_folder(tmp_path)
+    if key == "train":
+        (root / "t/train.jsonl").unlink()
+    (root / "t" / name / "part-0").mkdir(parents=True)
+    suffix = ".csv" if name.endswith(".gz") else ".jsonl"
+    assert expand(root) == (
+        f"{root / 't' / name} is a directory, not a file; put the rows in a file, or name the files in it in "
+        f"{root / 't/task.yaml'} ({key}: '{name}/*{suffix}')"
+    )
+
+
+def test_broken_link_named_like_a_split_file_is_named(tmp_path: Path) -> None:
+    root = local_folder(tmp_path)
+    (root / "t/test.jsonl").symlink_to(tmp_path / "moved.jsonl")
+    assert expand(root) == f"{root / 't/test.jsonl'} is a broken symbolic link (to {tmp_path / 'moved.jsonl'}); point it at the file, or remove it"
+
+
+def test_folder_name_not_utf8_is_one_line(tmp_path: Path) -> None:
+    """The folder's name is the task's: Python kept the byte 0xff as a lone surrogate, which crashed the first print."""
+    root = local_folder(tmp_path)
+    os.rename(root / "t", os.fsencode(root) + b"/t\xff")
+    assert expand(root) == f"{root}: the folder name b't\\xff' is not UTF-8; rename it (the folder's name is the task's name)"
+
+
+def test_task_yaml_duplicate_key_names_key_and_line(tmp_path: Path) -> None:
+    """OmegaConf's loader refuses a key twice; its message's first line said only "while constructing a mapping"."""
+    root = local_folder(tmp_path)
+    (root / "t/task.yaml").write_text("scorer: numeric\nholdout: 0.1\nscorer: exact_match\n")
+    assert expand(root) == f"{root / 't/task.yaml'}:3: not valid YAML (found duplicate key scorer); it holds task keys, e.g. scorer: numeric"
+
+
 # --- source keys: checked like strategy keys, defaults defined once ------------------------------
 
 
@@ -317,4 +466,14 @@ def test_cli_bad_data_input_exits_2_with_one_line(tmp_path: Path, bad: str, need
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and needle in last
-    assert {p.name for p in run.iterdir()} <= {".hydra", "train.log"}
+    assert {p.name for p in run.iterdir()} <= {".hydra", "train.log", "run.lock"}
+
+
+def test_cli_lone_surrogate_exits_2_with_one_line(tmp_path: Path) -> None:
+    """The reported crash: a UnicodeEncodeError traceback (exit 1) from the holdout hash, long after reading."""
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS) + '{"question": "bad \\ud800", "answer": "x"}\n')
+    proc = run_script("train.py", *TINY, *one_task(path), f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {path}:41: " + SURROGATE.format(column="question", escape="\\ud800")

@@ -153,7 +153,7 @@ def test_bad_strategy_value_writes_nothing(tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = run_script("train.py", *TINY, "strategy=epi", "strategy.p=1.5", f"hydra.run.dir={run}", cwd=tmp_path)
     assert proc.returncode == 2 and "strategy.p=1.5" in proc.stderr
-    assert {p.name for p in run.iterdir()} <= {".hydra", "train.log"}  # Hydra's own record only
+    assert {p.name for p in run.iterdir()} <= {".hydra", "train.log", "run.lock"}  # Hydra's own record only
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,8 @@ checkpoints, and a Hugging Face export that loads."""
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -229,3 +231,54 @@ def test_fsdp_refuses_what_it_cannot_run_in_one_line(tmp_path: Path, overrides: 
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and says in proc.stderr
     assert not list(tmp_path.rglob("metrics.jsonl")) and not list(tmp_path.rglob("checkpoint.pt"))
+
+
+# A 2-rank sharded run that keeps its checkpoint: what an attacker's copy of a run directory starts from.
+SHARDED_RUN = [*TINY, "parallel=fsdp", "strategy=none", "threads=1", "schedule.steps=4", "schedule.checkpoint_every=2",
+               "schedule.keep_checkpoint=true"]
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 2-rank parallel=fsdp run that kept its sharded checkpoint (step 4), for the tests to copy and tamper with."""
+    tmp = tmp_path_factory.mktemp("sharded")
+    proc = torchrun(tmp, *SHARDED_RUN, f"hydra.run.dir={tmp / 'run'}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return tmp / "run"
+
+
+def _checkpoint_files(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in [run / "checkpoint.pt", *(run / "checkpoint.shards").rglob("*")]
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("tampered", [".metadata", ".distcp"])
+def test_fsdp_resume_refuses_shards_that_would_run_code(tmp_path: Path, sharded_run: Path, tampered: str) -> None:
+    """DCP's reader unpickles .metadata with plain pickle.load and the non-tensor items of the .distcp files with
+    torch.load(weights_only=False): a crafted file ran `os.system` on resume. Now each rank refuses it in the one line
+    a crafted checkpoint.pt gets, the payload never runs, and the checkpoint is left as it was."""
+    from tests.test_safe_loading import REFUSED, craft_item, craft_metadata
+
+    run = tmp_path / "run"
+    shutil.copytree(sharded_run, run)
+    marker = tmp_path / "ran"
+    (shards,) = (run / "checkpoint.shards").iterdir()
+    file = craft_metadata(shards, marker) if tampered == ".metadata" else craft_item(shards, "optimizer.param_groups.0.lr", marker)
+    before = _checkpoint_files(run)
+    proc = torchrun(tmp_path, *SHARDED_RUN, f"resume={run}", f"hydra.run.dir={run}")
+    assert not marker.exists()
+    assert proc.returncode != 0 and re.search(r"exitcode\s*:\s*2\b", proc.stderr), proc.stderr[-4000:]  # torchrun: 1; the rank: 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {run / 'checkpoint.pt'}: shard file {file} {REFUSED} Use files written by this tool."]  # rank 0 says it
+    assert _checkpoint_files(run) == before
+
+
+def test_fsdp_resume_of_untampered_shards_still_works(tmp_path: Path, sharded_run: Path) -> None:
+    """The restricted reader takes every record DCP writes (the exact-resume test above checks the weights)."""
+    run = tmp_path / "run"
+    shutil.copytree(sharded_run, run)
+    (run / "eval_test.json").unlink()
+    proc = torchrun(tmp_path, *SHARDED_RUN, f"resume={run}", f"hydra.run.dir={run}")  # its last step: loads, then evaluates
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"resuming {run / 'checkpoint.pt'} at step 4" in proc.stdout
+    assert (run / "eval_test.json").is_file() and not [line for line in proc.stderr.splitlines() if line.startswith("error:")]

@@ -155,7 +155,7 @@ def test_cli_ambiguous_tree_exits_2_with_one_line(tmp_path: Path, case: str) -> 
     proc = run_script("train.py", *TINY, *broken(root, case), f"hydra.run.dir={run}", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == [f"error: {MESSAGES[case].format(root=root)}"]
-    assert {p.name for p in run.iterdir()} <= {".hydra", "train.log"}
+    assert {p.name for p in run.iterdir()} <= {".hydra", "train.log", "run.lock"}
 
 
 @pytest.mark.parametrize("case", ["bad_task_yaml", "unknown_task", "unset_root"])

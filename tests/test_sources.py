@@ -293,7 +293,7 @@ def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path: Path, 
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and needle in last
-    assert {p.name for p in run.iterdir()} <= {".hydra", "train.log"}  # Hydra's own record only
+    assert {p.name for p in run.iterdir()} <= {".hydra", "train.log", "run.lock"}  # Hydra's own record only
 
 
 def test_eval_py_reevaluates_a_paper_mix_run_and_tabulates_it(paper: list[str], tmp_path: Path) -> None:

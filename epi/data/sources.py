@@ -18,7 +18,15 @@ cut to `data.n_<split>`.
 
 Values are read as written: a row with a null or empty prompt or response is dropped and
 counted (an error past `MAX_DROPPED` of a file), numbers and bools become text and are
-counted, a list or an object where text belongs is an error.
+counted, a list or an object where text belongs is an error. A row that cannot be read one way
+only is refused when it is read, naming the file and its line (or row): a JSON object with a key
+twice, a string that is not valid Unicode (an unpaired surrogate escape in JSON, bytes that are
+not UTF-8 in a Parquet or Arrow string column).
+
+Reading runs no code from the data: JSON through the standard library's decoder, CSV through
+`csv`, Parquet and save_to_disk directories through pyarrow (whose pickle-based extension types
+are gone) and `datasets.load_from_disk` (JSON state files and Arrow files), hub datasets through
+`datasets.load_dataset`, which since `datasets` 4 refuses a loading script.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import io
 import json
 import math
 import random
+import re
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -59,6 +68,51 @@ SOURCE_DEFAULTS: dict[str, Any] = {
 }
 
 Row = dict[str, Any]
+
+
+class _DuplicateKey(ValueError):
+    """A JSON object that names a key twice; raised while decoding, turned into a UserError naming the file and line."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object's key/value pairs as a dict; a key given twice is an error, not "the last one wins".
+
+    `json.loads` silently keeps the last value, so `{"prompt": "a", "prompt": "b"}` would train on "b"
+    while another reader (or the person who wrote the file) means "a": an ambiguous row is a bug in the
+    data, and the run refuses it rather than guess (task.yaml, read by OmegaConf, refuses duplicate keys too).
+    """
+    row = dict(pairs)
+    if len(row) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(key for key, _ in pairs if key in seen or seen.add(key)))
+    return row
+
+
+# One decoder for every JSON value read (json.loads with a hook would build one per line): the duplicate-key check
+# then costs about a tenth of the decoding.
+_JSON = json.JSONDecoder(object_pairs_hook=_unique_keys)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")  # \\ud800-\\udfff as JSON writes them
+_SURROGATE_PAIR = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}")  # high then low: one character
+
+
+def _may_hold_surrogate(text: str) -> bool:
+    """Whether JSON `text` may decode to a lone surrogate, so that its values must be checked one by one.
+
+    Text decoded from UTF-8 holds one only through an escape that is not half of a pair (high \\ud800-\\udbff
+    then low \\udc00-\\udfff: one character, an emoji written with ensure_ascii). Text without a \\u escape,
+    nearly all, costs one substring search; otherwise the pairs are taken out and what is left searched, both
+    at C speed. An escaped backslash can make text look like an escape, or hide a lone one behind what looks
+    like its pair, so a text holding one is checked whenever it has any surrogate escape.
+    """
+    if "\\u" not in text:
+        return False
+    if "\\\\" in text:
+        return _SURROGATE_ESCAPE.search(text) is not None
+    return _SURROGATE_ESCAPE.search(_SURROGATE_PAIR.sub("", text)) is not None
 
 
 # --------------------------------------------------------------------------- the source's keys
@@ -143,25 +197,69 @@ def _jsonl(path: Path, text: str) -> list[Row]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = _JSON.decode(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{number}: malformed JSON line ({e.msg}); each line must be one JSON object") from e
+        except _DuplicateKey as e:
+            raise UserError(f"{path}:{number}: {_duplicate(e.key)}") from e
         if not isinstance(row, dict):
             raise UserError(f"{path}:{number}: a JSON {type(row).__name__}, not an object; each line must be one JSON object")
+        if _may_hold_surrogate(line):
+            check_unicode(f"{path}:{number}", row)
         rows.append(row)
     return rows
+
+
+def _duplicate(key: str) -> str:
+    return f"key {key!r} appears twice in one object; keep one (which of the two values is meant is ambiguous)"
 
 
 def _json(path: Path, text: str) -> list[Row]:
     if not text.strip():
         return []
     try:
-        data = json.loads(text)
+        data = _JSON.decode(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg}); a .json file holds one list of objects") from e
+    except _DuplicateKey as e:
+        raise UserError(f"{_json_row(path, text, None)}: {_duplicate(e.key)}") from e
     if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
         raise UserError(f"{path}: a .json file must hold one list of objects (for one object per line use .jsonl)")
+    if _may_hold_surrogate(text):
+        for index, row in enumerate(data):
+            if _unicode_problem(row):
+                check_unicode(_json_row(path, text, index), row)
     return data
+
+
+_JSON_SPACE = re.compile(r"[ \t\r\n]*")
+_BETWEEN_ROWS = re.compile(r"[ \t\r\n,]*")
+
+
+def _json_row(path: Path, text: str, index: int | None) -> str:
+    """Where row `index` of a .json file is ("<path>: row 3 (line 12)"), or the first row naming a key twice when
+    `index` is None; `path` alone when the file is not a list.
+
+    Only called once the file is known to hold the problem: the decoder reports no positions, so the top-level
+    list is decoded again, one object at a time, to find where that one starts.
+    """
+    position = _JSON_SPACE.match(text).end()
+    if not text.startswith("[", position):
+        return str(path)
+    position, row = position + 1, 0
+    while True:
+        start = _BETWEEN_ROWS.match(text, position).end()
+        try:
+            _, position = _JSON.raw_decode(text, start)
+        except _DuplicateKey:
+            if index is None:
+                break
+            raise
+        if row == index:
+            break
+        row += 1
+    line = text.count("\n", 0, start) + 1
+    return f"{path}: row {row + 1} (line {line})"
 
 
 def _csv(path: Path, text: str) -> list[Row]:
@@ -188,13 +286,124 @@ def _parquet(path: Path, data: bytes) -> list[Row]:
     except ImportError as e:
         raise UserError(f"{path}: reading Parquet needs pyarrow: pip install -r requirements.txt") from e
     try:
-        return pq.read_table(pa.BufferReader(data)).to_pylist()
+        table = pq.read_table(pa.BufferReader(data))
     except Exception as e:  # pyarrow raises several types for a file that is not Parquet
         raise UserError(f"{path}: not a readable Parquet file ({e})") from e
+    check_utf8(str(path), table)
+    try:
+        return table.to_pylist()
+    except Exception as e:  # a value Python cannot hold, e.g. a timestamp past the year 9999
+        raise UserError(f"{path}: not a readable Parquet file ({_first_line(e)})") from e
 
 
 def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+# --------------------------------------------------------------------------- text that is not Unicode
+
+
+def _surrogate(value: Any) -> str | None:
+    """The first surrogate code point in any string of `value` (keys and nested lists and objects too); None when
+    every string is valid Unicode. ASCII strings, nearly all of them, are passed over at C speed."""
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return value[e.start]
+        return None
+    if isinstance(value, dict):
+        return next((found for k, v in value.items() if (found := _surrogate(k) or _surrogate(v))), None)
+    if isinstance(value, (list, tuple)):
+        return next((found for v in value if (found := _surrogate(v))), None)
+    return None
+
+
+def _unicode_problem(row: Row) -> str | None:
+    """What is wrong with the first column of `row` whose name or value holds a lone surrogate; None when none does."""
+    for column, value in row.items():
+        char = _surrogate(column) or _surrogate(value)
+        if char is not None:
+            escape = f"\\u{ord(char):04x}"
+            return (
+                f"column {column!r} is not valid Unicode text (an unpaired surrogate, {escape}: half of a UTF-16 pair "
+                "without the other half); repair or remove that value"
+            )
+    return None
+
+
+def check_unicode(where: str, row: Row) -> None:
+    """A row whose text is not valid Unicode is refused where it is read, naming `where` (file and line or row).
+
+    JSON may escape a lone surrogate (`"\\ud800"`, e.g. an emoji cut in half by a UTF-16 substring) and `json.loads`
+    returns it in a str that no UTF-8 encoder accepts: kept, it would crash the run much later (hashing the prompt
+    for the holdout split, tokenizing, writing predictions) with a traceback that names no file.
+    """
+    problem = _unicode_problem(row)
+    if problem:
+        raise UserError(f"{where}: {problem}")
+
+
+def check_json_columns(where: str, features: Any, rows: list[Row]) -> None:
+    """`check_unicode` for the columns of a `datasets` dataset that hold a `Json` feature, row by row.
+
+    Its other strings come out of Arrow, which Python decodes as strict UTF-8 (no surrogate gets through), but
+    `to_list` decodes a Json column from JSON text with pandas' ujson, which keeps a lone low surrogate escape
+    (`"\\udc00"`). Only those columns are walked, so a dataset without one costs nothing.
+    """
+    import datasets
+
+    def holds_json(feature: Any) -> bool:
+        if isinstance(feature, datasets.Json):
+            return True
+        if isinstance(feature, dict):
+            return any(holds_json(f) for f in feature.values())
+        if isinstance(feature, (list, tuple)):
+            return any(holds_json(f) for f in feature)
+        inner = getattr(feature, "feature", None)  # List, LargeList, Sequence
+        return inner is not None and holds_json(inner)
+
+    columns = [name for name, feature in features.items() if holds_json(feature)]
+    if columns:
+        for index, row in enumerate(rows):
+            check_unicode(f"{where}: row {index + 1}", {name: row[name] for name in columns})
+
+
+def check_utf8(where: str, table: Any) -> None:
+    """Every string of an Arrow table (Parquet, save_to_disk, ...) is UTF-8, or a UserError names the row and column.
+
+    Arrow stores a string column's bytes unchecked and Python decodes them only when the rows are converted, so
+    bytes that are not UTF-8 (or UTF-8-encoded surrogates) would fail inside `to_pylist` with a traceback. A full
+    validation checks them all at C speed; only when it fails are the failing chunk's values decoded one by one
+    to find the first bad one.
+    """
+    import pyarrow as pa
+
+    try:
+        table.validate(full=True)
+        return
+    except pa.ArrowInvalid:
+        pass
+    for name, column in zip(table.column_names, table.columns):
+        offset = 0
+        for chunk in column.chunks:
+            try:
+                chunk.validate(full=True)
+            except pa.ArrowInvalid as e:
+                if "UTF8" not in str(e):  # damaged offsets or lengths: decoding the values could read out of bounds
+                    raise UserError(f"{where}: column {name!r} is damaged ({_first_line(e)}); write the file again") from e
+                for index in range(len(chunk)):
+                    try:
+                        chunk[index].as_py()
+                    except UnicodeDecodeError as bad:
+                        raise UserError(
+                            f"{where}: row {offset + index + 1}: column {name!r} is not UTF-8 text (byte {bad.object[bad.start]:#04x} "
+                            f"at byte offset {bad.start} of its value); write that value as UTF-8"
+                        ) from bad
+                raise UserError(f"{where}: column {name!r} is damaged ({_first_line(e)}); write the file again") from e
+            offset += len(chunk)
 
 
 def is_saved_dataset(path: Path) -> bool:
@@ -221,7 +430,13 @@ def read_saved_dataset(path: Path, key: str, split: str) -> list[Row]:
         saved = saved[split]
     if not len(saved):
         raise UserError(f"{path}: empty dataset, no rows")
-    return saved.to_list()
+    check_utf8(str(path), saved.data.table)
+    try:
+        rows = saved.to_list()
+    except Exception as e:  # a value Python cannot hold, e.g. a timestamp past the year 9999
+        raise UserError(f"{path}: not a readable datasets save_to_disk directory ({_first_line(e)})") from e
+    check_json_columns(str(path), saved.features, rows)
+    return rows
 
 
 def local_files(task: str, key: str, spec: str | list[str]) -> list[Path]:
@@ -261,9 +476,12 @@ def hub_rows(task: str, path: str, config: str | None, split: str) -> list[Row]:
     except ImportError as e:
         raise UserError(f"{where}: loading hub datasets needs the `datasets` package: pip install -r requirements.txt") from e
     try:
-        return datasets.load_dataset(path, config, split=split).to_list()
+        dataset = datasets.load_dataset(path, config, split=split)
+        rows = dataset.to_list()
     except Exception as e:  # connection, missing dataset / config / split: all the user's to fix
         raise UserError(f"{where} cannot be loaded ({_first_line(e)}" + (f"; {offline}" if offline else "") + f"). {fix}") from e
+    check_json_columns(where, dataset.features, rows)
+    return rows
 
 
 def _origins(task: str, source: DictConfig, key: str) -> list[tuple[str, list[Row]]]:
