@@ -27,8 +27,45 @@ from omegaconf import DictConfig, OmegaConf
 
 from epi.errors import RunDirTaken
 
-LOCK = "run.lock"
-HYDRA_RECORD = ".hydra"  # Hydra's own name for it: report.py and the archives read it there
+# Every file a run writes or reads in its directory, spelled here once (tests/test_layout.py checks no other
+# module spells one). Writers and readers (the trainer, the logger, checkpoints, eval.py's report) import these.
+CONFIG = "config.yaml"            # the resolved config the run trained with
+METRICS = "metrics.jsonl"         # one event per line: {step, split, task, metric, value}
+MODEL = "model"                   # the final Hugging Face model (save_pretrained)
+CHECKPOINT = "checkpoint.pt"      # the latest checkpoint; removed once the run finished unless schedule.keep_checkpoint
+SHARDS = "checkpoint.shards"      # parallel=fsdp: beside checkpoint.pt, one directory per saved step
+ERROR = "error.txt"               # a sweep job that failed: its one error line
+LOG = "train.log"                 # Hydra's job log (stdout and stderr of the run)
+LOCK = "run.lock"                 # held by the run for its life: one run per directory
+WANDB_ID = "wandb_id"             # the W&B run id a resumed or requeued attempt continues
+RETENTION = "retention.json"      # general-text perplexity before and after (eval.retention)
+CPI_DIR = "cpi"                   # CPI's artifacts: groups.json, overlap.json, ...
+HYDRA_RECORD = ".hydra"           # Hydra's own name for it: the report and the archives read it there
+HYDRA_CONFIG, HYDRA_FILE, HYDRA_OVERRIDES = "config.yaml", "hydra.yaml", "overrides.yaml"  # inside HYDRA_RECORD
+# Files that mark a directory as holding a run: a new run there would mix its events into the old one's.
+RUN_FILES = (CONFIG, METRICS, CHECKPOINT, MODEL)
+# What an attempt that stopped before its first checkpoint leaves besides .hydra/ and wandb/: resume=auto starts
+# the run afresh and removes them, since they describe that attempt (config.yaml is rewritten anyway).
+ATTEMPT_FILES = (METRICS, ERROR)
+
+
+def eval_results(split: str) -> str:
+    """The final scores of a split, per task (what marks a run as finished)."""
+    return f"eval_{split}.json"
+
+
+def eval_table(split: str) -> str:
+    return f"eval_{split}.md"
+
+
+def predictions(split: str) -> str:
+    """One line per evaluated example: prompt, reference, prediction, score (the paired tests read these)."""
+    return f"predictions_{split}.jsonl"
+
+
+def artifact(name: str) -> str:
+    """A strategy's JSON artifact (`cpi/groups`, ...), as the context writes it."""
+    return f"{name}.json"
 
 
 class RunLock:
@@ -75,8 +112,8 @@ def write_hydra_record(run_dir: Path, task: DictConfig, hydra: DictConfig, overr
     """`.hydra/config.yaml`, `hydra.yaml` and `overrides.yaml` as Hydra itself writes them (unresolved)."""
     record = Path(run_dir) / HYDRA_RECORD
     record.mkdir(parents=True, exist_ok=True)
-    for name, node in (("config.yaml", task), ("hydra.yaml", OmegaConf.create({"hydra": hydra})),
-                       ("overrides.yaml", OmegaConf.create(list(overrides)))):
+    for name, node in ((HYDRA_CONFIG, task), (HYDRA_FILE, OmegaConf.create({"hydra": hydra})),
+                       (HYDRA_OVERRIDES, OmegaConf.create(list(overrides)))):
         tmp = record / f"{name}.tmp"
         OmegaConf.save(node, tmp)
         tmp.replace(record / name)
