@@ -107,7 +107,7 @@ def test_cli_trains_on_every_folder_and_prints_each_mapping(tree: Path, tmp_path
 
 
 def test_user_data_config_from_config_dir_picks_a_subset(tree: Path, tmp_path: Path) -> None:
-    """The README's route for a researcher's own defaults: conf/data/<mine>.yaml outside the repo, on --config-dir."""
+    """docs/data.md's route for a researcher's own defaults: conf/data/<mine>.yaml outside the repo, on --config-dir."""
     (tmp_path / "my_conf/data").mkdir(parents=True)
     (tmp_path / "my_conf/data/mine.yaml").write_text(
         f"defaults:\n  - local\n  - _self_\n\nroot: {tree}\ntasks: [qa, chat]\nweights: {{qa: 2}}\n"

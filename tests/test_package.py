@@ -132,7 +132,7 @@ def test_cli_lists_an_entry_point_plugin(make_plugin: Callable, tmp_path: Path) 
 
 
 def test_plugin_yaml_on_the_search_path_trains_from_the_cli(make_plugin: Callable, tmp_path: Path) -> None:
-    """The README's recipe: the plug-in's conf/ on Hydra's search path, `strategy=<its YAML>`."""
+    """The plug-in recipe (docs/new-strategy.md): the plug-in's conf/ on Hydra's search path, `strategy=<its YAML>`."""
     site = make_plugin(TOY)
     run = tmp_path / "run"
     args = ("hydra.searchpath=[pkg://toy_strategy.conf]", "strategy=toy_yaml", "schedule.steps=2", f"hydra.run.dir={run}")

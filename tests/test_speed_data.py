@@ -73,7 +73,7 @@ def test_empty_system_prompt_drops_the_default_one_from_training_and_eval_ids(sm
             text = smollm2_tok.decode(prompt_ids(smollm2_tok, ex))
             assert text.startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\n") and SMOLLM2_DEFAULT not in text
         per_example = (before[name].stats["tokens"] - enc.stats["tokens"]) / enc.stats["examples"]
-        assert per_example == 16  # the default system prompt's text: the README's measured drop
+        assert per_example == 16  # the default system prompt's text: the measured drop in docs/data.md (Models)
         assert enc.stats["trained_tokens"] == before[name].stats["trained_tokens"]
 
 
