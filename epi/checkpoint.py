@@ -30,10 +30,10 @@ from typing import IO, Any
 import numpy as np
 import torch
 
+from epi import rundir
 from epi.errors import UnsafeFile, UserError
 
-FILENAME = "checkpoint.pt"
-SHARDS = "checkpoint.shards"  # parallel=fsdp: beside checkpoint.pt, one directory per saved step
+FILENAME, SHARDS = rundir.CHECKPOINT, rundir.SHARDS  # checkpoint.pt, and beside it (parallel=fsdp) one directory per saved step
 # What Trainer.save_checkpoint writes and a resume reads.
 REQUIRED = frozenset(
     {"step", "model", "optimizer", "scheduler", "sampler", "realised", "skipped", "compute", "strategy", "rng", "config", "metrics_lines"}
@@ -153,7 +153,7 @@ def find(resume: str) -> Path:
     path = Path(resume)
     if path.is_dir():
         path = path / FILENAME
-    if not path.is_file() and path.parent.is_dir() and (path.parent / "config.yaml").is_file():
+    if not path.is_file() and path.parent.is_dir() and (path.parent / rundir.CONFIG).is_file():
         raise UserError(
             f"resume={resume!r}: no checkpoint at {path}: the run in {path.parent} stopped before its first checkpoint "
             f"was in place, so there is nothing to continue. Start it afresh in that directory with resume=auto "

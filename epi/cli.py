@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from epi import rundir
 from epi.errors import UserError
 from epi.evaluate import format_table
 
@@ -44,36 +45,14 @@ def exit_on_user_error(fn: Callable) -> Callable:
     return wrapper
 
 
-# Overrides that decide where a run's results go and how fast it runs, not what it trains: runs that differ
-# only in these are seeds of one setting (a sweep continued with logger=jsonl, or on a machine with more cores).
-BOOKKEEPING = ("logger.", "logger=", "threads=")
-
-
-def is_bookkeeping(override: str) -> bool:
-    return override.lstrip("+~").startswith(BOOKKEEPING)
-
-
-def setting_name(overrides: list[str]) -> str:
-    """A run's setting (its W&B group, a row of eval.py's report): its overrides without the seed and the
-    bookkeeping ones, so that the seeds of one setting are averaged together."""
-    return run_name([o for o in overrides if not is_bookkeeping(o)], drop=("seed",))
-
-
-def run_name(overrides: list[str], drop: tuple[str, ...] = ()) -> str:
-    """Readable W&B name from the command-line overrides, e.g. "strategy=epi,seed=1"."""
-    keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in drop]
-    return ",".join(keep) or "default"
-
-
 def write_results(out_dir: Path, split: str, results: dict[str, dict[str, float]], scorers: dict[str, str], title: str,
                   predictions: list[dict] | None = None) -> str:
-    """Writes eval_<split>.json and .md next to each other, and predictions_<split>.jsonl (one line per
-    evaluated example: task, prompt, reference, prediction, score, loss) so any number can be audited
-    without code; returns the markdown table."""
+    """The results table of `results` (titled), written with the results and predictions (rundir.write_results);
+    returns the table."""
     table = format_table(results, scorers, title)
-    (out_dir / f"eval_{split}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out_dir / f"eval_{split}.md").write_text(table + "\n")
-    if predictions is not None:
-        lines = (json.dumps(record, ensure_ascii=False) + "\n" for record in predictions)
-        (out_dir / f"predictions_{split}.jsonl").write_text("".join(lines), encoding="utf-8")
+    rundir.write_results(out_dir, split, results, table, predictions)
     return table
+
+
+# Run names live with the run directory; kept importable from here for the report and scripts.
+run_name, setting_name, is_bookkeeping, BOOKKEEPING = rundir.run_name, rundir.setting_name, rundir.is_bookkeeping, rundir.BOOKKEEPING

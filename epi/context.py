@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from epi import rundir
 from epi.logging import RunLogger
 from epi.masks import Masks
 from epi.optim import IsolatedOptimizer
@@ -87,7 +88,7 @@ class TrainerContext:
         """The reporter's job: JSON in the run directory, the table and heatmap to W&B (rank 0 only)."""
         if self.rank != 0:
             return
-        path = self._run_dir / f"{name}.json"
+        path = self._run_dir / rundir.artifact(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=2) + "\n")
         if table is not None:

@@ -16,12 +16,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from epi.rundir import METRICS, WANDB_ID
+
 WANDB_MODES = ("offline", "online", "disabled")
-METRICS = "metrics.jsonl"
 SHORT_NAME = 64  # characters of a W&B run or group name; the full overrides stay in the run's config
-# The run directory's W&B run id, written when W&B first starts there: every later attempt of the run (a resume,
-# a SLURM requeue) continues that W&B run instead of opening a second one under the same name.
-WANDB_ID = "wandb_id"
+# WANDB_ID: the run directory's W&B run id, written when W&B first starts there: every later attempt of the run (a
+# resume, a SLURM requeue) continues that W&B run instead of opening a second one under the same name.
 
 
 def short_name(text: str, limit: int = SHORT_NAME) -> str:

@@ -1,4 +1,5 @@
-"""One run per directory: the lock a run holds for its whole life, and the Hydra record written only once it may run.
+"""The run directory's one owner: the names of its files, the lock a run holds, the Hydra record, the resume policy
+(what a directory may hold when a run starts there, and what it continues), the results a run writes, and run names.
 
 Two runs started into one directory would interleave their events in metrics.jsonl and overwrite each
 other's model; so a run takes an exclusive `fcntl.flock` on `run.lock` in its directory before it
@@ -17,14 +18,17 @@ train.py hands the same three files to `write_hydra_record` once the run has the
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from epi.distributed import requeued
 from epi.errors import RunDirTaken
 
 # Every file a run writes or reads in its directory, spelled here once (tests/test_layout.py checks no other
@@ -117,3 +121,151 @@ def write_hydra_record(run_dir: Path, task: DictConfig, hydra: DictConfig, overr
         tmp = record / f"{name}.tmp"
         OmegaConf.save(node, tmp)
         tmp.replace(record / name)
+
+
+# ---- resume policy ----------------------------------------------------------------------------------------------
+
+# resume=auto: continue this run directory's own checkpoint if it has one, else start the run there. What a SLURM
+# requeue does by default, and what makes one command both start a sweep and, run again, complete it.
+AUTO = "auto"
+# Sections of the config a resumed run must share with its checkpoint.
+RESUME_MUST_MATCH = ("model", "data", "strategy", "schedule", "seed")
+# Keys inside them that decide which files a finished run keeps or whether a model directory's code may run, not what
+# it trains: a resume may change them, and a checkpoint written before they existed still resumes.
+RESUME_MAY_DIFFER = {"schedule": ("keep_checkpoint",), "model": ("trust_remote_code",)}
+
+
+def rank_zero() -> bool:
+    """Whether this process writes the run's files: rank 0 under torchrun or SLURM tasks, and a plain run."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def continues_in_place(resume: str | None) -> bool:
+    """Whether this run continues whatever its directory holds of it: resume=auto, or a job SLURM requeued (after a
+    preemption, or submitit's after a time-out), whose command is the first attempt's and cannot say so."""
+    return resume == AUTO or requeued()
+
+
+def resume_source(resume: str | None, run_dir: Path, auto: bool) -> str | None:
+    """What to load: with `auto`, the run directory's own checkpoint if it has one, else the checkpoint `resume`
+    names (a requeued job whose first attempt resumed another run's and had not written its own yet), else
+    nothing; without it, `resume` as given."""
+    if not auto:
+        return resume
+    if (run_dir / CHECKPOINT).is_file():
+        return str(run_dir)
+    return None if resume in (None, AUTO) else resume
+
+
+def trained_settings(config: dict[str, Any], section: str) -> Any:
+    """`config[section]` as far as it decides what a run trains: without its RESUME_MAY_DIFFER keys."""
+    value = config.get(section)
+    if isinstance(value, dict):
+        value = {k: v for k, v in value.items() if k not in RESUME_MAY_DIFFER.get(section, ())}
+    return value
+
+
+def changed_settings(saved: dict[str, Any], cfg: DictConfig) -> list[str]:
+    """The RESUME_MUST_MATCH sections in which `cfg` trains something else than the `saved` config did."""
+    now = OmegaConf.to_container(cfg, resolve=True)
+    return [k for k in RESUME_MUST_MATCH if trained_settings(saved, k) != trained_settings(now, k)]
+
+
+def same_run_or_refuse(cfg: DictConfig, run_dir: Path, what: str) -> None:
+    """resume=auto continues only its own run: the one whose config.yaml in `run_dir` trains what `cfg` trains."""
+    path = run_dir / CONFIG
+    if not path.is_file():
+        return
+    if changed := changed_settings(OmegaConf.to_container(OmegaConf.load(path), resolve=True), cfg):
+        raise RunDirTaken(
+            f"resume={AUTO}: {run_dir} holds {what} trained with different {changed} ({path}); continue it with its own "
+            "settings, or start this run in a new directory (hydra.run.dir=..., or hydra.sweep.dir=... for a sweep)."
+        )
+
+
+def refuse_taken(run_dir: Path, taken: list[str]) -> None:
+    """A new run in a directory that holds one would mix its events into the old one's."""
+    raise RunDirTaken(
+        f"{run_dir} already holds a run ({', '.join(taken)}); a new run there would mix with it. Use a new "
+        f"directory (hydra.run.dir=...), or continue that run with resume={run_dir} hydra.run.dir={run_dir} "
+        f"(or resume={AUTO})."
+    )
+
+
+def finished_results(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]] | None:
+    """The results of this run if `run_dir` holds it finished (model/ and its results written, checkpoint removed),
+    else None. Nothing is trained or written again: a finished job of a sweep started again with resume=auto, or
+    requeued after it finished, is complete."""
+    if (run_dir / CHECKPOINT).exists() or not (run_dir / MODEL).is_dir() or not any(run_dir.glob(eval_results("*"))):
+        return None
+    same_run_or_refuse(cfg, run_dir, "a finished run")
+    results = run_dir / eval_results(cfg.eval.split)
+    if not results.is_file():
+        raise RunDirTaken(
+            f"resume={AUTO}: {run_dir} holds this run, finished and evaluated on another split than eval.split="
+            f"{cfg.eval.split}; evaluate it on that split with eval.py run_dir={run_dir} eval.split={cfg.eval.split}."
+        )
+    if rank_zero():
+        print(f"{run_dir} holds this run, finished ({results.name} written); nothing to do (resume={AUTO})")
+    return json.loads(results.read_text())
+
+
+def refuse_finished(resume: str) -> None:
+    """A run that finished removed its checkpoint (schedule.keep_checkpoint=false): resuming it says so in
+    one line, instead of only that the file is missing."""
+    path = Path(resume)
+    run = path.parent if path.name == CHECKPOINT else path
+    results = sorted(run.glob(eval_results("*")))
+    if (run / CHECKPOINT).exists() or not (run / MODEL).is_dir() or not results:
+        return
+    raise RunDirTaken(
+        f"resume={resume!r}: {run} holds a run that already finished (model/ and {results[0].name} written), and "
+        f"its {CHECKPOINT} was removed then (schedule.keep_checkpoint=false); there is nothing left to "
+        f"resume. Evaluate it with eval.py run_dir={run}, or train further from its weights as a new run: "
+        f"model=hf model.name_or_path={run / MODEL} hydra.run.dir=<a new directory>."
+    )
+
+
+def replace_attempt(run_dir: Path) -> None:
+    """resume=auto in a directory whose earlier attempt of this run stopped before its first checkpoint: nothing
+    there can be continued, so the run starts afresh and that attempt's events are removed (by rank 0, once this
+    run holds the directory; `same_run_or_refuse` checked first that it is this run's). The W&B run id stays: the
+    new attempt continues the same W&B run."""
+    for name in ATTEMPT_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    print(f"resume={AUTO}: {run_dir} has no {CHECKPOINT} yet (an earlier attempt stopped before its first); starting the run afresh there")
+
+
+# ---- results and names ------------------------------------------------------------------------------------------
+
+
+def write_results(out_dir: Path, split: str, results: dict[str, dict[str, float]], table: str,
+                  predictions_: list[dict] | None = None) -> None:
+    """eval_<split>.json and its markdown `table` next to each other, and predictions_<split>.jsonl (one line per
+    evaluated example: task, prompt, reference, prediction, score, loss) so any number can be audited without code."""
+    (out_dir / eval_results(split)).write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / eval_table(split)).write_text(table + "\n")
+    if predictions_ is not None:
+        lines = (json.dumps(record, ensure_ascii=False) + "\n" for record in predictions_)
+        (out_dir / predictions(split)).write_text("".join(lines), encoding="utf-8")
+
+
+# Overrides that decide where a run's results go and how fast it runs, not what it trains: runs that differ
+# only in these are seeds of one setting (a sweep continued with logger=jsonl, or on a machine with more cores).
+BOOKKEEPING = ("logger.", "logger=", "threads=")
+
+
+def is_bookkeeping(override: str) -> bool:
+    return override.lstrip("+~").startswith(BOOKKEEPING)
+
+
+def run_name(overrides: list[str], drop: tuple[str, ...] = ()) -> str:
+    """Readable W&B name from the command-line overrides, e.g. "strategy=epi,seed=1"."""
+    keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in drop]
+    return ",".join(keep) or "default"
+
+
+def setting_name(overrides: list[str]) -> str:
+    """A run's setting (its W&B group, a row of eval.py's report): its overrides without the seed and the
+    bookkeeping ones, so that the seeds of one setting are averaged together."""
+    return run_name([o for o in overrides if not is_bookkeeping(o)], drop=("seed",))

@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from tqdm import tqdm
 
-from epi import checkpoint, retention
+from epi import checkpoint, retention, rundir
 from epi.components import build
 from epi.context import TrainerContext
 from epi.data.contamination import contamination, contamination_warning
@@ -338,7 +338,7 @@ class Trainer:
         for task in self.tasks:  # a few predictions per task on the dashboard; all of them in predictions_<split>.jsonl
             rows = [[r["prompt"], r["reference"], r["prediction"], r["score"], r["loss"]] for r in self.predictions if r["task"] == task]
             self.logger.table(f"predictions/{task}", ["prompt", "reference", "prediction", "score", "loss"], rows[:PREDICTION_SAMPLE])
-        self.save_model(self.run_dir / "model")
+        self.save_model(self.run_dir / rundir.MODEL)
         self.logger.close()
         return results
 
@@ -667,7 +667,7 @@ class Trainer:
             "corpus_sha256": self.retention.corpus_sha256, "passages": len(self.retention.passages),
             "tokens_per_passage": self.cfg.data.max_len, "before": self.retention_before, "after": after,
         }
-        (self.run_dir / "retention.json").write_text(json.dumps(data, indent=2) + "\n")
+        (self.run_dir / rundir.RETENTION).write_text(json.dumps(data, indent=2) + "\n")
 
     def save_model(self, path: Path) -> None:
         """The final model in Hugging Face format, written to a temporary directory and renamed into place.
@@ -699,7 +699,7 @@ class Trainer:
         if self.rank != 0:
             return
         checkpoint.save(
-            self.run_dir / checkpoint.FILENAME,
+            self.run_dir / rundir.CHECKPOINT,
             {
                 "step": self.step,
                 **tensors,
@@ -737,7 +737,7 @@ class Trainer:
         """Where a stopped run can resume from, for the line that stops it."""
         if self.last_checkpoint is None:
             return "no checkpoint had been written yet"
-        return f"the last good checkpoint is {self.run_dir / checkpoint.FILENAME} (step {self.last_checkpoint})"
+        return f"the last good checkpoint is {self.run_dir / rundir.CHECKPOINT} (step {self.last_checkpoint})"
 
     def _engine_state(self) -> dict[str, Any]:
         """The isolation engine's own state (masks of this rank's shards) without the inner optimizer's, which DCP saves."""

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import train as train_script
+from epi import run as train_script
 from epi import checkpoint
 from epi.errors import UserError
 from epi.trainer import Trainer

@@ -22,7 +22,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-import train as train_script
+from epi import run as train_script
 from epi import checkpoint
 from epi.distributed import export_launcher_env, first_host, master_port
 from epi.errors import UserError

@@ -18,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-import train as train_script
+from epi import run as train_script
 from epi import checkpoint
 from epi.errors import TrainingDiverged, UserError
 from epi.logging import read_metrics
