@@ -1,4 +1,4 @@
-"""Plots drawn from run directories' metrics.jsonl (no W&B needed)."""
+"""Plots drawn from run directories' metrics (rundir.METRICS, read by epi.logging.read_metrics; no W&B needed)."""
 
 from __future__ import annotations
 
