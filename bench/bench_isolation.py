@@ -51,7 +51,7 @@ def tensor_bytes(obj) -> int:
 def build(model: str, strategy: str, refresh_every: int, batch_size: int, workdir: Path, mode: str = "freeze",
           task_split: str = "rows") -> Trainer:
     overrides = [f"model={model}", f"strategy={strategy}", "logger=jsonl", "device=cpu", "data.n_train=512", "data.n_val=8",
-                 "data.n_test=8", f"schedule.batch_size={batch_size}", f"schedule.task_split={task_split}"]
+                 "data.n_test=8", f"schedule.batch_size={batch_size}", f"isolation.task_split={task_split}"]
     if strategy != "none":
         overrides += ["strategy.warmup=1", f"strategy.refresh_every={refresh_every}", f"strategy.mode={mode}"]
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--mode", choices=("freeze", "exclusive"), default="freeze", help="strategy.mode of the EPI side")
     parser.add_argument("--task-split", choices=("rows", "micro_batches"), default="rows",
-                        help="schedule.task_split of the EPI side (exclusive mode: how the tasks' gradients are kept apart)")
+                        help="isolation.task_split of the EPI side (exclusive mode: how the tasks' gradients are kept apart)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, refresh_every={args.refresh_every}, batch {args.batch_size}x<=128 tokens, "

@@ -163,7 +163,7 @@ def find(resume: str) -> Path:
         raise UserError(
             f"resume={resume!r}: no checkpoint at {path}. Pass a run directory that holds {FILENAME} "
             "(runs write one every schedule.checkpoint_every steps and at the end, removed once the run finishes unless "
-            "schedule.keep_checkpoint=true)."
+            "keep_checkpoint=true)."
         )
     return path
 
@@ -291,6 +291,6 @@ def load_shards(checkpoint_path: Path, state: dict[str, Any], model: torch.nn.Mo
 
 
 def remove(run_dir: Path) -> None:
-    """A finished run's checkpoint, sharded or not (schedule.keep_checkpoint=false)."""
+    """A finished run's checkpoint, sharded or not (keep_checkpoint=false)."""
     (Path(run_dir) / FILENAME).unlink(missing_ok=True)
     shutil.rmtree(Path(run_dir) / SHARDS, ignore_errors=True)

@@ -53,9 +53,6 @@ class ScheduleConfig(Schema):
     steps: Positive
     batch_size: Positive
     grad_accum: Positive
-    lr: Annotated[float, positive("schedule.lr=3e-3")]
-    betas: list[Annotated[float, within(0, 1, open_high=True)]]
-    weight_decay: Annotated[float, at_least(0)]
     warmup_steps: Annotated[int, at_least(0)]
     decay: Literal[DECAYS]
     min_lr_ratio: Annotated[float, within(0, 1)]
@@ -65,17 +62,32 @@ class ScheduleConfig(Schema):
     compile: bool  # torch.compile the training forward (epi/loss.py); evaluation and the optimizer stay eager
     group_by_length: Annotated[int, Rule(lambda v: v >= 0, "must be an integer >= 0 (0 = off; HF's mega-batch is 50)")]
     nonfinite: Literal[NONFINITE]
-    isolated_moments: Literal[MOMENT_POLICIES]
-    task_split: Literal[TASK_SPLITS]  # exclusive isolation: one backward split by rows, or one micro-batch per task (epi/task_split.py)
     stages: list[StageConfig] | None
     log_every: Every
     eval_every: Every
     checkpoint_every: Every
-    keep_checkpoint: bool  # a finished run's checkpoint.pt: kept, or removed once model/ and the results are written
+
+
+@dataclass
+class OptimizerConfig(Schema):
+    """The keys of the `optimizer` group this project reads or checks; any other key goes to the optimizer's
+    constructor (checked against its signature). lr, betas and weight_decay live here only."""
+
+    lr: Annotated[float, positive("optimizer.lr=3e-3")]
+    weight_decay: Annotated[float, at_least(0)] = 0.0  # decoupled, on matrices only (norms and biases: 0)
+    betas: list[Annotated[float, within(0, 1, open_high=True)]] | None = None  # Adam-type optimizers
 
     def check(self, key: str) -> None:
-        if len(self.betas) != 2:
+        if self.betas is not None and len(self.betas) != 2:
             raise fail(f"{key}.betas", self.betas, "must be two numbers in [0, 1)")
+
+
+@dataclass
+class IsolationConfig(Schema):
+    """The isolation engine (epi/optim.py): how isolated coordinates are held, whatever the strategy isolates."""
+
+    moments: Literal[MOMENT_POLICIES]  # track: moments of isolated coordinates follow their true gradients | reset
+    task_split: Literal[TASK_SPLITS]  # exclusive isolation: one backward split by rows, or one micro-batch per task (epi/task_split.py)
 
 
 @dataclass
@@ -159,8 +171,8 @@ class HFModelConfig(Schema):
 MODELS = {"tiny": TinyModelConfig, "hf": HFModelConfig}
 
 # The top level of the composed config: the groups of conf/config.yaml's defaults and its own keys.
-GROUPS = ("model", "data", "strategy", "schedule", "optimizer", "parallel", "lr_scheduler", "logger", "eval")
-ROOT_KEYS = (*GROUPS, "seed", "device", "resume", "threads")
+GROUPS = ("model", "data", "strategy", "schedule", "optimizer", "isolation", "parallel", "lr_scheduler", "logger", "eval")
+ROOT_KEYS = (*GROUPS, "seed", "device", "keep_checkpoint", "resume", "threads")
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
@@ -206,6 +218,8 @@ def validate(cfg: DictConfig, known_tasks: set[str]) -> None:
         raise fail("seed", cfg.seed, "must be an integer")
     if cfg.threads is not None and (not isinstance(cfg.threads, int) or isinstance(cfg.threads, bool) or cfg.threads < 1):
         raise fail("threads", cfg.threads, "must be a positive integer, or null for cores / concurrent jobs")
+    if not isinstance(cfg.keep_checkpoint, bool):
+        raise fail("keep_checkpoint", cfg.keep_checkpoint, "must be true or false")
     if cfg.resume is not None and not isinstance(cfg.resume, str):
         raise fail("resume", cfg.resume, "must be a run directory (or its checkpoint.pt), or auto")
     if cfg.device not in DEVICES:
@@ -222,6 +236,9 @@ def validate(cfg: DictConfig, known_tasks: set[str]) -> None:
     parallel = parse(cfg.parallel, ParallelConfig, "parallel")
     parse(cfg.logger, LoggerConfig, "logger", ignore=("_target_", "_partial_"))
     check_keys(cfg.optimizer, "optimizer")
+    optimizer = {k: v for k, v in OmegaConf.to_container(cfg.optimizer, resolve=True).items() if k in ("lr", "weight_decay", "betas")}
+    parse(optimizer, OptimizerConfig, "optimizer")
+    parse(cfg.isolation, IsolationConfig, "isolation")
     check_keys(cfg.lr_scheduler, "lr_scheduler")
     strategy = build_strategy(cfg.strategy, quiet=True)  # the strategy's own schema (Strategy.Config)
     if parallel.name == "fsdp":

@@ -83,7 +83,7 @@ def train(cfg: DictConfig, run_dir: Path, hydra_record: Callable[[Path], None] |
             scorers = {name: task.scorer for name, task in trainer.tasks.items()}
             title = f"{short_name(cfg.logger.name or 'run')} ({cfg.eval.split} split, {run_dir})"
             print(write_results(run_dir, cfg.eval.split, results, scorers, title, trainer.predictions))
-            if not cfg.schedule.keep_checkpoint:  # the run is complete: nothing is left to resume
+            if not cfg.keep_checkpoint:  # the run is complete: nothing is left to resume
                 checkpoint.remove(run_dir)  # checkpoint.pt, and checkpoint.shards/ under parallel=fsdp
         return results
 

@@ -36,7 +36,7 @@ from epi.errors import RunDirTaken
 CONFIG = "config.yaml"            # the resolved config the run trained with
 METRICS = "metrics.jsonl"         # one event per line: {step, split, task, metric, value}
 MODEL = "model"                   # the final Hugging Face model (save_pretrained)
-CHECKPOINT = "checkpoint.pt"      # the latest checkpoint; removed once the run finished unless schedule.keep_checkpoint
+CHECKPOINT = "checkpoint.pt"      # the latest checkpoint; removed once the run finished unless keep_checkpoint
 SHARDS = "checkpoint.shards"      # parallel=fsdp: beside checkpoint.pt, one directory per saved step
 ERROR = "error.txt"               # a sweep job that failed: its one error line
 LOG = "train.log"                 # Hydra's job log (stdout and stderr of the run)
@@ -129,10 +129,10 @@ def write_hydra_record(run_dir: Path, task: DictConfig, hydra: DictConfig, overr
 # requeue does by default, and what makes one command both start a sweep and, run again, complete it.
 AUTO = "auto"
 # Sections of the config a resumed run must share with its checkpoint.
-RESUME_MUST_MATCH = ("model", "data", "strategy", "schedule", "seed")
-# Keys inside them that decide which files a finished run keeps or whether a model directory's code may run, not what
-# it trains: a resume may change them, and a checkpoint written before they existed still resumes.
-RESUME_MAY_DIFFER = {"schedule": ("keep_checkpoint",), "model": ("trust_remote_code",)}
+RESUME_MUST_MATCH = ("model", "data", "strategy", "schedule", "optimizer", "isolation", "seed")
+# Keys inside them that decide whether a model directory's code may run, not what it trains: a resume may change
+# them, and a checkpoint written before they existed still resumes. (keep_checkpoint, a top-level key, may differ too.)
+RESUME_MAY_DIFFER = {"model": ("trust_remote_code",)}
 
 
 def rank_zero() -> bool:
@@ -211,7 +211,7 @@ def finished_results(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, floa
 
 
 def refuse_finished(resume: str) -> None:
-    """A run that finished removed its checkpoint (schedule.keep_checkpoint=false): resuming it says so in
+    """A run that finished removed its checkpoint (keep_checkpoint=false): resuming it says so in
     one line, instead of only that the file is missing."""
     path = Path(resume)
     run = path.parent if path.name == CHECKPOINT else path
@@ -220,7 +220,7 @@ def refuse_finished(resume: str) -> None:
         return
     raise RunDirTaken(
         f"resume={resume!r}: {run} holds a run that already finished (model/ and {results[0].name} written), and "
-        f"its {CHECKPOINT} was removed then (schedule.keep_checkpoint=false); there is nothing left to "
+        f"its {CHECKPOINT} was removed then (keep_checkpoint=false); there is nothing left to "
         f"resume. Evaluate it with eval.py run_dir={run}, or train further from its weights as a new run: "
         f"model=hf model.name_or_path={run / MODEL} hydra.run.dir=<a new directory>."
     )

@@ -1,4 +1,4 @@
-"""Per-task weight gradients from one backward of a mixed batch (`schedule.task_split=rows`).
+"""Per-task weight gradients from one backward of a mixed batch (`isolation.task_split=rows`).
 
 Exclusive isolation (`strategy.mode=exclusive`, `epi/optim.py`) needs, for every coordinate another
 task owns, the gradient without the current task's contribution. The reference way runs the batch as
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-TASK_SPLITS = ("rows", "micro_batches")  # schedule.task_split
+TASK_SPLITS = ("rows", "micro_batches")  # isolation.task_split
 
 Layers = dict[nn.Linear, dict[str, str]]  # a plain nn.Linear -> {"weight" | "bias": its parameter's name}
 

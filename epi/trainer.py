@@ -245,7 +245,7 @@ class Trainer:
                 "a plain torch.optim.Optimizer.step() built with _partial_: true; this is not one (or needs a closure "
                 "per step, as LBFGS does)"
             )
-        groups = param_groups(named, optimizer_args.pop("weight_decay", self.cfg.schedule.weight_decay))
+        groups = param_groups(named, optimizer_args.pop("weight_decay", self.cfg.optimizer.get("weight_decay", 0.0)))
         inner = make_optimizer(groups, **optimizer_args)
         sizes = {task: len(rows) for task, rows in self.train_sets.items() if task in weights}
         lengths = {task: [len(r["input_ids"]) for r in self.train_sets[task]] for task in sizes}
@@ -254,7 +254,7 @@ class Trainer:
             model=model,
             forward=forward,
             named_params=named,
-            optimizer=IsolatedOptimizer(inner, named, moments=self.cfg.schedule.isolated_moments,
+            optimizer=IsolatedOptimizer(inner, named, moments=self.cfg.isolation.moments,
                                         shards=Shards.of(named) if self.sharded else None),
             scheduler=None,
             sampler=MixtureSampler(sizes, weights, seed=self.cfg.seed, lengths=lengths),
@@ -413,7 +413,7 @@ class Trainer:
         s = self.cfg.schedule
         raise TrainingDiverged(
             f"{what}; training diverged and was stopped before the update; {last}, and no model was saved. "
-            f"Usual fixes: a lower schedule.lr (now {s.lr:g}, lr at this step {lr:.3g}), a longer schedule.warmup_steps "
+            f"Usual fixes: a lower optimizer.lr (now {self.cfg.optimizer.lr:g}, lr at this step {lr:.3g}), a longer schedule.warmup_steps "
             f"(now {s.warmup_steps}), schedule.clip_norm (now {s.clip_norm}), schedule.precision=fp32 (now {s.precision}); "
             "or schedule.nonfinite=skip to drop such updates and count them."
         )
@@ -440,10 +440,10 @@ class Trainer:
         return {owned: plan if isinstance(plan, str) else None for owned, plan in self._rows_plan.items()}
 
     def _row_layers(self, learner: Learner) -> Layers | None:
-        """The layers `schedule.task_split=rows` splits for the coordinates owned now, or None where it is not
+        """The layers `isolation.task_split=rows` splits for the coordinates owned now, or None where it is not
         asked for or cannot run; then it says why once (the micro-batch path gives the same to float rounding).
         Worked out once per set of owned parameters, not per step."""
-        if self.cfg.schedule.task_split != "rows":
+        if self.cfg.isolation.task_split != "rows":
             return None
         owned = learner.optimizer.exclusive_params
         if owned not in self._rows_plan:
@@ -452,7 +452,7 @@ class Trainer:
             why = rows_unavailable(model, set(owned), self.world, self.cfg.schedule.compile, bool(getattr(model, flag, False)),
                                    self.cfg.schedule.lm_head)
             if why and self.rank == 0 and not any(isinstance(plan, str) for plan in self._rows_plan.values()):
-                tqdm.write(f"schedule.task_split=rows: {why}; exclusive isolation runs task-homogeneous micro-batches")
+                tqdm.write(f"isolation.task_split=rows: {why}; exclusive isolation runs task-homogeneous micro-batches")
             self._rows_plan[owned] = why or linear_layers(model, set(owned))
         plan = self._rows_plan[owned]
         return None if isinstance(plan, str) else plan
@@ -466,7 +466,7 @@ class Trainer:
         examples of one batch k times as large. Under `schedule.group_by_length` the pool of
         length-grouped batches ends with the current weights (`learner.horizon`). Under exclusive
         isolation each task's gradient must be kept from the coordinates it does not own: with
-        `schedule.task_split=rows` each micro-batch's rows are ordered by task (`MicroBatch.split`), else
+        `isolation.task_split=rows` each micro-batch's rows are ordered by task (`MicroBatch.split`), else
         the same examples run as task-homogeneous micro-batches of at most batch_size (`_by_task`).
         """
         s = self.cfg.schedule
@@ -729,7 +729,7 @@ class Trainer:
         raise TrainingDiverged(
             f"step {self.step}: the weights are not finite after the update (its loss and gradient norm were finite: an "
             f"update too large); training was stopped and this state was not saved; {last}, and no model was saved. "
-            f"Usual fixes: a lower schedule.lr (now {s.lr:g}), a longer schedule.warmup_steps (now {s.warmup_steps}), "
+            f"Usual fixes: a lower optimizer.lr (now {self.cfg.optimizer.lr:g}), a longer schedule.warmup_steps (now {s.warmup_steps}), "
             f"schedule.clip_norm (now {s.clip_norm})."
         )
 

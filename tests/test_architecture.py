@@ -163,7 +163,7 @@ def test_every_group_parses_against_its_schema_and_unknown_keys_are_named() -> N
 
 def test_the_optimizer_is_a_config_node_and_the_engine_wraps_it(tmp_path: Path) -> None:
     (tmp_path / "sgd").mkdir()
-    trainer = Trainer(make_cfg("strategy=fixed", "optimizer=sgd", "schedule.weight_decay=0.5"), tmp_path / "sgd")
+    trainer = Trainer(make_cfg("strategy=fixed", "optimizer=sgd", "optimizer.weight_decay=0.5"), tmp_path / "sgd")
     frozen = trainer.model.model.embed_tokens.weight.detach().clone()
     trainer.fit()
     assert isinstance(trainer.optimizer.optimizer, torch.optim.SGD)
@@ -191,7 +191,7 @@ def test_strategies_write_no_files_themselves() -> None:
 
 def test_the_worked_example_strategy_freezes_its_module_from_the_cli(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    proc = run_script("train.py", *TINY, "strategy=fixed", "strategy.modules=[model.layers.0.mlp]", "schedule.weight_decay=0.5",
+    proc = run_script("train.py", *TINY, "strategy=fixed", "strategy.modules=[model.layers.0.mlp]", "optimizer.weight_decay=0.5",
                       f"hydra.run.dir={run}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fixed: 3 tensors frozen" in proc.stdout

@@ -47,7 +47,7 @@ def test_stage_orders() -> None:
     assert len({str(s) for s in shuffled}) > 1
 
 
-CPI_FAST = ["strategy=cpi", "strategy.probe_steps=4", "strategy.p=0.1", "strategy.tau=2.0", "schedule.steps=15", "schedule.weight_decay=0.5", "schedule.lr=1e-2"]
+CPI_FAST = ["strategy=cpi", "strategy.probe_steps=4", "strategy.p=0.1", "strategy.tau=2.0", "schedule.steps=15", "optimizer.weight_decay=0.5", "optimizer.lr=1e-2"]
 
 
 class WatchedCPI(CPI):

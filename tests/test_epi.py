@@ -15,7 +15,7 @@ from epi.strategies.epi import EPI, EPIConfig
 from epi.trainer import Trainer
 from tests.conftest import make_cfg
 
-EPI_FAST = ["strategy=epi", "strategy.p=0.2", "strategy.warmup=2", "strategy.refresh_every=3", "schedule.steps=14", "schedule.weight_decay=0.5", "schedule.lr=1e-2"]
+EPI_FAST = ["strategy=epi", "strategy.p=0.2", "strategy.warmup=2", "strategy.refresh_every=3", "schedule.steps=14", "optimizer.weight_decay=0.5", "optimizer.lr=1e-2"]
 
 
 class WatchedEPI(EPI):
@@ -65,7 +65,7 @@ def watched(*extra: str):
 
 @pytest.mark.parametrize("moments", ["track", "reset"])
 def test_isolated_coordinates_bit_identical_across_refreshes_with_weight_decay(tmp_path: Path, moments: str) -> None:
-    trainer = Trainer(watched(f"schedule.isolated_moments={moments}", "strategy.beta=0.9" if moments == "reset" else "strategy.beta=null"), tmp_path)
+    trainer = Trainer(watched(f"isolation.moments={moments}", "strategy.beta=0.9" if moments == "reset" else "strategy.beta=null"), tmp_path)
     trainer.fit()  # WatchedEPI asserts after every step
     refreshes = [step for step, _ in trainer.strategy.history if trainer.strategy.is_refresh(step)]
     assert refreshes == [2, 5, 8, 11, 14]

@@ -18,7 +18,7 @@ from tests.conftest import TINY, make_cfg, run_script
 @pytest.mark.parametrize(
     "override,needle",
     [
-        ("schedule.lr=-1", "schedule.lr=-1"),
+        ("optimizer.lr=-1", "optimizer.lr=-1"),
         ("schedule.steps=0", "schedule.steps=0"),
         ("schedule.decay=exp", "schedule.decay='exp'"),
         ("schedule.clip_norm=-2", "schedule.clip_norm=-2"),
@@ -27,17 +27,17 @@ from tests.conftest import TINY, make_cfg, run_script
         ("+data.weights.math=-1", "data.weights.math=-1"),
         ("eval.split=dev", "eval.split='dev'"),
         ("logger.mode=sometimes", "logger.mode='sometimes'"),
-        ("schedule.isolated_moments=freeze", "schedule.isolated_moments='freeze'"),
+        ("isolation.moments=freeze", "isolation.moments='freeze'"),
         ("schedule.nonfinite=ignore", "schedule.nonfinite='ignore'"),
-        ("schedule.task_split=tokens", "schedule.task_split='tokens'"),
+        ("isolation.task_split=tokens", "isolation.task_split='tokens'"),
         ("model.kind=gpt", "model.kind='gpt'"),
         ("model.dtype=fp8", "model.dtype='fp8'"),
         ("data.n_train=60000", "data.n_train=60000: the built-in tasks generate at most 50000"),
         ("data.contamination_warn=2", "data.contamination_warn=2"),
         # non-finite numbers pass every `> 0` rule: refused wherever they stand, group keys and optimizer keys alike
-        ("schedule.lr=inf", "schedule.lr=inf: must be a finite number"),
-        ("schedule.betas=[0.9,nan]", "schedule.betas[1]=nan: must be a finite number"),
-        ("schedule.weight_decay=inf", "schedule.weight_decay=inf: must be a finite number"),
+        ("optimizer.lr=inf", "optimizer.lr=inf: must be a finite number"),
+        ("optimizer.betas=[0.9,nan]", "optimizer.betas[1]=nan: must be a finite number"),
+        ("optimizer.weight_decay=inf", "optimizer.weight_decay=inf: must be a finite number"),
         ("schedule.clip_norm=inf", "schedule.clip_norm=inf: must be a finite number"),
         ("+optimizer.eps=nan", "optimizer.eps=nan: must be a finite number"),
         ("strategy.p=nan", "strategy.p=nan: must be a finite number"),
@@ -69,7 +69,7 @@ def test_weights_made_non_finite_by_a_finite_loss_step_are_never_checkpointed(tm
     """lr=1e300 is a finite config value, but AdamW's fp32 update makes every weight inf at step 1 while that step's
     loss and gradient norm are finite: the run stops there (exit 3) and writes no checkpoint of that state."""
     run = tmp_path / "run"
-    proc = run_script("train.py", *TINY, "strategy=none", "schedule.lr=1e300", "schedule.checkpoint_every=1",
+    proc = run_script("train.py", *TINY, "strategy=none", "optimizer.lr=1e300", "schedule.checkpoint_every=1",
                       f"hydra.run.dir={run}", cwd=tmp_path)
     assert proc.returncode == 3, proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
@@ -84,9 +84,9 @@ def test_unknown_model_id_fails_fast_with_the_fix() -> None:
 
 
 def test_cli_exits_non_zero_with_one_line(tmp_path: Path) -> None:
-    proc = run_script("train.py", *TINY, "schedule.lr=-1", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    proc = run_script("train.py", *TINY, "optimizer.lr=-1", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: schedule.lr=-1: must be > 0")
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: optimizer.lr=-1: must be > 0")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 

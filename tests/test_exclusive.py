@@ -21,7 +21,7 @@ from epi.trainer import Trainer
 from tests.conftest import TINY, crash_and_resume, make_cfg, two_ranks_and_one_process
 
 EXCLUSIVE = ["strategy=epi", "strategy.mode=exclusive", "strategy.p=0.1", "strategy.warmup=2", "strategy.refresh_every=3",
-             "schedule.steps=12", "schedule.weight_decay=0.5", "schedule.lr=1e-2"]
+             "schedule.steps=12", "optimizer.weight_decay=0.5", "optimizer.lr=1e-2"]
 
 
 # --- the engine ------------------------------------------------------------------------------
@@ -196,7 +196,7 @@ def test_exclusive_state_is_under_a_byte_per_parameter_for_five_tasks(tmp_path: 
 
 def test_exclusive_cpi_lets_a_groups_cores_move_under_its_own_tasks_only(tmp_path: Path) -> None:
     cfg = make_cfg("strategy=cpi", "strategy.mode=exclusive", "strategy.probe_steps=2", "strategy.tau=1.01", "strategy.p=0.1",
-                   f"strategy.cache_dir={tmp_path / 'cache'}", "schedule.steps=10", "schedule.batch_size=2", "schedule.weight_decay=0.5")
+                   f"strategy.cache_dir={tmp_path / 'cache'}", "schedule.steps=10", "schedule.batch_size=2", "optimizer.weight_decay=0.5")
     (tmp_path / "run").mkdir()
     trainer = Trainer(cfg, tmp_path / "run")
     assert isinstance(trainer.strategy, CPI) and len(trainer.strategy.groups) == 5  # tau > 1: every task its own group
@@ -230,7 +230,7 @@ def test_two_ranks_equal_one_process_under_exclusive_isolation(tmp_path: Path) -
                                          "strategy.refresh_every=2", "strategy.p=0.1", "schedule.steps=4", "schedule.batch_size=8"])
 
 
-# --- schedule.task_split: one backward split by rows against one backward per task -------------
+# --- isolation.task_split: one backward split by rows against one backward per task -------------
 
 class TwoLinears(nn.Module):
     def __init__(self) -> None:
@@ -283,7 +283,7 @@ def test_split_by_rows_gives_each_coordinate_its_owners_gradient_only() -> None:
 
 def run_split(tmp_path: Path, split: str, *extra: str) -> Trainer:
     (tmp_path / split).mkdir(parents=True)
-    trainer = Trainer(make_cfg(*EXCLUSIVE, "schedule.batch_size=8", f"schedule.task_split={split}", *extra), tmp_path / split)
+    trainer = Trainer(make_cfg(*EXCLUSIVE, "schedule.batch_size=8", f"isolation.task_split={split}", *extra), tmp_path / split)
     trainer.fit()
     return trainer
 
@@ -300,7 +300,7 @@ def test_rows_and_micro_batches_train_the_same_model(tmp_path: Path) -> None:
 
 def test_micro_batches_hold_absent_tasks_coordinates_bit_for_bit(tmp_path: Path) -> None:
     """The reference path keeps the guarantee the default (`rows`) is checked for above."""
-    trainer = Trainer(make_cfg(*EXCLUSIVE, "schedule.batch_size=2", "schedule.task_split=micro_batches"), tmp_path)
+    trainer = Trainer(make_cfg(*EXCLUSIVE, "schedule.batch_size=2", "isolation.task_split=micro_batches"), tmp_path)
     watched = Watched(trainer)
     trainer.fit()
     assert watched.checked > 10 and watched.moved > 0
@@ -311,7 +311,7 @@ def test_rows_says_once_why_it_cannot_run_and_trains_micro_batches(tmp_path: Pat
 
     trainer = run_split(tmp_path, "rows", "strategy.include.norms=true")  # a norm's weight is not a linear layer's
     out = capsys.readouterr().out
-    assert out.count("schedule.task_split=rows:") == 1 and "not a plain nn.Linear" in out
+    assert out.count("isolation.task_split=rows:") == 1 and "not a plain nn.Linear" in out
     assert any(why for why in trainer._rows_why.values())
     owned = {"model.layers.0.mlp.up_proj.weight"}
     assert rows_unavailable(trainer.model, owned, world=1, compiled=False, checkpointing=False) is None

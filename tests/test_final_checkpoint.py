@@ -1,4 +1,4 @@
-"""Issue 15: a finished run removes its checkpoint.pt unless `schedule.keep_checkpoint=true`.
+"""Issue 15: a finished run removes its checkpoint.pt unless `keep_checkpoint=true`.
 
 The final checkpoint is still written before the final evaluation, so a run that dies while it
 evaluates, writes model/ or writes its results resumes to the same weights; only once the last
@@ -44,7 +44,7 @@ def test_a_finished_run_has_its_model_and_results_but_no_checkpoint(straight: Pa
 
 def test_keep_checkpoint_keeps_a_loadable_final_checkpoint(tmp_path: Path, straight: Path) -> None:
     run = tmp_path / "run"
-    train_script.train(make_cfg(*COMMON, "schedule.keep_checkpoint=true"), run)
+    train_script.train(make_cfg(*COMMON, "keep_checkpoint=true"), run)
     assert set(RESULTS) <= {p.name for p in run.iterdir()}
     state = checkpoint.load(str(run))
     assert state["step"] == 6
@@ -109,7 +109,7 @@ def test_a_resume_may_change_keep_checkpoint(tmp_path: Path, monkeypatch: pytest
         crash_in_final_evaluation(patch)
         with pytest.raises(KeyboardInterrupt):
             train_script.train(make_cfg(*COMMON), run)
-    train_script.train(make_cfg(*COMMON, "schedule.keep_checkpoint=true", f"resume={run}"), run)
+    train_script.train(make_cfg(*COMMON, "keep_checkpoint=true", f"resume={run}"), run)
     assert checkpoint.load(str(run))["step"] == 6 and (run / "eval_test.json").is_file()
 
 
@@ -130,6 +130,6 @@ def test_resuming_a_finished_run_from_the_command_line_is_one_line_and_touches_n
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0] == proc.stderr.strip().splitlines()[-1] and "Traceback" not in proc.stderr
     assert errors[0].startswith(f"error: resume='{run}': {run} holds a run that already finished")
-    assert "schedule.keep_checkpoint=false" in errors[0]
+    assert "keep_checkpoint=false" in errors[0]
     assert {name: (run / name).stat().st_mtime_ns for name in RESULTS} == before
     assert (run / "metrics.jsonl").read_bytes() == metrics and not (run / checkpoint.FILENAME).exists()

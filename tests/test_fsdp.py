@@ -235,7 +235,7 @@ def test_fsdp_refuses_what_it_cannot_run_in_one_line(tmp_path: Path, overrides: 
 
 # A 2-rank sharded run that keeps its checkpoint: what an attacker's copy of a run directory starts from.
 SHARDED_RUN = [*TINY, "parallel=fsdp", "strategy=none", "threads=1", "schedule.steps=4", "schedule.checkpoint_every=2",
-               "schedule.keep_checkpoint=true"]
+               "keep_checkpoint=true"]
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ def test_the_corpus_is_fixed_and_cut_into_equal_passages() -> None:
 
 
 def test_retention_is_measured_before_anything_changes_the_model_and_after_training(tmp_path: Path) -> None:
-    cfg = make_cfg("strategy=none", "eval.retention=4", "schedule.steps=4", "schedule.lr=1e-2")
+    cfg = make_cfg("strategy=none", "eval.retention=4", "schedule.steps=4", "optimizer.lr=1e-2")
     trainer = Trainer(cfg, tmp_path)
     before = retention.perplexity(trainer.model, trainer.retention)
     trainer.fit()
@@ -38,6 +38,6 @@ def test_retention_is_measured_before_anything_changes_the_model_and_after_train
 
 
 def test_retention_before_survives_a_resume(tmp_path: Path) -> None:
-    crash_and_resume(tmp_path, ["strategy=none", "eval.retention=2", "schedule.steps=6", "schedule.checkpoint_every=3", "schedule.lr=1e-2"], 4)
+    crash_and_resume(tmp_path, ["strategy=none", "eval.retention=2", "schedule.steps=6", "schedule.checkpoint_every=3", "optimizer.lr=1e-2"], 4)
     straight, resumed = (json.loads((tmp_path / d / "retention.json").read_text()) for d in ("straight", "resumed"))
     assert resumed == straight

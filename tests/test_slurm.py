@@ -259,14 +259,14 @@ def test_a_killed_run_resumes_by_the_same_command_or_a_requeue_into_one_wandb_ru
 
 def test_without_auto_or_a_requeue_a_directory_holding_a_run_is_still_refused(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    train_script.train(make_cfg("strategy=none", "schedule.keep_checkpoint=true"), run)
+    train_script.train(make_cfg("strategy=none", "keep_checkpoint=true"), run)
     with pytest.raises(UserError, match=r"already holds a run .* \(or resume=auto\)"):
         train_script.train(make_cfg("strategy=none"), run)
 
 
 def test_auto_refuses_a_checkpoint_trained_with_other_settings_in_one_line(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    train_script.train(make_cfg("strategy=none", "schedule.keep_checkpoint=true"), run)
+    train_script.train(make_cfg("strategy=none", "keep_checkpoint=true"), run)
     metrics = (run / "metrics.jsonl").read_bytes()
     proc = run_script("train.py", *TINY, "strategy=none", "schedule.steps=8", "resume=auto", f"hydra.run.dir={run}", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]

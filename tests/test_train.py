@@ -51,7 +51,7 @@ def test_run_directory_holds_config_metrics_model_results(tmp_path: Path) -> Non
     run = tmp_path / "run"
     names = {p.name for p in run.iterdir()}
     assert {"config.yaml", "metrics.jsonl", "eval_test.json", "model"} <= names
-    assert "checkpoint.pt" not in names  # a finished run has nothing to resume (schedule.keep_checkpoint=false)
+    assert "checkpoint.pt" not in names  # a finished run has nothing to resume (keep_checkpoint=false)
     events = read_metrics(run)
     assert all(set(e) == {"step", "split", "task", "metric", "value"} for e in events)
     assert len(train_losses(run)) == 6
@@ -107,7 +107,7 @@ def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path: Path) -> None
 
 def test_smollm2_loads_trains_two_steps_with_epi_and_generates(tmp_path: Path, smollm2_dir: str) -> None:
     cfg = make_cfg(
-        "model=smollm2_135m", "schedule.steps=2", "schedule.batch_size=2", "schedule.lr=1e-5",
+        "model=smollm2_135m", "schedule.steps=2", "schedule.batch_size=2", "optimizer.lr=1e-5",
         "data.tasks=[math]", "data.n_train=8", "eval.n_examples=2", "data.max_len=96",
         "strategy=epi", "strategy.warmup=1", "strategy.refresh_every=1",
     )

@@ -69,7 +69,7 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path: Path) 
 
 
 def test_logged_lr_is_the_one_the_step_applied(tmp_path: Path) -> None:
-    cfg = make_cfg("strategy=none", "schedule.steps=4", "schedule.warmup_steps=4", "schedule.lr=1e-3")
+    cfg = make_cfg("strategy=none", "schedule.steps=4", "schedule.warmup_steps=4", "optimizer.lr=1e-3")
     Trainer(cfg, tmp_path).fit()
     lrs = [e["value"] for e in read_metrics(tmp_path) if e["metric"] == "lr"]
     assert lrs == pytest.approx([0.25e-3, 0.5e-3, 0.75e-3, 1e-3])  # linear warm-up: step k applies k/4 of lr
@@ -77,7 +77,7 @@ def test_logged_lr_is_the_one_the_step_applied(tmp_path: Path) -> None:
 
 # --- divergence -------------------------------------------------------------------------------
 
-DIVERGING = [*TINY, "strategy=none", "schedule.lr=1e4", "schedule.steps=8", "schedule.checkpoint_every=1"]
+DIVERGING = [*TINY, "strategy=none", "optimizer.lr=1e4", "schedule.steps=8", "schedule.checkpoint_every=1"]
 
 
 def test_divergence_stops_with_one_line_keeps_the_last_good_checkpoint_and_saves_no_model(tmp_path: Path) -> None:
@@ -85,7 +85,7 @@ def test_divergence_stops_with_one_line_keeps_the_last_good_checkpoint_and_saves
     proc = run_script("train.py", *DIVERGING, f"hydra.run.dir={run}", cwd=tmp_path)
     assert proc.returncode == 3, proc.stderr[-3000:]
     line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: step ") and "not finite" in line and "schedule.lr" in line and "schedule.nonfinite=skip" in line
+    assert line.startswith("error: step ") and "not finite" in line and "optimizer.lr" in line and "schedule.nonfinite=skip" in line
     bad_step = next(e["step"] for e in read_metrics(run) if e["split"] == "nonfinite")
     state = checkpoint.load(str(run))
     assert state["step"] == bad_step - 1 and f"(step {bad_step - 1})" in line

@@ -75,7 +75,7 @@ def test_names_stay_short_while_the_config_keeps_every_override(tmp_path: Path) 
     short = short_name(long)
     assert len(short) == 64 and short != short_name(long + "x") and short.startswith(long[:40])
     run = tmp_path / "run"
-    overrides = ["strategy=none", "schedule.lr=0.00123", "schedule.warmup_steps=2", "schedule.min_lr_ratio=0.25", "eval.max_new_tokens=7"]
+    overrides = ["strategy=none", "optimizer.lr=0.00123", "schedule.warmup_steps=2", "schedule.min_lr_ratio=0.25", "eval.max_new_tokens=7"]
     proc = run_script("train.py", *TINY, *overrides, f"hydra.run.dir={run}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     name = OmegaConf.load(run / "config.yaml").logger.name
@@ -107,16 +107,16 @@ def test_compute_counts_the_probes_even_from_the_cache_and_can_charge_them_to_th
 
 def test_a_failing_job_is_recorded_the_sweep_goes_on_and_the_report_lists_it(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    proc = run_script("train.py", "-m", *TINY, "strategy=none", "schedule.lr=-1,1e-3", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    proc = run_script("train.py", "-m", *TINY, "strategy=none", "optimizer.lr=-1,1e-3", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "error: schedule.lr=-1.0: must be > 0" in proc.stderr or "error: schedule.lr=-1: must be > 0" in proc.stderr
-    assert (sweep / "0" / "error.txt").read_text().startswith("error: schedule.lr=-1")
+    assert "error: optimizer.lr=-1.0: must be > 0" in proc.stderr or "error: optimizer.lr=-1: must be > 0" in proc.stderr
+    assert (sweep / "0" / "error.txt").read_text().startswith("error: optimizer.lr=-1")
     assert (sweep / "1" / "eval_test.json").is_file()  # the job after the failure ran
     out = tmp_path / "report"
     proc = run_script("eval.py", f"runs={sweep}", f"hydra.run.dir={out}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = (out / "report.md").read_text()
-    assert "Runs that did not finish" in report and "error: schedule.lr=-1" in report
+    assert "Runs that did not finish" in report and "error: optimizer.lr=-1" in report
 
 
 def test_the_final_evaluation_reuses_the_last_stage_evaluation(tmp_path: Path, monkeypatch) -> None:
