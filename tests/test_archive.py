@@ -72,3 +72,15 @@ def test_a_single_run_keeps_its_directory_name(tmp_path: Path) -> None:
     run = arm(tmp_path / "sweep", "+arm=none", 0, {"a": scores(3)})
     files, size = archive.archive_runs([run], tmp_path / "one")
     assert (tmp_path / "one" / run.name / "predictions_test.jsonl").is_file() and files == 4 and size > 0
+
+
+def test_eval_py_packs_a_sweep_and_tabulates_the_packed_archive(tmp_path: Path) -> None:
+    """archive=<file>.tar.xz packs the evidence into one file, and runs=<that file> reads it as the directory."""
+    sweep = heavy_sweep(tmp_path / "sweep")
+    packed = tmp_path / "sweep.tar.xz"
+    _, md = eval_report(sweep, tmp_path, f"archive={packed}")
+    assert packed.is_file() and not (tmp_path / "sweep.tar.xz.partial").exists()
+    again = tmp_path / "again"
+    again.mkdir()
+    _, md_packed = eval_report(packed, again)
+    assert md_packed == md.replace(str(sweep), str(packed))  # the failed run is named inside the archive

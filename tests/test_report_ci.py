@@ -13,10 +13,19 @@ import pytest
 
 from epi import report
 from epi.errors import UserError
-from tests.conftest import eval_report, run_script
+from epi.report import write_report
+from tests.conftest import run_script
 from tests.test_report import fake_run
 
 N = 40  # test examples per task
+
+
+def eval_report(runs: Path, tmp_path: Path, **options) -> tuple[Path, str]:
+    """The report over `runs` into tmp_path/out, built in-process (eval.py runs=... is tests/test_report.py's):
+    the out directory and its report.md."""
+    out = tmp_path / "out"
+    write_report(runs, out, **options)
+    return out, (out / "report.md").read_text()
 
 
 def predictions(run: Path, per_task: dict[str, list[float]], *, shuffle: int | None = None) -> None:
@@ -177,7 +186,7 @@ def test_the_baseline_key_chooses_the_reference(sweep: Path, tmp_path: Path) -> 
     without = [r for r in runs if r.setting != "arm=none"]
     assert report.compare_to_baseline(without, "test", None) == ([], [], {})  # no `none`: no comparison, no error
 
-    out, md = eval_report(sweep, tmp_path, "baseline='arm=same'")
+    out, md = eval_report(sweep, tmp_path, baseline="arm=same")
     assert "## Against the baseline (arm=same): paired bootstrap over test examples" in md
     assert "10000 bootstrap resamples of the examples, stratified by task" in md
     assert "| setting | baseline | seeds | examples | Δavg [95% CI] | verdict | a | b |" in md
