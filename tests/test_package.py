@@ -1,5 +1,7 @@
-"""The installable package and the strategy registry: built-ins, `register`, entry-point plug-ins
-(a throwaway distribution made in tmp), `python -m epi.strategies`, and no sys.path edits."""
+"""The installable package and the strategy registry: built-ins (found by scanning epi.strategies),
+`register`, entry-point plug-ins (a throwaway distribution made in tmp), one way to declare a strategy's
+keys (its `Config`), `python -m epi.strategies`, and no sys.path edits. A new built-in as one module
+plus one YAML: tests/test_new_strategy.py."""
 
 from __future__ import annotations
 
@@ -17,22 +19,38 @@ from omegaconf import OmegaConf
 import epi
 import epi.strategies
 from epi.errors import UserError
-from epi.strategies import BUILTIN, Strategy, register, registry
+from epi.strategies import BUILTIN_ORIGIN, Strategy, build_strategy, register, registry
 from epi.strategies.__main__ import config_keys, description
 from tests.conftest import ROOT, TINY, make_cfg, run_script
 
 PLUGIN_MODULE = '''
 """A test plug-in: what a third-party package ships."""
 
+from dataclasses import dataclass
+
+from epi.schema import Schema
 from epi.strategies import Strategy
+
+
+@dataclass
+class FixedConfig(Schema):
+    module: str = "lm_head"  # without a YAML (entry point toy_bare) the defaults are the Config's
+    strength: float = 1.0
+    tag: str | None = None
 
 
 class FixedModule(Strategy):
     """Isolates one named module (test plug-in)."""
 
-    def __init__(self, module: str = "lm_head", strength: float = 1.0, tag: str | None = None):
-        self.module, self.strength, self.tag = module, strength, tag
+    Config = FixedConfig
 '''
+
+STRATEGY_YAMLS = sorted(p.stem for p in (ROOT / "conf" / "strategy").glob("*.yaml"))
+
+
+def builtin_names() -> list[str]:
+    """The built-ins as the registry finds them (scanning epi.strategies), in its order."""
+    return [name for name, entry in registry.entries().items() if entry.origin == BUILTIN_ORIGIN]
 
 PLUGIN_YAML = """_target_: toy_strategy.fixed.FixedModule
 name: toy_yaml
@@ -85,12 +103,16 @@ TOY = {"toy_bare": "toy_strategy.fixed:FixedModule", "toy_yaml": "toy_strategy.f
 
 
 def test_builtins_are_registered_under_their_yaml_names_with_description_and_keys() -> None:
-    assert list(registry)[: len(BUILTIN)] == ["none", "epi", "random", "cpi", "multistage", "fixed"]
-    for name in BUILTIN:
+    """Every module's named Strategy subclass is a built-in, and each has its YAML (and each YAML its class)."""
+    builtins = builtin_names()
+    assert builtins == STRATEGY_YAMLS and list(registry)[: len(builtins)] == builtins  # built-ins first, by name
+    assert {"none", "epi", "random", "cpi", "multistage", "fixed"} <= set(builtins)
+    for name in builtins:
         entry = registry.entries()[name]
         cls = registry[name]
-        assert issubclass(cls, Strategy) and entry.origin == "epi-sft"
-        assert entry.target == make_cfg(f"strategy={name}", tiny=False).strategy._target_, f"BUILTIN[{name!r}] and strategy={name} disagree"
+        assert issubclass(cls, Strategy) and entry.origin == "epi-sft" and cls.name == name
+        composed = make_cfg(f"strategy={name}", tiny=False).strategy
+        assert entry.target == composed._target_ and composed.name == name, f"{entry.value} and strategy={name} disagree"
         assert description(cls) and "\n" not in description(cls)
     assert config_keys(registry.entries()["none"], registry["none"]) == {}
     epi_keys = config_keys(registry.entries()["epi"], registry["epi"])
@@ -102,7 +124,7 @@ def test_cli_lists_every_builtin(tmp_path: Path) -> None:
     proc = strategies_cli(cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = rows(proc.stdout)
-    assert list(table) == list(BUILTIN)
+    assert list(table) == builtin_names()
     assert "_target_: epi.strategies.epi.EPI" in table["epi"] and "refresh_every=100" in table["epi"]
     assert "(no keys)" in table["none"]
     assert all(len(line) <= 100 for line in proc.stdout.splitlines())
@@ -125,7 +147,7 @@ def test_cli_lists_an_entry_point_plugin(make_plugin: Callable, tmp_path: Path) 
     proc = strategies_cli(cwd=tmp_path, pythonpath=make_plugin(TOY))
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = rows(proc.stdout)
-    assert list(table)[: len(BUILTIN)] == list(BUILTIN) and {"toy_bare", "toy_yaml"} <= set(table)
+    assert list(table)[: len(builtin_names())] == builtin_names() and {"toy_bare", "toy_yaml"} <= set(table)
     assert "Isolates one named module" in table["toy_bare"] and "(from toy-strategy)" in table["toy_bare"]
     assert "module=lm_head strength=1.0 tag=null" in table["toy_bare"]
     assert "module=model.layers.0 strength=0.5" in table["toy_yaml"]
@@ -171,6 +193,30 @@ def test_register_adds_a_class_for_this_process(monkeypatch: pytest.MonkeyPatch)
         register("epi")(Local)
     with pytest.raises(TypeError, match="is not a subclass"):
         register("plain")(object)
+
+
+def test_only_a_module_s_own_named_subclass_is_a_builtin() -> None:
+    """A helper base (EvolvingIsolation) and a subclass that inherits a name (a test's WatchedEPI) are not built-ins."""
+    from tests.test_epi import WatchedEPI
+
+    values = {entry.value for entry in registry.entries().values()}
+    assert "epi.strategies.epi:EvolvingIsolation" not in values and WatchedEPI.name == "epi"
+    assert registry.entries()["epi"].value == "epi.strategies.epi:EPI"
+    assert not any(value.startswith("tests.") for value in values)
+
+
+class KeywordKeys(Strategy):
+    """Keys as constructor keywords: the way that is gone (keys are the `Config`'s fields)."""
+
+    def __init__(self, module: str = "lm_head"):
+        super().__init__()
+        self.module = module
+
+
+def test_a_strategy_declares_its_keys_in_its_config_only() -> None:
+    node = OmegaConf.create({"_target_": "tests.test_package.KeywordKeys", "module": "lm_head"})
+    with pytest.raises(UserError, match=r"its constructor must take `cfg` \(the parsed KeywordKeys.Config\); a strategy declares its keys as the fields of its Config class"):
+        build_strategy(node)
 
 
 def test_the_package_is_installed_from_this_checkout() -> None:

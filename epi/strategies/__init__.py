@@ -1,12 +1,17 @@
 """Isolation strategies and the registry of their names.
 
-A run builds its strategy from config: each YAML in conf/strategy/ names its class with `_target_`
-and `build_strategy` checks the keys against the constructor. The registry answers "which
-strategies exist" (`python -m epi.strategies` lists them): the built-ins below, classes added in
-this process with `@register(name)`, and third-party classes that an installed distribution
-declares in the entry-point group `epi.strategies` (`name = "package.module:Class"`). Names are
-read without importing anything; a class is imported when it is asked for, so a broken plug-in
-fails only where it is used.
+A strategy is a `Strategy` subclass whose keys are its typed `Config` (an epi.schema dataclass: types,
+allowed values, ranges), picked by a YAML in conf/strategy/ that names the class with `_target_` and
+sets the keys' defaults; `build_strategy` parses the YAML's values into `Config` and passes the result
+to the constructor as `cfg`. A new built-in is those two files and nothing else (docs/new-strategy.md).
+
+The registry answers "which strategies exist" (`python -m epi.strategies` lists them):
+- the built-ins: every module of this package is scanned, and a `Strategy` subclass that sets its own
+  `name` (the YAML's file name and `name:`) is registered under it, built-ins in name order;
+- classes added in this process with `@register(name)`;
+- third-party classes that an installed distribution declares in the entry-point group
+  `epi.strategies` (`name = "package.module:Class"`). Their names are read without importing
+  anything; a class is imported when it is asked for, so a broken plug-in fails only where it is used.
 
 A plug-in package declares its class in its own pyproject.toml,
 
@@ -19,22 +24,24 @@ as a resource). A run puts that folder on Hydra's search path and picks it like 
 
     python train.py 'hydra.searchpath=[pkg://my_pkg.conf]' strategy=headlock strategy.module=lm_head
 
-or with `--config-dir path/to/my_pkg/conf` in place of the search path.
+or with `--config-dir path/to/my_pkg/conf` in place of the search path. A plug-in without a YAML gives
+its keys' defaults in its `Config` fields instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.metadata
 import inspect
+import pkgutil
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from epi.components import accepted_keys, import_target
+from epi.components import import_target
 from epi.errors import UserError
 from epi.schema import parse
 from epi.strategies.base import Stage, Strategy
@@ -43,14 +50,7 @@ __all__ = ["ENTRY_POINT_GROUP", "Entry", "Registry", "Stage", "Strategy", "build
 
 ENTRY_POINT_GROUP = "epi.strategies"
 
-BUILTIN = {
-    "none": "epi.strategies.none:NoIsolation",
-    "epi": "epi.strategies.epi:EPI",
-    "random": "epi.strategies.random:RandomIsolation",
-    "cpi": "epi.strategies.cpi:CPI",
-    "multistage": "epi.strategies.multistage:MultiStage",
-    "fixed": "epi.strategies.fixed:FixedModule",
-}
+BUILTIN_ORIGIN = "epi-sft"  # the distribution of the built-ins, as `Entry.origin` names it
 
 S = TypeVar("S", bound=type[Strategy])
 
@@ -69,25 +69,36 @@ def build_strategy(cfg: DictConfig, *, quiet: bool = False) -> Strategy:
     cls = import_target(target, "strategy")
     if not (isinstance(cls, type) and issubclass(cls, Strategy)):
         raise UserError(f"strategy._target_={target!r}: is not a subclass of epi.strategies.Strategy")
+    if "cfg" not in inspect.signature(cls.__init__).parameters:
+        raise UserError(f"strategy._target_={target!r}: its constructor must take `cfg` (the parsed {cls.__name__}.Config); "
+                        "a strategy declares its keys as the fields of its Config class, not as constructor keywords")
     name = cfg.get("name", target)
     params = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in ("_target_", "name")}
-    typed = "cfg" in inspect.signature(cls.__init__).parameters  # keys declared by a Config schema, else by keywords
-    own = {f.name for f in dataclasses.fields(cls.Config)} if typed else accepted_keys(cls)
+    own = {f.name for f in dataclasses.fields(cls.Config)}
     foreign = sorted((set(params) - own) & _builtin_keys())
     if foreign and not quiet:
         print(f"strategy={name} ignores {', '.join(f'strategy.{k}' for k in foreign)} (keys of other strategies)")
     params = {k: v for k, v in params.items() if k not in foreign}
-    if typed:
-        return cls(parse(params, cls.Config, "strategy", title=f"strategy={name}"))
-    unknown = sorted(set(params) - own)
-    if unknown:
-        raise UserError(f"strategy={name}: unknown key(s) {unknown}; valid keys: {sorted(own)}")
-    return cls(**params)
+    return cls(parse(params, cls.Config, "strategy", title=f"strategy={name}"))
 
 
 def _builtin_keys() -> set[str]:
     """Every key of a built-in strategy's schema."""
-    return {f.name for value in BUILTIN.values() for f in dataclasses.fields(get_class(value.replace(":", ".")).Config)}
+    return {f.name for entry in _builtins() for f in dataclasses.fields(entry.load().Config)}
+
+
+def _builtins() -> list[Entry]:
+    """The built-ins, found by scanning this package: in each module (not `_private` ones), the `Strategy` subclasses
+    defined there that set `name` themselves (a subclass inherits its parent's name, so only its own counts), by name."""
+    found = []
+    for module_info in pkgutil.iter_modules(__path__):
+        if module_info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{module_info.name}")
+        for cls in vars(module).values():
+            if isinstance(cls, type) and issubclass(cls, Strategy) and cls.__module__ == module.__name__ and vars(cls).get("name"):
+                found.append(Entry(cls.name, f"{cls.__module__}:{cls.__qualname__}", BUILTIN_ORIGIN, cls))
+    return sorted(found, key=lambda e: e.name)
 
 
 @dataclass(frozen=True)
@@ -97,7 +108,7 @@ class Entry:
     name: str
     value: str  # "package.module:Class", the entry-point syntax
     origin: str  # the distribution that declares it ("epi-sft" for the built-ins), or "register()"
-    cls: type[Strategy] | None = None  # set for classes added with `register`, which are already imported
+    cls: type[Strategy] | None = None  # set for built-ins and classes added with `register`, which are already imported
 
     @property
     def target(self) -> str:
@@ -124,7 +135,7 @@ class Registry(Mapping[str, type[Strategy]]):
 
     def entries(self) -> dict[str, Entry]:
         """Every strategy by name: built-ins first, then `register`ed classes, then entry points by name."""
-        found = [Entry(name, value, "epi-sft") for name, value in BUILTIN.items()]
+        found = _builtins()
         found += [Entry(name, f"{cls.__module__}:{cls.__qualname__}", "register()", cls) for name, cls in _registered.items()]
         found += sorted((_from_entry_point(ep) for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)), key=lambda e: e.name)
         by_name: dict[str, Entry] = {}

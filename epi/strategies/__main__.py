@@ -3,15 +3,15 @@
 
 The keys are those a run gets: the strategy's YAML composed as train.py composes it, from the
 checkout's conf/strategy/<name>.yaml or, for a plug-in, from `<its top-level package>/conf/
-strategy/<name>.yaml` put on Hydra's search path. A strategy without a YAML lists its constructor
-keywords instead (`???` marks one without a default). A plug-in that fails to load is reported on
-its row and the exit status is 2; the other rows still print.
+strategy/<name>.yaml` put on Hydra's search path. A strategy without a YAML lists the fields of its
+`Config` instead: a field's default where it has one, else its type and rules. A plug-in that fails
+to load is reported on its row and the exit status is 2; the other rows still print.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
-import inspect
 import json
 import re
 import sys
@@ -64,28 +64,23 @@ def flatten(node: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]
             yield f"{prefix}{key}", value
 
 
-def constructor_keys(cls: type[Strategy]) -> dict[str, Any]:
-    """A class with a `Config` schema: its keys and types (a schema holds no defaults); otherwise the
-    keywords the classes below `Strategy` add along the hierarchy (subclasses pass **kwargs up), subclass
-    first, with defaults; `Strategy`'s own constructor is the framework's, not a config key."""
-    if "cfg" in inspect.signature(cls.__init__).parameters:
-        return {name: f"<{shown}>" for name, shown in schema_keys(cls.Config)}
-    keys: dict[str, Any] = {}
-    for klass in cls.__mro__[: cls.__mro__.index(Strategy)]:
-        if "__init__" not in vars(klass):
-            continue
-        for p in list(inspect.signature(klass.__init__).parameters.values())[1:]:
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
-                keys.setdefault(p.name, "???" if p.default is p.empty else p.default)
-    return keys
+def schema_defaults(cls: type[Strategy]) -> dict[str, Any]:
+    """The keys of the class's `Config`: a field's default where it has one (a plug-in without a YAML gives its
+    defaults there), else `<type (rules)>` (a built-in's schema holds no defaults: its YAML does)."""
+    shown = dict(schema_keys(cls.Config))
+    return {
+        f.name: f.default if f.default is not dataclasses.MISSING
+        else f.default_factory() if f.default_factory is not dataclasses.MISSING else f"<{shown[f.name]}>"
+        for f in dataclasses.fields(cls.Config)
+    }
 
 
 def config_keys(entry: Entry, cls: type[Strategy]) -> dict[str, Any]:
-    """The YAML's keys where there is one (checkout or plug-in), else the constructor's."""
+    """The YAML's keys where there is one (checkout or plug-in), else the `Config`'s."""
     searchpath = plugin_searchpath(entry)
     if searchpath or (CONF_DIR / "strategy" / f"{entry.name}.yaml").is_file():
         return composed_keys(entry.name, searchpath)
-    return constructor_keys(cls)
+    return schema_defaults(cls)
 
 
 def show(value: Any) -> str:

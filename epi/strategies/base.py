@@ -15,14 +15,15 @@ exact resume.
 A strategy sees the run only through a `Context`: the parameters, the optimizer state it may
 read, the isolation it may set, a metric log, an artifact writer, the seed and rank, and the
 trainer's own step for training a copy of the model (CPI's probes). It never imports the
-trainer. A new strategy is one module here and one YAML file in conf/strategy/ whose `_target_`
-names its class; nothing in the trainer changes.
+trainer. A new built-in strategy is one module here, whose class sets `name` and `Config`, and one
+YAML file conf/strategy/<name>.yaml whose `_target_` names the class; nothing else changes (the
+registry finds the class by scanning this package: docs/new-strategy.md).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor
@@ -126,10 +127,12 @@ class NoKeys(Schema):
 class Strategy:
     """Full fine-tuning: every parameter moves every step. Subclasses isolate some of them.
 
-    `Config` is the schema of the strategy's keys (epi.schema); `build_strategy` checks the YAML's
-    values against it and passes the typed result to the constructor as `cfg`.
+    `Config` is the schema of the strategy's keys (epi.schema), the one place they are declared;
+    `build_strategy` checks the YAML's values against it and passes the typed result to the constructor
+    as `cfg`. A built-in sets `name`, its registry name (its YAML is conf/strategy/<name>.yaml).
     """
 
+    name: ClassVar[str | None] = None
     Config: type[Schema] = NoKeys
     # Runs under parallel=fsdp: it reads tensors only as local shards and ranks and counts through `ctx.shards`.
     # A strategy that needs whole tensors (CPI's probes and fusion) leaves it False, and the trainer refuses the pair.

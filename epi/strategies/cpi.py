@@ -119,6 +119,7 @@ class CPIConfig(Schema):
 class CPI(Strategy):
     """Core Parameter Isolation: probe each task, cores by update size, groups by core overlap, fuse, stages with earlier cores frozen."""
 
+    name = "cpi"  # the registry name: conf/strategy/cpi.yaml
     Config = CPIConfig
     fuse_models = True
     freeze_cores = True

@@ -271,6 +271,7 @@ class EPIConfig(EvolvingConfig):
 class EPI(EvolvingIsolation):
     """Evolving Parameter Isolation: the top-p coordinates by online gradient importance, refreshed every K steps."""
 
+    name = "epi"  # the registry name: conf/strategy/epi.yaml
     Config = EPIConfig
 
     def __init__(self, cfg: EPIConfig):

@@ -25,6 +25,7 @@ class FixedConfig(Schema):
 class FixedModule(Strategy):
     """Freezes every parameter under the named modules, from the first step to the last."""
 
+    name = "fixed"  # the registry name: conf/strategy/fixed.yaml
     Config = FixedConfig
     shardable = True  # its masks are all-True on whatever part of a parameter this rank holds
 

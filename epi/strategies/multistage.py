@@ -11,5 +11,6 @@ from epi.strategies.cpi import CPI
 class MultiStage(CPI):
     """CPI-FT's probes, groups and order as stages, with no fusion and no freezing: the multi-stage SFT baseline."""
 
+    name = "multistage"  # the registry name: conf/strategy/multistage.yaml
     fuse_models = False
     freeze_cores = False

@@ -6,4 +6,5 @@ from epi.strategies.base import Strategy
 class NoIsolation(Strategy):
     """Full multi-task SFT: nothing is isolated."""
 
+    name = "none"  # the registry name: conf/strategy/none.yaml
     shardable = True  # it reads no tensor

@@ -16,6 +16,8 @@ from epi.strategies.epi import EvolvingIsolation
 class RandomIsolation(EvolvingIsolation):
     """EPI's budget and refresh schedule with coordinates drawn uniformly at random: the control for importance."""
 
+    name = "random"  # the registry name: conf/strategy/random.yaml
+
     def importance(self) -> dict[str, Tensor]:
         """Uniform scores over the whole parameters (the same draws on every rank); under parallel=fsdp each rank
         keeps its shard's rows of them, so a sharded run isolates the unsharded run's coordinates."""
