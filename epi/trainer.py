@@ -1,44 +1,32 @@
-"""The training loop. `Trainer` builds a run in named `_setup_*` steps; `fit` runs the stages; `train_step` is one step.
+"""The training loop. `Trainer` builds a run in named `_setup_*` steps; `fit` runs the stages, one step at a time.
 
-Order inside every step (the strategy hooks are the only extension points):
-draw the global batch -> forward/backward per micro-batch (token-weighted) -> finite check ->
-strategy.after_backward -> clip -> optimizer.step (isolated coordinates held bit-exactly) ->
-LR schedule -> strategy.after_step -> log / eval / stage close / checkpoint.
+Inside `fit`, each step: `train_step` (epi/step.py: draw, forward/backward, finite check, strategy.after_backward,
+clip, optimizer.step with isolated coordinates held bit-exactly, LR schedule, strategy.after_step) -> log -> eval
+-> stage close -> checkpoint. Evaluation, retention, saving and resuming live here too.
 
 Strategies never see the `Trainer`: they get a `TrainerContext` (the `Context` protocol of
-`epi.strategies.base`), and a strategy that trains a copy of the model (CPI's probes) does it
-through `train_step` too, so clipping, accumulation, precision and data parallelism are the same.
+`epi.strategies.base`), whose services train a copy of the model (CPI's probes) on the same `Stepper`,
+so clipping, accumulation, precision and data parallelism are the same.
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import inspect
-import itertools
 import json
-import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor
 from tqdm import tqdm
 
 from epi import checkpoint, retention, rundir
 from epi.components import build
 from epi.context import TrainerContext
 from epi.data.contamination import contamination, contamination_warning
-from epi.data.format import IGNORE_INDEX, collate
 from epi.data.load import encode_tasks, load_tasks
 from epi.data.mixture import MixtureSampler, sampling_weights
 from epi.distributed import init_distributed, pick_device, precision_warning, seed_everything
@@ -47,11 +35,10 @@ from epi.evaluate import average, evaluate, generation_limits
 from epi.loss import CausalLMLoss, trained_tokens
 from epi.masks import all_finite
 from epi.models import build_model
-from epi.optim import IsolatedOptimizer, clip_coefficient
-from epi.schedules import constant
-from epi.sharding import Shards, full_state_dict, grad_norm, local, shard, unsharded_root
+from epi.optim import IsolatedOptimizer
+from epi.sharding import full_state_dict, local, unsharded_root
+from epi.step import RUN, NonFiniteUpdate, StepResult, Stepper
 from epi.strategies import Stage, Strategy, build_strategy
-from epi.task_split import RowSplit, Layers, linear_layers, rows_unavailable, split_by_rows
 
 
 def default_stages(cfg: DictConfig) -> list[Stage]:
@@ -76,55 +63,12 @@ def format_stats(stats: dict[str, dict[str, int]], data: DictConfig) -> str:
     return "\n".join(lines)
 
 
-def param_groups(named_params: dict[str, torch.nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
-    """Matrices decay; norms and biases do not."""
-    return [
-        {"params": [p for p in named_params.values() if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in named_params.values() if p.dim() < 2], "weight_decay": 0.0},
-    ]
-
-
-@dataclass(frozen=True)
-class StepResult:
-    loss: float  # the global batch's mean loss per trained token
-    grad_norm: Tensor | float  # the clipped-over norm (isolated coordinates excluded); a tensor until logged
-    lr: float  # the learning rate this step applied
-    tokens: int  # tokens in the global batch, padding excluded
-    trained_tokens: int  # of which carry loss
-
-
-@dataclass(frozen=True)
-class MicroBatch:
-    """One forward/backward of a step."""
-
-    batch: dict[str, Tensor] | None  # this rank's rows, collated; None when it has none
-    tasks: frozenset[str]  # the tasks of its rows
-    split: RowSplit | None = None  # task_split=rows: the layers split by task and each task's rows in `batch`
-
-
-@dataclass
-class Learner:
-    """A model in training and everything one `train_step` advances: the run's own, or a copy a strategy trains."""
-
-    name: str  # "run", or e.g. "a copy trained on 'math'": what a divergence message names
-    model: torch.nn.Module
-    forward: torch.nn.Module  # the model's summed loss (`CausalLMLoss`), or its DistributedDataParallel wrapper
-    named_params: dict[str, torch.nn.Parameter]
-    optimizer: IsolatedOptimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None
-    sampler: MixtureSampler
-    realised: dict[str, dict[str, int]]  # examples and tokens drawn per task
-    horizon: int = 0  # the last step of the current sampler weights: length-grouped pools end there
-
-
 PREDICTION_SAMPLE = 10  # predictions per task in the W&B table
-NO_HOOKS = Strategy()  # a copy a strategy trains runs the step without any strategy's hooks
 
 
 class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path, resume_state: dict[str, Any] | None = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.compute = {"optimizer_steps": 0, "trained_tokens": 0}  # what the run consumed, probes included
         self._setup_strategy()
         self._setup_distributed()
         self._setup_data()
@@ -133,17 +77,12 @@ class Trainer:
         self._setup_optimizer()
         self._setup_logger(replaying=resume_state is not None)
         self._setup_retention(measure=resume_state is None)
-        ctx = TrainerContext(
-            model=self.model, engine=self.optimizer, logger=self.logger, run_dir=self.run_dir, tasks=tuple(self.tasks),
-            seed=cfg.seed, rank=self.rank, world=self.world, steps=cfg.schedule.steps,
-            train_copy=self.train_copy, fingerprint=self.fingerprint, charge=self.charge, task_gradient=self.task_gradient,
-        )
+        ctx = TrainerContext(cfg=cfg, stepper=self.stepper, learner=self.learner, logger=self.logger, run_dir=self.run_dir,
+                             tasks=tuple(self.tasks))
+        self.context = ctx  # the strategy's view of the run (and its training services)
         self.stages = self.strategy.prepare(ctx, default_stages(cfg))
         self._setup_lr_schedule()
-        # task_split=rows, per set of parameters with exclusive coordinates: why it cannot run, or the layers it splits
-        self._rows_plan: dict[frozenset[str], str | Layers] = {}
         self.step = 0
-        self.skipped = 0  # updates dropped for a non-finite loss or gradient (schedule.nonfinite=skip)
         self.last_checkpoint: int | None = None  # step of the newest checkpoint this run wrote
         self._evaluated: tuple[int, dict, list] | None = None  # (step, results, predictions) of the last evaluation
         if resume_state is not None:
@@ -166,7 +105,6 @@ class Trainer:
         # parallel=fsdp on several ranks: the model is sharded (epi/sharding.py); `root` is the sharded loss module,
         # whose own parameters evaluation gathers (`unsharded_root`). One process trains unsharded either way.
         self.sharded = self.cfg.parallel.name == "fsdp" and self.world > 1
-        self.root: torch.nn.Module | None = None
         if self.cfg.schedule.batch_size % self.world:
             raise UserError(f"schedule.batch_size={self.cfg.schedule.batch_size} must be divisible by the number of processes ({self.world})")
         if self.rank == 0 and (warning := precision_warning(self.device, self.cfg.schedule.precision)):
@@ -203,8 +141,10 @@ class Trainer:
             self.retention_before = self.log_retention(0)
 
     def _setup_optimizer(self) -> None:
-        """The run's learner: the optimizer config node wrapped by the isolation engine."""
-        self.learner = self._new_learner("run", self.model, {t: 1.0 for t in self.tasks})
+        """The stepper, and the run's learner: the optimizer config node wrapped by the isolation engine."""
+        self.stepper = Stepper(self.cfg, self.model, self.tokenizer.pad_token_id, self.train_sets, self.trained_counts,
+                               self.device, self.rank, self.world, self.sharded)
+        self.learner = self.stepper.new_learner(RUN, self.model, {t: 1.0 for t in self.tasks})
 
     def _setup_logger(self, replaying: bool) -> None:
         """metrics.jsonl (and W&B); muted while a resumed run rebuilds what its checkpoint's events already hold."""
@@ -216,6 +156,7 @@ class Trainer:
             config=OmegaConf.to_container(cfg, resolve=True),
         )
         self.logger.muted = replaying
+        self.stepper.logger = self.logger  # a skipped update is logged
         if self.rank == 0:
             print(format_stats(self.data_stats, cfg.data))
             if warning := contamination_warning(self.overlap, cfg.data.contamination_warn):
@@ -227,54 +168,6 @@ class Trainer:
         """After `prepare`: the schedule spans the steps of the strategy's plan."""
         self.total_steps = sum(stage.steps for stage in self.stages)
         self.learner.scheduler = build(self.cfg.lr_scheduler, "lr_scheduler")(self.optimizer.optimizer, total_steps=self.total_steps)
-
-    def _new_learner(self, name: str, model: torch.nn.Module, weights: dict[str, float], **optimizer_args: Any) -> Learner:
-        """A learner over `model`: DDP wrapper, the configured optimizer (`optimizer_args` override its keys)
-        inside the isolation engine, and a mixture sampler seeded with the run's seed."""
-        if self.sharded:
-            forward = self._sharded_forward(name, model)
-        else:
-            loss = CausalLMLoss(model, self.cfg.schedule.lm_head, compile=self.cfg.schedule.compile)
-            forward = torch.nn.parallel.DistributedDataParallel(loss) if self.world > 1 else loss
-        named = {n: p for n, p in model.named_parameters() if p.requires_grad}  # after sharding: DTensors under fsdp
-        make_optimizer = build(self.cfg.optimizer, "optimizer")
-        target = getattr(make_optimizer, "func", None)
-        if not (inspect.isclass(target) and issubclass(target, torch.optim.Optimizer)) or issubclass(target, torch.optim.LBFGS):
-            raise UserError(
-                f"optimizer._target_={self.cfg.optimizer._target_!r}: the isolation engine holds isolated values around "
-                "a plain torch.optim.Optimizer.step() built with _partial_: true; this is not one (or needs a closure "
-                "per step, as LBFGS does)"
-            )
-        groups = param_groups(named, optimizer_args.pop("weight_decay", self.cfg.optimizer.get("weight_decay", 0.0)))
-        inner = make_optimizer(groups, **optimizer_args)
-        sizes = {task: len(rows) for task, rows in self.train_sets.items() if task in weights}
-        lengths = {task: [len(r["input_ids"]) for r in self.train_sets[task]] for task in sizes}
-        return Learner(
-            name=name,
-            model=model,
-            forward=forward,
-            named_params=named,
-            optimizer=IsolatedOptimizer(inner, named, moments=self.cfg.isolation.moments,
-                                        shards=Shards.of(named) if self.sharded else None),
-            scheduler=None,
-            sampler=MixtureSampler(sizes, weights, seed=self.cfg.seed, lengths=lengths),
-            realised={task: {"examples": 0, "tokens": 0} for task in sizes},
-        )
-
-    def _sharded_forward(self, name: str, model: torch.nn.Module) -> torch.nn.Module:
-        """parallel=fsdp: the run's loss module with the model sharded in it (`epi.sharding.shard`), built once; a
-        later learner (a CPI probe, `train_copy`) trains the same sharded model, since no rank holds a whole copy."""
-        if self.root is not None:
-            if model is not self.model:
-                raise RuntimeError(f"{name}: under parallel=fsdp a learner trains the run's sharded model, not a copy")
-            return self.root
-        p = self.cfg.parallel
-        loss = CausalLMLoss(model, self.cfg.schedule.lm_head)
-        shard(loss, model, p.mixed_precision, p.cpu_offload, p.reshard_after_forward)
-        with torch.no_grad():  # FSDP2 sets up its state at the root's first forward, before any other forward
-            self._backward_batch(loss, self._fallback_batch())
-        self.root = loss
-        return loss
 
     # the run's learner, as the loop and tests see it
     @property
@@ -319,7 +212,7 @@ class Trainer:
                         self.logger.log(step, "train", {
                             "loss": out.loss, "grad_norm": float(out.grad_norm), "lr": out.lr,
                             "tokens_per_s": out.tokens / seconds, "trained_tokens": out.trained_tokens,
-                            "skipped_steps": self.skipped,
+                            "skipped_steps": self.stepper.skipped,
                         })
                     if s.eval_every and step % s.eval_every == 0 and step < self.total_steps:
                         self.evaluate(step, cfg.eval.split)
@@ -329,7 +222,7 @@ class Trainer:
                         self.save_checkpoint()
         if self.last_checkpoint != self.step:
             self.save_checkpoint()
-        self.logger.log(self.step, "compute", dict(self.compute))  # the run's cost, for equal-compute comparisons
+        self.logger.log(self.step, "compute", dict(self.stepper.compute))  # the run's cost, for equal-compute comparisons
         self.predictions: list[dict[str, Any]] = []
         results = self.evaluate(self.step, cfg.eval.split, self.predictions)
         if self.retention is not None:
@@ -349,190 +242,20 @@ class Trainer:
         if len(self.stages) > 1:  # the accuracy matrix of sequential training: every task after every stage
             self.evaluate(self.step, f"{self.cfg.eval.split}/after_stage{index}")
 
-    def train_step(self, step: int, learner: Learner | None = None, hooks: Strategy | None = None) -> StepResult:
-        """One optimizer step of `learner` (the run's by default) with `hooks` at their fixed points
-        (the run's strategy for the run's learner; none for a copy a strategy trains).
-
-        The loss is token-weighted over the whole global batch: every micro-batch on every rank
-        adds its summed token losses divided by the global batch's trained-token count, so
-        `grad_accum=k` equals one k times larger batch and N ranks equal one process (DDP's
-        gradient average is undone by the factor `world`).
-        """
-        if learner is None:
-            learner, hooks = self.learner, self.strategy
-        hooks = hooks or NO_HOOKS
-        s = self.cfg.schedule
-        learner.model.train()
-        micro_batches, tokens, trained = self._draw_step(learner, step)
-        self.charge(1, trained)  # every step of every learner, probes and skipped steps included
-        loss_sum = torch.zeros((), device=self.device)
-        for micro in micro_batches:
-            with self._shielding(learner, micro):
-                token_losses, counted = self._backward(learner, micro.batch, trained)
-            if counted:
-                loss_sum += token_losses.detach()  # stays on the device until the one check below
-        if self.world > 1:
-            dist.all_reduce(loss_sum)  # the logged loss is the global batch's, not this rank's shard's
-        params = list(learner.named_params.values())
-        raw_norm = grad_norm(params)
-        loss, raw = (torch.stack([loss_sum / trained, raw_norm.float()])).tolist()  # the step's one host sync
-        scheduler = learner.scheduler
-        lr = scheduler.get_last_lr()[0]  # the lr this step applies
-        if not (math.isfinite(loss) and math.isfinite(raw)):
-            self._non_finite(learner, step, loss, raw, lr)
-            learner.optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            hooks.after_step(step)
-            return StepResult(loss, raw, lr, tokens, trained)
-
-        hooks.after_backward(step)
-        learner.optimizer.hide_isolated_grads()
-        norm = grad_norm(params) if learner.optimizer.index else raw_norm  # the clip norm must not count isolated gradients
-        if s.clip_norm:
-            torch.nn.utils.clip_grads_with_norm_(params, s.clip_norm, norm)
-        learner.optimizer.step(clip_coefficient(norm, s.clip_norm) if s.clip_norm else 1.0,
-                               tasks=frozenset().union(*(micro.tasks for micro in micro_batches)))
-        scheduler.step()
-        learner.optimizer.zero_grad(set_to_none=True)
-        hooks.after_step(step)
-        return StepResult(loss, norm, lr, tokens, trained)
-
-    def _non_finite(self, learner: Learner, step: int, loss: float, grad_norm: float, lr: float) -> None:
-        """`schedule.nonfinite`: `stop` ends the run before the bad update; `skip` drops the update and counts it."""
-        what = f"step {step}: loss {loss:.4g}, gradient norm {grad_norm:.4g}: not finite"
-        if learner is not self.learner:
-            raise TrainingDiverged(f"{learner.name}, {what} at learning rate {lr:.3g}")  # its caller names the key to change
-        self.logger.log(step, "nonfinite", {"loss": loss, "grad_norm": grad_norm})
-        if self.cfg.schedule.nonfinite == "skip":
-            self.skipped += 1
-            if self.rank == 0:
-                tqdm.write(f"{what}: update skipped ({self.skipped} so far; schedule.nonfinite=skip)")
-            return
-        self.logger.close()
-        last = self._last_good()
-        s = self.cfg.schedule
-        raise TrainingDiverged(
-            f"{what}; training diverged and was stopped before the update; {last}, and no model was saved. "
-            f"Usual fixes: a lower optimizer.lr (now {self.cfg.optimizer.lr:g}, lr at this step {lr:.3g}), a longer schedule.warmup_steps "
-            f"(now {s.warmup_steps}), schedule.clip_norm (now {s.clip_norm}), schedule.precision=fp32 (now {s.precision}); "
-            "or schedule.nonfinite=skip to drop such updates and count them."
-        )
-
-    @contextmanager
-    def _shielding(self, learner: Learner, micro: MicroBatch) -> Iterator[None]:
-        """Around one micro-batch's backward under exclusive isolation: keep each task's gradient from the
-        coordinates it does not own, per task's rows (`split_by_rows`) or around a one-task micro-batch."""
-        engine = learner.optimizer
-        if not engine.exclusive:
-            yield
-        elif micro.split is not None:
-            with split_by_rows(micro.split, {task: engine.shielded(task) for task in micro.split.rows}):
-                yield
-        else:
-            (task,) = micro.tasks
-            engine.begin_task(task)
-            yield
-            engine.end_task(task)
-
-    @property
-    def _rows_why(self) -> dict[frozenset[str], str | None]:
-        """Why `task_split=rows` could not run, per set of owned parameters it was asked for (None: it ran)."""
-        return {owned: plan if isinstance(plan, str) else None for owned, plan in self._rows_plan.items()}
-
-    def _row_layers(self, learner: Learner) -> Layers | None:
-        """The layers `isolation.task_split=rows` splits for the coordinates owned now, or None where it is not
-        asked for or cannot run; then it says why once (the micro-batch path gives the same to float rounding).
-        Worked out once per set of owned parameters, not per step."""
-        if self.cfg.isolation.task_split != "rows":
-            return None
-        owned = learner.optimizer.exclusive_params
-        if owned not in self._rows_plan:
-            model = learner.model
-            flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
-            why = rows_unavailable(model, set(owned), self.world, self.cfg.schedule.compile, bool(getattr(model, flag, False)),
-                                   self.cfg.schedule.lm_head)
-            if why and self.rank == 0 and not any(isinstance(plan, str) for plan in self._rows_plan.values()):
-                tqdm.write(f"isolation.task_split=rows: {why}; exclusive isolation runs task-homogeneous micro-batches")
-            self._rows_plan[owned] = why or linear_layers(model, set(owned))
-        plan = self._rows_plan[owned]
-        return None if isinstance(plan, str) else plan
-
-    def _draw_step(self, learner: Learner, step: int) -> tuple[list[MicroBatch], int, int]:
-        """This step's micro-batches (this rank's shards, with their tasks), and the global batch's tokens
-        and trained tokens.
-
-        The whole global batch (batch_size x grad_accum examples) is drawn at once, the same on every
-        rank, so its trained-token count needs no communication and `grad_accum=k` sees exactly the
-        examples of one batch k times as large. Under `schedule.group_by_length` the pool of
-        length-grouped batches ends with the current weights (`learner.horizon`). Under exclusive
-        isolation each task's gradient must be kept from the coordinates it does not own: with
-        `isolation.task_split=rows` each micro-batch's rows are ordered by task (`MicroBatch.split`), else
-        the same examples run as task-homogeneous micro-batches of at most batch_size (`_by_task`).
-        """
-        s = self.cfg.schedule
-        group = min(s.group_by_length, learner.horizon - step + 1) if s.group_by_length else 0
-        picks = learner.sampler.next_batch(s.batch_size * s.grad_accum, group)
-        tokens = trained = 0
-        for task, i in picks:
-            row = self.train_sets[task][i]
-            learner.realised[task]["examples"] += 1
-            learner.realised[task]["tokens"] += len(row["input_ids"])
-            tokens += len(row["input_ids"])
-            trained += self.trained_counts[task][i]
-        chunks = [picks[k * s.batch_size : (k + 1) * s.batch_size] for k in range(s.grad_accum)]
-        if not learner.optimizer.exclusive:
-            micro_batches = [MicroBatch(self._shard(self._rows(chunk)), frozenset(t for t, _ in chunk)) for chunk in chunks]
-        elif (layers := self._row_layers(learner)) is not None:  # one process: the shard is the whole chunk
-            micro_batches = []
-            for chunk in chunks:
-                chunk = sorted(chunk, key=lambda pick: pick[0])  # stable: each task's rows contiguous, in draw order
-                rows, start = {}, 0
-                for task, group in itertools.groupby(chunk, key=lambda pick: pick[0]):
-                    stop = start + len(list(group))
-                    rows[task], start = (start, stop), stop
-                micro_batches.append(MicroBatch(self._shard(self._rows(chunk)), frozenset(rows), RowSplit(layers, rows)))
-        else:
-            micro_batches = [MicroBatch(self._shard(self._rows(chunk)), frozenset([task])) for task, chunk in self._by_task(picks, s.batch_size)]
-        return micro_batches, tokens, trained
-
-    def _rows(self, picks: list[tuple[str, int]]) -> list[dict[str, list[int]]]:
-        return [self.train_sets[task][i] for task, i in picks]
-
-    def _shard(self, rows: list[dict[str, list[int]]]) -> dict[str, Tensor] | None:
-        """This rank's share of `rows`, collated on the device; None when it has none."""
-        shard = rows[self.rank :: self.world]
-        if not shard:
-            return None
-        return {name: v.to(self.device) for name, v in collate(shard, self.tokenizer.pad_token_id).items()}
-
-    def _backward(self, learner: Learner, batch: dict[str, Tensor] | None, trained: int) -> tuple[Tensor, bool]:
-        """Forward and token-weighted backward of one micro-batch: its summed token losses, and whether they
-        count. A rank whose share is empty (`batch` None) runs a two-token batch with weight 0, because DDP
-        all-reduces in every backward and the other ranks' backward would otherwise wait for it."""
-        counted = batch is not None
-        token_losses = self._backward_batch(learner.forward, batch if counted else self._fallback_batch())
-        (token_losses * (self.world / trained if counted else 0.0)).backward()
-        return token_losses, counted
-
-    def _fallback_batch(self) -> dict[str, Tensor]:
-        """Two pad tokens, one of them 'trained': a forward every rank can run when it has no rows of its own."""
-        pad = self.tokenizer.pad_token_id
-        return {k: v.to(self.device) for k, v in collate([{"input_ids": [pad, pad], "labels": [IGNORE_INDEX, pad]}], pad).items()}
-
-    def _backward_batch(self, forward: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        """The summed token losses of one collated batch, under the run's precision."""
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.schedule.precision == "bf16" else nullcontext()
-        with autocast:
-            return forward(batch["input_ids"], batch["attention_mask"], batch["labels"])
-
-    @staticmethod
-    def _by_task(picks: list[tuple[str, int]], size: int) -> list[tuple[str, list[tuple[str, int]]]]:
-        """The global batch as task-homogeneous micro-batches of at most `size` examples, tasks in sorted order."""
-        chunks = []
-        for task in sorted({t for t, _ in picks}):
-            mine = [pick for pick in picks if pick[0] == task]
-            chunks += [(task, mine[k : k + size]) for k in range(0, len(mine), size)]
-        return chunks
+    def train_step(self, step: int) -> StepResult:
+        """One step of the run's learner with the run's strategy (`Stepper.train_step`); an update that would not
+        be finite under schedule.nonfinite=stop ends the run here, naming the last good checkpoint."""
+        try:
+            return self.stepper.train_step(step, self.learner, self.strategy)
+        except NonFiniteUpdate as e:
+            self.logger.close()
+            s = self.cfg.schedule
+            raise TrainingDiverged(
+                f"{e.what}; training diverged and was stopped before the update; {self._last_good()}, and no model was saved. "
+                f"Usual fixes: a lower optimizer.lr (now {self.cfg.optimizer.lr:g}, lr at this step {e.lr:.3g}), a longer schedule.warmup_steps "
+                f"(now {s.warmup_steps}), schedule.clip_norm (now {s.clip_norm}), schedule.precision=fp32 (now {s.precision}); "
+                "or schedule.nonfinite=skip to drop such updates and count them."
+            ) from None
 
     def log_realised(self) -> None:
         """The mixture as trained so far: examples and tokens drawn per task, and each task's share of the tokens."""
@@ -543,81 +266,6 @@ class Trainer:
         if self.rank == 0:
             shares = (f"{t} {r['examples']} ex / {r['tokens']} tok ({r['tokens'] / total:.0%})" for t, r in realised.items())
             tqdm.write(f"realised mixture at step {self.step}: " + ", ".join(shares))
-
-    # ---------------------------------------------------------------- for strategies (through the context)
-    def train_copy(self, task: str, steps: int, lr: float) -> tuple[dict[str, Tensor], int, float]:
-        """A copy of the model trained on `task` alone with `train_step` (no weight decay, constant lr):
-        its weights, the trained tokens it consumed (counted in the run's compute too) and its last loss.
-
-        Under parallel=fsdp no rank can hold a whole copy: the run's own sharded model trains with a fresh
-        optimizer and sampler, its tuned shards (this rank's, by parameter name) are returned, and its
-        weights are put back bit for bit."""
-        if self.sharded:
-            theta0 = {n: local(p).detach().clone() for n, p in self.named_params.items()}
-            try:
-                return self._train(self.model, task, steps, lr, lambda: {n: local(p).detach().cpu().clone() for n, p in self.named_params.items()})
-            finally:
-                with torch.no_grad():
-                    for n, p in self.named_params.items():
-                        local(p).copy_(theta0[n])
-        model = copy.deepcopy(self.model)
-        return self._train(model, task, steps, lr, lambda: {n: t.detach().cpu().clone() for n, t in model.state_dict().items()})
-
-    def _train(self, model: torch.nn.Module, task: str, steps: int, lr: float,
-               weights: Callable[[], dict[str, Tensor]]) -> tuple[dict[str, Tensor], int, float]:
-        learner = self._new_learner(f"a copy trained on {task!r}", model, {task: 1.0}, lr=lr, weight_decay=0.0)
-        learner.scheduler = constant(learner.optimizer.optimizer, total_steps=steps)
-        learner.horizon = steps
-        tokens = 0
-        for step in range(1, steps + 1):
-            out = self.train_step(step, learner)
-            tokens += out.trained_tokens
-        return weights(), tokens, out.loss
-
-    def task_gradient(self, task: str, step: int, draw: int = 0) -> dict[str, Tensor]:
-        """The gradient of the loss on a calibration batch of `task` alone at the run's current weights, with no
-        update: batch_size examples drawn by `default_rng([seed, 3, step, task index, draw])` (a pure function,
-        so a resume draws the same), token-weighted and sharded like a training step. Its tokens are charged."""
-        learner, s = self.learner, self.cfg.schedule
-        if any(p.grad is not None for p in learner.named_params.values()):
-            raise RuntimeError("task_gradient needs the gradients cleared: call it from after_step")
-        rows = self.train_sets[task]
-        rng = np.random.default_rng([self.cfg.seed, 3, step, sorted(self.train_sets).index(task), draw])
-        picks = [int(i) for i in rng.choice(len(rows), size=min(s.batch_size, len(rows)), replace=False)]
-        trained = sum(self.trained_counts[task][i] for i in picks)
-        self.charge(0, trained)
-        with torch.enable_grad():  # strategies call this from their no-grad refresh
-            self._backward(learner, self._shard([rows[i] for i in picks]), trained)
-        # the gradients themselves, not copies: zero_grad(set_to_none) only drops the parameters' references to them
-        grads = {n: torch.zeros_like(local(p)) if p.grad is None else local(p.grad).detach()  # local shards under fsdp
-                 for n, p in learner.named_params.items()}
-        learner.optimizer.zero_grad(set_to_none=True)
-        return grads
-
-    def charge(self, optimizer_steps: int, trained_tokens: int) -> None:
-        """Compute the run consumed without spending it here (a probe read from the cache)."""
-        self.compute["optimizer_steps"] += optimizer_steps
-        self.compute["trained_tokens"] += trained_tokens
-
-    def fingerprint(self, task: str) -> str:
-        """A content key of what `train_copy(task, ...)` depends on besides its arguments."""
-        h = hashlib.sha256()
-        h.update(json.dumps(OmegaConf.to_container(self.cfg.model, resolve=True), sort_keys=True).encode())
-        weights = self.model.state_dict() if not self.sharded else {n: local(p) for n, p in self.named_params.items()}
-        for name, tensor in weights.items():  # theta0 itself (this rank's shards under fsdp), not just how it was made
-            h.update(name.encode())
-            h.update(tensor.detach().reshape(-1)[:1024].float().cpu().numpy().tobytes())
-            h.update(str(float(tensor.float().sum())).encode())
-        if self.sharded:  # one key on every rank, for the set of shards: each rank's digest, in rank order
-            digests = [None] * self.world
-            dist.all_gather_object(digests, h.hexdigest())
-            h = hashlib.sha256(repr(("fsdp", self.world, digests)).encode())
-        for row in self.train_sets[task]:
-            h.update(bytes(str(row["input_ids"]), "utf-8"))
-        s = self.cfg.schedule
-        optimizer = OmegaConf.to_container(self.cfg.optimizer, resolve=True)
-        h.update(repr((s.batch_size, s.grad_accum, s.group_by_length, s.precision, s.lm_head, s.clip_norm, self.cfg.seed, optimizer)).encode())
-        return h.hexdigest()
 
     # ---------------------------------------------------------------- eval, save, resume
     def evaluate(self, step: int, split_name: str, predictions: list[dict[str, Any]] | None = None) -> dict[str, dict[str, float]]:
@@ -631,7 +279,7 @@ class Trainer:
             results, records = self._evaluated[1], self._evaluated[2]
         else:
             e, records = self.cfg.eval, []
-            with unsharded_root(self.root):
+            with unsharded_root(self.stepper.root):
                 results = evaluate(
                     self.model,
                     self.tokenizer,
@@ -654,7 +302,7 @@ class Trainer:
 
     def log_retention(self, step: int) -> dict[str, float]:
         """Perplexity of the held-out text now, logged under `retention` at `step`."""
-        with unsharded_root(self.root):
+        with unsharded_root(self.stepper.root):
             metrics = retention.perplexity(self.model, self.retention, self.cfg.eval.batch_size)
         self.logger.log(step, "retention", metrics)
         return metrics
@@ -706,8 +354,8 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(),
                 "sampler": self.sampler.state_dict(),
                 "realised": self.learner.realised,
-                "skipped": self.skipped,
-                "compute": self.compute,
+                "skipped": self.stepper.skipped,
+                "compute": self.stepper.compute,
                 "retention_before": self.retention_before,
                 "config": OmegaConf.to_container(self.cfg, resolve=True),
                 "metrics_lines": self.logger.lines,  # metrics.jsonl up to here belongs to this state
@@ -759,8 +407,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         self.learner.realised = state["realised"]
-        self.skipped = state["skipped"]
-        self.compute = state["compute"]
+        self.stepper.skipped = state["skipped"]
+        self.stepper.compute = state["compute"]
         self.retention_before = state.get("retention_before")  # absent from checkpoints written before eval.retention
         self.strategy.load_state_dict(state["strategy"])
         checkpoint.set_rng_state(state["rng"])

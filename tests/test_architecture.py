@@ -121,7 +121,7 @@ def test_a_probe_under_grad_accum_equals_a_probe_with_twice_the_batch(tmp_path: 
         (tmp_path / name).mkdir()
         trainer = Trainer(make_cfg("strategy=none", *overrides), tmp_path / name)
         theta0 = {n: t.clone() for n, t in trainer.model.state_dict().items()}
-        probes.append(trainer.train_copy("math", steps=3, lr=1e-2)[0])
+        probes.append(trainer.context.train_copy("math", steps=3, lr=1e-2)[0])
         assert all(torch.equal(t, theta0[n]) for n, t in trainer.model.state_dict().items())  # the run's model is untouched
     for name in probes[0]:
         torch.testing.assert_close(probes[0][name], probes[1][name], rtol=1e-5, atol=1e-5, msg=name)  # Adam at lr 1e-2 amplifies float noise

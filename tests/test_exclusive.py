@@ -109,7 +109,7 @@ class Watched:
 
     def __init__(self, trainer: Trainer):
         self.trainer, self.checked, self.moved = trainer, 0, 0
-        draw = trainer._draw_step
+        draw = trainer.stepper.draw_step
 
         def recording(learner, step):
             out = draw(learner, step)
@@ -118,7 +118,7 @@ class Watched:
             self.owned = trainer.optimizer.exclusive_masks
             return out
 
-        trainer._draw_step = recording
+        trainer.stepper.draw_step = recording
         after_step = trainer.strategy.after_step
 
         def check(step: int) -> None:
@@ -148,7 +148,7 @@ def test_exclusive_epi_in_the_real_loop_holds_absent_tasks_coordinates(tmp_path:
     watched = Watched(trainer)
     trainer.fit()
     assert watched.checked > 10 and watched.moved > 0
-    assert all(why is None for why in trainer._rows_why.values())  # the default split (rows) ran
+    assert all(why is None for why in trainer.stepper.rows_why.values())  # the default split (rows) ran
     assert set(trainer.optimizer.exclusive_masks) == set(trainer.tasks) and not trainer.optimizer.index
     events = read_metrics(tmp_path)
     per_task = {e["task"] for e in events if e["split"] == "mask" and e.get("task")}
@@ -290,8 +290,8 @@ def run_split(tmp_path: Path, split: str, *extra: str) -> Trainer:
 
 def test_rows_and_micro_batches_train_the_same_model(tmp_path: Path) -> None:
     rows, micro = run_split(tmp_path, "rows"), run_split(tmp_path, "micro_batches")
-    assert rows._rows_why and all(why is None for why in rows._rows_why.values())  # the rows path ran
-    assert not micro._rows_why
+    assert rows.stepper.rows_why and all(why is None for why in rows.stepper.rows_why.values())  # the rows path ran
+    assert not micro.stepper.rows_why
     for name, value in rows.model.state_dict().items():
         torch.testing.assert_close(value, micro.model.state_dict()[name], rtol=1e-4, atol=1e-6, msg=name)
     loss = {run: [e["value"] for e in read_metrics(tmp_path / run) if e["metric"] == "loss"] for run in ("rows", "micro_batches")}
@@ -312,7 +312,7 @@ def test_rows_says_once_why_it_cannot_run_and_trains_micro_batches(tmp_path: Pat
     trainer = run_split(tmp_path, "rows", "strategy.include.norms=true")  # a norm's weight is not a linear layer's
     out = capsys.readouterr().out
     assert out.count("isolation.task_split=rows:") == 1 and "not a plain nn.Linear" in out
-    assert any(why for why in trainer._rows_why.values())
+    assert any(why for why in trainer.stepper.rows_why.values())
     owned = {"model.layers.0.mlp.up_proj.weight"}
     assert rows_unavailable(trainer.model, owned, world=1, compiled=False, checkpointing=False) is None
     assert "one process" in rows_unavailable(trainer.model, owned, world=2, compiled=False, checkpointing=False)
@@ -322,4 +322,4 @@ def test_rows_says_once_why_it_cannot_run_and_trains_micro_batches(tmp_path: Pat
     assert "trained positions" in rows_unavailable(trainer.model, head, world=1, compiled=False, checkpointing=False)
     assert rows_unavailable(trainer.model, head, world=1, compiled=False, checkpointing=False, lm_head="all") is None
     checkpointed = run_split(tmp_path / "ckpt", "rows", "model.gradient_checkpointing=true")  # the trainer sees the model's flag
-    assert any("checkpointing" in (why or "") for why in checkpointed._rows_why.values())
+    assert any("checkpointing" in (why or "") for why in checkpointed.stepper.rows_why.values())

@@ -146,7 +146,7 @@ def sweep(tmp_path: Path) -> Path:
     fake_run(root, "0", group="data.tasks=[a]", seed=0, tasks=["a"], scores={"a": 0.8}, task_curves={"a": [0.4, 0.8]}, curve=[0.4, 0.8])
     fake_run(root, "1", group="strategy=none", seed=0, tasks=["a", "b"], scores={"a": 0.4, "b": 0.2},
              task_curves={"a": [0.2, 0.4]}, curve=[0.1, 0.3], compute=spent)
-    fake_job(root, "2", ["strategy=epi", "schedule.lr=-1", "seed=0"], files={"error.txt": "error: schedule.lr=-1: must be > 0 (e.g. schedule.lr=3e-3)\n"})
+    fake_job(root, "2", ["strategy=epi", "optimizer.lr=-1", "seed=0"], files={"error.txt": "error: optimizer.lr=-1: must be > 0 (e.g. optimizer.lr=3e-3)\n"})
     fake_run(root, "3", group="data.tasks=[b]", seed=0, tasks=["b"], scores={"b": 0.0})
     fake_run(root, "4", group="strategy=random", seed=0, tasks=["a", "b"], scores={"a": 0.6, "b": 0.2}, curve=[0.2, 0.4])
     fake_run(root, "5", group="strategy=none", seed=1, tasks=["a", "b"], scores={"a": 0.6, "b": 0.4},
@@ -161,7 +161,7 @@ def test_failed_runs_are_listed_with_their_error_line(sweep: Path) -> None:
     runs, unfinished = report.load_runs([sweep], "test")
     assert [r.path.name for r in runs] == ["0", "1", "3", "4", "5"]  # the other runs still tabulate
     assert [(u.path.name, u.overrides, u.error) for u in unfinished] == [
-        ("2", ["strategy=epi", "schedule.lr=-1", "seed=0"], "error: schedule.lr=-1: must be > 0 (e.g. schedule.lr=3e-3)"),
+        ("2", ["strategy=epi", "optimizer.lr=-1", "seed=0"], "error: optimizer.lr=-1: must be > 0 (e.g. optimizer.lr=3e-3)"),
         ("6", ["strategy=cpi", "seed=0"], report.NO_ERROR),
         ("7", ["strategy=cpi", "seed=1"], "error: the last error"),
     ]
@@ -170,7 +170,7 @@ def test_failed_runs_are_listed_with_their_error_line(sweep: Path) -> None:
 def test_no_finished_run_names_the_split(sweep: Path) -> None:
     with pytest.raises(UserError, match=r"none of the 1 run directories has eval_val.json.*eval.split=val.*first error: error: the last error"):
         report.load_runs([sweep / "7"], "val")
-    with pytest.raises(UserError, match=r"none of the 8 .*first error: error: schedule.lr=-1"):
+    with pytest.raises(UserError, match=r"none of the 8 .*first error: error: optimizer.lr=-1"):
         report.load_runs([sweep], "val")
 
 
@@ -252,13 +252,13 @@ def test_eval_py_report_sections(sweep: Path, tmp_path: Path) -> None:
     assert "| strategy=random | 1 | 0.600 ± 0.000 | 0.200 ± 0.000 | 0.400 ± 0.000 | 0.750 | – | – |" in md
     assert "\n\nLeft out of the normalised score: b (its expert scored 0).\n" in md
     assert "## Runs that did not finish" in md
-    assert f"- {sweep / '2'} (strategy=epi,schedule.lr=-1,seed=0): error: schedule.lr=-1: must be > 0 (e.g. schedule.lr=3e-3)" in md
+    assert f"- {sweep / '2'} (strategy=epi,optimizer.lr=-1,seed=0): error: optimizer.lr=-1: must be > 0 (e.g. optimizer.lr=3e-3)" in md
     assert f"- {sweep / '6'} (strategy=cpi,seed=0): {report.NO_ERROR}" in md
     assert "eval_out" not in md
     data = json.loads((out / "report.json").read_text())
     assert data["left_out_of_normalised"] == {"b": "its expert scored 0"}
-    assert data["unfinished"][0] == {"path": str(sweep / "2"), "name": "strategy=epi,schedule.lr=-1,seed=0",
-                                     "overrides": ["strategy=epi", "schedule.lr=-1", "seed=0"], "error": "error: schedule.lr=-1: must be > 0 (e.g. schedule.lr=3e-3)"}
+    assert data["unfinished"][0] == {"path": str(sweep / "2"), "name": "strategy=epi,optimizer.lr=-1,seed=0",
+                                     "overrides": ["strategy=epi", "optimizer.lr=-1", "seed=0"], "error": "error: optimizer.lr=-1: must be > 0 (e.g. optimizer.lr=3e-3)"}
     assert (out / "scores.csv").read_text().splitlines()[1].endswith(",0.625,100,1002")
     assert (out / "scores_over_steps.png").is_file()
 
