@@ -10,8 +10,8 @@ Importance signals (`signal`), each an EMA with factor `beta`:
   taylor   |g * theta|    (first-order Taylor estimate of the loss change if the weight were zeroed)
   abs_grad |g|
 `beta: null` with `sq_grad` reuses AdamW's own second moment (exp_avg_sq, an EMA of g^2 with
-beta = schedule.betas[1]) instead of a new buffer: no extra memory. The engine keeps feeding
-isolated coordinates' true gradients into it (`schedule.isolated_moments=track`), so a frozen
+beta = optimizer.betas[1]) instead of a new buffer: no extra memory. The engine keeps feeding
+isolated coordinates' true gradients into it (`isolation.moments=track`), so a frozen
 coordinate's importance does not decay just because it is frozen.
 
 `mode: exclusive` (our reading of "isolation", PAPERS.md): at each refresh every task of the current
@@ -150,7 +150,7 @@ class EvolvingIsolation(Strategy):
         except NonFiniteScores as e:
             raise TrainingDiverged(
                 f"step {step}: importance {e}: the gradients it averages overflowed or were NaN; no mask was set. "
-                "Lower schedule.lr or set schedule.clip_norm; with strategy.beta=null the importance is AdamW's exp_avg_sq."
+                "Lower optimizer.lr or set schedule.clip_norm; with strategy.beta=null the importance is AdamW's exp_avg_sq."
             ) from e
 
     @torch.no_grad()
@@ -283,7 +283,7 @@ class EPI(EvolvingIsolation):
         if self.cfg.beta is None and not ctx.optimizer_keeps("exp_avg_sq"):
             raise UserError(
                 "strategy.beta=null reuses the optimizer's second moment (Adam's exp_avg_sq), which this run's optimizer "
-                "does not keep for every coordinate (it needs an Adam-type optimizer and schedule.isolated_moments=track); "
+                "does not keep for every coordinate (it needs an Adam-type optimizer and isolation.moments=track); "
                 "give strategy.beta a value for a separate EMA"
             )
         if self.cfg.beta is not None:
