@@ -1,4 +1,5 @@
-"""The codebase keeps its shape: the run directory's file names have one owner, no import cycles, small modules."""
+"""The codebase keeps its shape: the run directory's file names have one owner, and modules stay small (the import
+graph has no cycle: tests/test_architecture.py)."""
 
 from __future__ import annotations
 
@@ -56,67 +57,6 @@ def test_the_check_finds_a_spelled_name(tmp_path: Path) -> None:
         assert len(spelled_file_names(module)) == 2
     finally:
         module.unlink()
-
-
-def _module_name(path: Path) -> str:
-    parts = path.relative_to(ROOT).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def import_graph() -> dict[str, set[str]]:
-    """epi module -> the epi modules it imports at module level (imports inside functions are deferred on purpose)."""
-    modules = {_module_name(p): p for p in SOURCES if p.is_relative_to(ROOT / "epi")}
-    graph: dict[str, set[str]] = {}
-    for name, path in modules.items():
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        deps = set()
-        for node in ast.parse(path.read_text()).body:
-            if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
-                continue
-            if isinstance(node, ast.Import):
-                deps |= {a.name for a in node.names}
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
-                deps |= {base} | {f"{base}.{a.name}" for a in node.names}
-        graph[name] = {d for d in deps if d in modules and d != name}
-    return graph
-
-
-def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    state: dict[str, int] = {}  # 1: on the stack, 2: done
-    stack: list[str] = []
-
-    def visit(node: str) -> list[str] | None:
-        state[node] = 1
-        stack.append(node)
-        for dep in sorted(graph.get(node, ())):
-            if state.get(dep) == 1:
-                return stack[stack.index(dep):] + [dep]
-            if dep not in state and (cycle := visit(dep)):
-                return cycle
-        stack.pop()
-        state[node] = 2
-        return None
-
-    for node in sorted(graph):
-        if node not in state and (cycle := visit(node)):
-            return cycle
-    return None
-
-
-def test_no_import_cycles() -> None:
-    graph = import_graph()
-    assert len(graph) > 30 and graph["epi.trainer"]  # the graph was read
-    # a package's __init__ importing its own submodules is not a cycle of the code's layers
-    layered = {m: {d for d in deps if not d.startswith(m + ".")} for m, deps in graph.items()}
-    assert find_cycle(layered) is None, " -> ".join(find_cycle(layered))
-
-
-def test_the_cycle_check_finds_a_cycle() -> None:
-    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
-    assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
 def test_no_module_over_the_size_limit() -> None:
