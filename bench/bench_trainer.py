@@ -333,7 +333,7 @@ class ProjectSide(Side):
     def __init__(self, name: str, project: Trainer, work: Work):
         super().__init__(project.model, work, counted=project.learner.forward)
         self.name, self.project = name, project
-        self.same_data = project.cfg.data.get("system_prompt") is None
+        self.same_data = project.cfg.data.system_prompt is None
         self.start = project.sampler.state_dict()
         self.step = 0
 

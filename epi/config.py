@@ -211,9 +211,33 @@ def _leaves(value: Any, key: str) -> list[tuple[str, Any]]:
     return [(key, value)]
 
 
-def validate(cfg: DictConfig, known_tasks: set[str]) -> None:
-    """Every group against its schema, then the rules between groups; the first problem is one UserError line."""
-    check_root(cfg)
+@dataclass
+class RunConfig:
+    """The run's whole config, typed and checked: what the trainer, the stepper and the run read.
+
+    The model, the data pipeline and the components built from a `_target_` node (optimizer, lr_scheduler, logger,
+    strategy) take their node of `composed`, the config as Hydra composed it, which config.yaml and every
+    checkpoint also record; everything else is read from the typed groups below."""
+
+    composed: DictConfig
+    model: TinyModelConfig | HFModelConfig
+    data: DataConfig
+    schedule: ScheduleConfig
+    optimizer: OptimizerConfig
+    isolation: IsolationConfig
+    parallel: ParallelConfig
+    eval: EvalConfig
+    logger: LoggerConfig
+    seed: int
+    device: str
+    keep_checkpoint: bool
+    resume: str | None
+    threads: int | None
+
+
+def typed(cfg: DictConfig) -> RunConfig:
+    """Every group of `cfg` parsed against its schema (one `key=value: rule` line for the first bad value), and
+    the top-level keys checked; the rules between groups are `validate`'s."""
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise fail("seed", cfg.seed, "must be an integer")
     if cfg.threads is not None and (not isinstance(cfg.threads, int) or isinstance(cfg.threads, bool) or cfg.threads < 1):
@@ -224,22 +248,33 @@ def validate(cfg: DictConfig, known_tasks: set[str]) -> None:
         raise fail("resume", cfg.resume, "must be a run directory (or its checkpoint.pt), or auto")
     if cfg.device not in DEVICES:
         raise fail("device", cfg.device, f"must be one of {list(DEVICES)}")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        built = "is built without CUDA" if torch.version.cuda is None else "sees no GPU (CUDA_VISIBLE_DEVICES, the driver)"
-        raise fail("device", cfg.device, f"this torch {torch.__version__} {built}; use device=cpu, or device=auto to take a GPU when there is one")
     if cfg.model.kind not in MODELS:
         raise fail("model.kind", cfg.model.kind, f"must be one of {list(MODELS)}")
-    parse(cfg.model, MODELS[cfg.model.kind], "model")
+    model = parse(cfg.model, MODELS[cfg.model.kind], "model")
     schedule = parse(cfg.schedule, ScheduleConfig, "schedule")
     data = parse(cfg.data, DataConfig, "data")
-    parse(cfg.eval, EvalConfig, "eval")
+    evaluation = parse(cfg.eval, EvalConfig, "eval")
     parallel = parse(cfg.parallel, ParallelConfig, "parallel")
-    parse(cfg.logger, LoggerConfig, "logger", ignore=("_target_", "_partial_"))
+    logger = parse(cfg.logger, LoggerConfig, "logger", ignore=("_target_", "_partial_"))
     check_keys(cfg.optimizer, "optimizer")
     optimizer = {k: v for k, v in OmegaConf.to_container(cfg.optimizer, resolve=True).items() if k in ("lr", "weight_decay", "betas")}
-    parse(optimizer, OptimizerConfig, "optimizer")
-    parse(cfg.isolation, IsolationConfig, "isolation")
+    optimizer = parse(optimizer, OptimizerConfig, "optimizer")
+    isolation = parse(cfg.isolation, IsolationConfig, "isolation")
     check_keys(cfg.lr_scheduler, "lr_scheduler")
+    return RunConfig(composed=cfg, model=model, data=data, schedule=schedule, optimizer=optimizer, isolation=isolation,
+                     parallel=parallel, eval=evaluation, logger=logger, seed=cfg.seed, device=cfg.device,
+                     keep_checkpoint=cfg.keep_checkpoint, resume=cfg.resume, threads=cfg.threads)
+
+
+def validate(cfg: DictConfig, known_tasks: set[str]) -> RunConfig:
+    """Every group against its schema, then the rules between groups; the first problem is one UserError line.
+    Returns the typed config the run reads."""
+    check_root(cfg)
+    run = typed(cfg)
+    if run.device == "cuda" and not torch.cuda.is_available():
+        built = "is built without CUDA" if torch.version.cuda is None else "sees no GPU (CUDA_VISIBLE_DEVICES, the driver)"
+        raise fail("device", cfg.device, f"this torch {torch.__version__} {built}; use device=cpu, or device=auto to take a GPU when there is one")
+    schedule, data, parallel = run.schedule, run.data, run.parallel
     strategy = build_strategy(cfg.strategy, quiet=True)  # the strategy's own schema (Strategy.Config)
     if parallel.name == "fsdp":
         if not type(strategy).shardable:
@@ -264,4 +299,4 @@ def validate(cfg: DictConfig, known_tasks: set[str]) -> None:
         for task in stage.tasks:
             if task not in data.tasks:
                 raise fail(f"schedule.stages[{i}].tasks", stage.tasks, f"{task!r} is not in data.tasks={data.tasks}")
-
+    return run

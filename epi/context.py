@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from torch import Tensor
 
 from epi import rundir
+from epi.config import RunConfig
 from epi.logging import RunLogger
 from epi.masks import Masks
 from epi.schedules import constant
@@ -33,7 +34,7 @@ TRACKED_STATE = {torch.optim.Adam: ("exp_avg", "exp_avg_sq"), torch.optim.AdamW:
 
 
 class TrainerContext:
-    def __init__(self, *, cfg: DictConfig, stepper: Stepper, learner: Learner, logger: RunLogger, run_dir: Path,
+    def __init__(self, *, cfg: RunConfig, stepper: Stepper, learner: Learner, logger: RunLogger, run_dir: Path,
                  tasks: tuple[str, ...]):
         engine = learner.optimizer
         self.named_params = engine.named_params
@@ -162,7 +163,7 @@ class TrainerContext:
     def fingerprint(self, task: str) -> str:
         """A content key of what `train_copy(task, ...)` depends on besides its arguments."""
         h = hashlib.sha256()
-        h.update(json.dumps(OmegaConf.to_container(self._cfg.model, resolve=True), sort_keys=True).encode())
+        h.update(json.dumps(OmegaConf.to_container(self._cfg.composed.model, resolve=True), sort_keys=True).encode())
         weights = self._model.state_dict() if self.shards is None else {n: local(p) for n, p in self.named_params.items()}
         for name, tensor in weights.items():  # theta0 itself (this rank's shards under fsdp), not just how it was made
             h.update(name.encode())
@@ -175,6 +176,6 @@ class TrainerContext:
         for row in self._stepper.train_sets[task]:
             h.update(bytes(str(row["input_ids"]), "utf-8"))
         s = self._cfg.schedule
-        optimizer = OmegaConf.to_container(self._cfg.optimizer, resolve=True)
+        optimizer = OmegaConf.to_container(self._cfg.composed.optimizer, resolve=True)
         h.update(repr((s.batch_size, s.grad_accum, s.group_by_length, s.precision, s.lm_head, s.clip_norm, self.seed, optimizer)).encode())
         return h.hexdigest()

@@ -31,9 +31,9 @@ def train(cfg: DictConfig, run_dir: Path, hydra_record: Callable[[Path], None] |
     (`hydra_record(run_dir)` writes .hydra/), which is written only once this run may use the directory.
     """
     cfg.data = expand_root(cfg.data)  # data=local: one task per folder under data.root
-    validate(cfg, known_tasks(cfg.data))
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    run = validate(cfg, known_tasks(cfg.data))  # the typed config the run reads; `cfg` stays the record of it
+    if run.threads is not None:
+        torch.set_num_threads(run.threads)
     run_dir = Path(run_dir)
     # Rank 0 alone locks and looks: it writes the run's files, and under torchrun it may already be restoring
     # metrics.jsonl into a new run directory while another rank would still be checking it (if rank 0 refuses, all
@@ -74,7 +74,7 @@ def train(cfg: DictConfig, run_dir: Path, hydra_record: Callable[[Path], None] |
             if not in_place:
                 carry_wandb_id(source.parent, run_dir)
             print(f"resuming {source} at step {resume_state['step']}")
-        trainer = Trainer(cfg, run_dir, resume_state)
+        trainer = Trainer(run, run_dir, resume_state)
         writer = trainer.rank == 0  # under torchrun, rank 0 writes the run's files
         if writer:
             (run_dir / rundir.CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -83,7 +83,7 @@ def train(cfg: DictConfig, run_dir: Path, hydra_record: Callable[[Path], None] |
             scorers = {name: task.scorer for name, task in trainer.tasks.items()}
             title = f"{short_name(cfg.logger.name or 'run')} ({cfg.eval.split} split, {run_dir})"
             print(write_results(run_dir, cfg.eval.split, results, scorers, title, trainer.predictions))
-            if not cfg.keep_checkpoint:  # the run is complete: nothing is left to resume
+            if not run.keep_checkpoint:  # the run is complete: nothing is left to resume
                 checkpoint.remove(run_dir)  # checkpoint.pt, and checkpoint.shards/ under parallel=fsdp
         return results
 

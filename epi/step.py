@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
 from torch import Tensor
 from tqdm import tqdm
 
 from epi.components import build
+from epi.config import RunConfig
 from epi.data.format import IGNORE_INDEX, collate
 from epi.data.mixture import MixtureSampler
 from epi.errors import TrainingDiverged, UserError
@@ -94,7 +94,7 @@ class Stepper:
     """Steps learners of one run. Built once per run from what a step depends on; holds no loop state besides the
     compute counter, the count of skipped updates and, under parallel=fsdp, the sharded loss module (`root`)."""
 
-    def __init__(self, cfg: DictConfig, model: torch.nn.Module, pad_id: int, train_sets: dict[str, list[dict[str, list[int]]]],
+    def __init__(self, cfg: RunConfig, model: torch.nn.Module, pad_id: int, train_sets: dict[str, list[dict[str, list[int]]]],
                  trained_counts: dict[str, list[int]], device: torch.device, rank: int, world: int, sharded: bool):
         self.cfg, self.model, self.pad_id = cfg, model, pad_id
         self.train_sets, self.trained_counts = train_sets, trained_counts
@@ -120,15 +120,15 @@ class Stepper:
             loss = CausalLMLoss(model, self.cfg.schedule.lm_head, compile=self.cfg.schedule.compile)
             forward = torch.nn.parallel.DistributedDataParallel(loss) if self.world > 1 else loss
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}  # after sharding: DTensors under fsdp
-        make_optimizer = build(self.cfg.optimizer, "optimizer")
+        make_optimizer = build(self.cfg.composed.optimizer, "optimizer")
         target = getattr(make_optimizer, "func", None)
         if not (inspect.isclass(target) and issubclass(target, torch.optim.Optimizer)) or issubclass(target, torch.optim.LBFGS):
             raise UserError(
-                f"optimizer._target_={self.cfg.optimizer._target_!r}: the isolation engine holds isolated values around "
+                f"optimizer._target_={self.cfg.composed.optimizer._target_!r}: the isolation engine holds isolated values around "
                 "a plain torch.optim.Optimizer.step() built with _partial_: true; this is not one (or needs a closure "
                 "per step, as LBFGS does)"
             )
-        groups = param_groups(named, optimizer_args.pop("weight_decay", self.cfg.optimizer.get("weight_decay", 0.0)))
+        groups = param_groups(named, optimizer_args.pop("weight_decay", self.cfg.optimizer.weight_decay))
         inner = make_optimizer(groups, **optimizer_args)
         sizes = {task: len(rows) for task, rows in self.train_sets.items() if task in weights}
         lengths = {task: [len(r["input_ids"]) for r in self.train_sets[task]] for task in sizes}

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from epi import checkpoint, retention, rundir
 from epi.components import build
+from epi.config import DataConfig, RunConfig, typed
 from epi.context import TrainerContext
 from epi.data.contamination import contamination, contamination_warning
 from epi.data.load import encode_tasks, load_tasks
@@ -41,18 +42,18 @@ from epi.step import RUN, NonFiniteUpdate, StepResult, Stepper
 from epi.strategies import Stage, Strategy, build_strategy
 
 
-def default_stages(cfg: DictConfig) -> list[Stage]:
+def default_stages(cfg: RunConfig) -> list[Stage]:
     """`schedule.stages` if given (sequential training), else one stage over the whole mixture."""
     weights = dict(cfg.data.weights or {})
     if not cfg.schedule.stages:
         return [Stage("mix", tuple(cfg.data.tasks), cfg.schedule.steps, weights)]
     return [
-        Stage(s.get("name", f"stage{i}"), tuple(s.tasks), s.steps, {t: weights.get(t, 1.0) for t in s.tasks})
+        Stage(s.name if s.name is not None else f"stage{i}", tuple(s.tasks), s.steps, {t: weights.get(t, 1.0) for t in s.tasks})
         for i, s in enumerate(cfg.schedule.stages)
     ]
 
 
-def format_stats(stats: dict[str, dict[str, int]], data: DictConfig) -> str:
+def format_stats(stats: dict[str, dict[str, int]], data: DataConfig) -> str:
     """One line per task: training examples and tokens after fitting data.max_len, and what that cost."""
     lines = [f"data (max_len={data.max_len}, truncate={data.truncate}):"]
     for task, s in stats.items():
@@ -67,8 +68,10 @@ PREDICTION_SAMPLE = 10  # predictions per task in the W&B table
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, run_dir: Path, resume_state: dict[str, Any] | None = None):
-        self.cfg, self.run_dir = cfg, Path(run_dir)
+    def __init__(self, cfg: RunConfig | DictConfig, run_dir: Path, resume_state: dict[str, Any] | None = None):
+        """`cfg`: the typed config `validate` returns (a composed DictConfig is parsed into one, as tests pass it)."""
+        self.cfg: RunConfig = cfg if isinstance(cfg, RunConfig) else typed(cfg)
+        self.run_dir = Path(run_dir)
         self._setup_strategy()
         self._setup_distributed()
         self._setup_data()
@@ -77,10 +80,10 @@ class Trainer:
         self._setup_optimizer()
         self._setup_logger(replaying=resume_state is not None)
         self._setup_retention(measure=resume_state is None)
-        ctx = TrainerContext(cfg=cfg, stepper=self.stepper, learner=self.learner, logger=self.logger, run_dir=self.run_dir,
+        ctx = TrainerContext(cfg=self.cfg, stepper=self.stepper, learner=self.learner, logger=self.logger, run_dir=self.run_dir,
                              tasks=tuple(self.tasks))
         self.context = ctx  # the strategy's view of the run (and its training services)
-        self.stages = self.strategy.prepare(ctx, default_stages(cfg))
+        self.stages = self.strategy.prepare(ctx, default_stages(self.cfg))
         self._setup_lr_schedule()
         self.step = 0
         self.last_checkpoint: int | None = None  # step of the newest checkpoint this run wrote
@@ -92,7 +95,7 @@ class Trainer:
     # ---------------------------------------------------------------- setup, in order
     def _setup_strategy(self) -> None:
         """Built first: its keys and its stage plan are checked before anything is written."""
-        self.strategy: Strategy = build_strategy(self.cfg.strategy)
+        self.strategy: Strategy = build_strategy(self.cfg.composed.strategy)
         self.strategy.check_plan(default_stages(self.cfg))
 
     def _setup_distributed(self) -> None:
@@ -112,10 +115,10 @@ class Trainer:
 
     def _setup_data(self) -> None:
         """The tasks with their splits; before the model, so a bad dataset fails before a slow model load."""
-        self.raw_tasks = load_tasks(self.cfg.data)
+        self.raw_tasks = load_tasks(self.cfg.composed.data)
 
     def _setup_model(self) -> None:
-        self.model, self.tokenizer = build_model(self.cfg.model)
+        self.model, self.tokenizer = build_model(self.cfg.composed.model)
         self.model.to(self.device)
         vocab = self.model.get_output_embeddings().out_features
         CausalLMLoss(self.model, self.cfg.schedule.lm_head).check(vocab, self.device)
@@ -134,7 +137,7 @@ class Trainer:
     def _setup_retention(self, measure: bool) -> None:
         """Held-out text for general-ability retention (`eval.retention` passages; epi/retention.py), measured
         on the model as loaded: before a strategy's `prepare` changes it (CPI's fusion) and before any step."""
-        n = self.cfg.eval.get("retention", 0)
+        n = self.cfg.eval.retention
         self.retention = retention.build(self.tokenizer, n, self.cfg.data.max_len) if n else None
         self.retention_before: dict[str, float] | None = None  # a resume restores it from the checkpoint
         if self.retention is not None and measure:
@@ -149,11 +152,11 @@ class Trainer:
     def _setup_logger(self, replaying: bool) -> None:
         """metrics.jsonl (and W&B); muted while a resumed run rebuilds what its checkpoint's events already hold."""
         cfg = self.cfg
-        make_logger = build(cfg.logger, "logger")
+        make_logger = build(cfg.composed.logger, "logger")
         self.logger = make_logger(
             self.run_dir if self.rank == 0 else None,  # one writer: rank 0
             mode=cfg.logger.mode if self.rank == 0 else "disabled",
-            config=OmegaConf.to_container(cfg, resolve=True),
+            config=OmegaConf.to_container(cfg.composed, resolve=True),
         )
         self.logger.muted = replaying
         self.stepper.logger = self.logger  # a skipped update is logged
@@ -167,7 +170,7 @@ class Trainer:
     def _setup_lr_schedule(self) -> None:
         """After `prepare`: the schedule spans the steps of the strategy's plan."""
         self.total_steps = sum(stage.steps for stage in self.stages)
-        self.learner.scheduler = build(self.cfg.lr_scheduler, "lr_scheduler")(self.optimizer.optimizer, total_steps=self.total_steps)
+        self.learner.scheduler = build(self.cfg.composed.lr_scheduler, "lr_scheduler")(self.optimizer.optimizer, total_steps=self.total_steps)
 
     # the run's learner, as the loop and tests see it
     @property
@@ -357,7 +360,7 @@ class Trainer:
                 "skipped": self.stepper.skipped,
                 "compute": self.stepper.compute,
                 "retention_before": self.retention_before,
-                "config": OmegaConf.to_container(self.cfg, resolve=True),
+                "config": OmegaConf.to_container(self.cfg.composed, resolve=True),
                 "metrics_lines": self.logger.lines,  # metrics.jsonl up to here belongs to this state
             },
         )
