@@ -1,4 +1,4 @@
-"""What train.py and eval.py share: error reporting, run naming, and writing result tables."""
+"""What train.py and eval.py share: one-line errors and their exit codes, and writing a results table."""
 
 from __future__ import annotations
 
@@ -51,7 +51,3 @@ def write_results(out_dir: Path, split: str, results: dict[str, dict[str, float]
     table = format_table(results, scorers, title)
     rundir.write_results(out_dir, split, results, table, predictions)
     return table
-
-
-# Run names live with the run directory; kept importable from here for the report and scripts.
-run_name, setting_name, is_bookkeeping, BOOKKEEPING = rundir.run_name, rundir.setting_name, rundir.is_bookkeeping, rundir.BOOKKEEPING

@@ -11,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from epi import plots, report
-from epi.cli import setting_name
+from epi.rundir import setting_name
 from epi.errors import UserError
 from tests.conftest import eval_report, run_script
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from epi import rundir
-from epi.cli import is_bookkeeping
+from epi.rundir import is_bookkeeping
 from epi.errors import UserError
 from epi.logging import read_metrics
 
