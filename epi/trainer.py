@@ -25,10 +25,10 @@ from tqdm import tqdm
 
 from epi import checkpoint, retention, rundir
 from epi.components import build
-from epi.config import DataConfig, RunConfig, typed
+from epi.config import RunConfig, typed
 from epi.context import TrainerContext
 from epi.data.contamination import contamination, contamination_warning
-from epi.data.load import encode_tasks, load_tasks
+from epi.data.load import encode_tasks, format_stats, load_tasks
 from epi.data.mixture import MixtureSampler, sampling_weights
 from epi.distributed import init_distributed, pick_device, precision_warning, seed_everything
 from epi.errors import TrainingDiverged, UserError
@@ -51,17 +51,6 @@ def default_stages(cfg: RunConfig) -> list[Stage]:
         Stage(s.name if s.name is not None else f"stage{i}", tuple(s.tasks), s.steps, {t: weights.get(t, 1.0) for t in s.tasks})
         for i, s in enumerate(cfg.schedule.stages)
     ]
-
-
-def format_stats(stats: dict[str, dict[str, int]], data: DataConfig) -> str:
-    """One line per task: training examples and tokens after fitting data.max_len, and what that cost."""
-    lines = [f"data (max_len={data.max_len}, truncate={data.truncate}):"]
-    for task, s in stats.items():
-        lines.append(
-            f"  {task}: {s['examples']} train examples, {s['tokens']} tokens ({s['trained_tokens']} trained); "
-            f"{s['truncated']} truncated, {s['dropped']} dropped; val/test dropped {s['val_dropped']}/{s['test_dropped']}"
-        )
-    return "\n".join(lines)
 
 
 PREDICTION_SAMPLE = 10  # predictions per task in the W&B table
@@ -161,7 +150,7 @@ class Trainer:
         self.logger.muted = replaying
         self.stepper.logger = self.logger  # a skipped update is logged
         if self.rank == 0:
-            print(format_stats(self.data_stats, cfg.data))
+            print(format_stats(self.data_stats, cfg.data.max_len, cfg.data.truncate))
             if warning := contamination_warning(self.overlap, cfg.data.contamination_warn):
                 print(warning)
         for task, stats in self.data_stats.items():

@@ -50,3 +50,14 @@ def _with_system_prompt(task: Task, system: str) -> Task:
 def encode_tasks(tokenizer, tasks: dict[str, Task], cfg: DictConfig) -> dict[str, EncodedTask]:
     """Every task's training rows fitted to `data.max_len` and its eval splits filtered alike (train.py and eval.py)."""
     return {name: encode_task(tokenizer, task, cfg.max_len, cfg.truncate) for name, task in tasks.items()}
+
+
+def format_stats(stats: dict[str, dict[str, int]], max_len: int, truncate: str) -> str:
+    """One line per task: training examples and tokens after fitting data.max_len, and what that cost."""
+    lines = [f"data (max_len={max_len}, truncate={truncate}):"]
+    for task, s in stats.items():
+        lines.append(
+            f"  {task}: {s['examples']} train examples, {s['tokens']} tokens ({s['trained_tokens']} trained); "
+            f"{s['truncated']} truncated, {s['dropped']} dropped; val/test dropped {s['val_dropped']}/{s['test_dropped']}"
+        )
+    return "\n".join(lines)
