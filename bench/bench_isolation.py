@@ -35,17 +35,8 @@ from hydra import compose, initialize_config_dir
 ROOT = Path(__file__).resolve().parents[1]  # for conf/; `epi` itself comes from the installed package
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported (by epi.trainer), which reads it once
 
+from epi.checkpoint import nbytes  # noqa: E402
 from epi.trainer import Trainer  # noqa: E402
-
-
-def tensor_bytes(obj) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
 
 
 def build(model: str, strategy: str, refresh_every: int, batch_size: int, workdir: Path, mode: str = "freeze",
@@ -89,7 +80,7 @@ def bench(model: str, steps: int, refresh_every: int, refreshes: int, repeats: i
             t_epi += block_epi
             t_refresh += block_refresh
         n_params = sum(p.numel() for p in epi.named_params.values())
-        extra = epi.optimizer.isolation_bytes() + tensor_bytes(epi.strategy.state_dict())
+        extra = epi.optimizer.isolation_bytes() + nbytes(epi.strategy.state_dict())
         return {
             "params": n_params,
             "step_none_s": statistics.median(t_base),
