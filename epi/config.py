@@ -105,6 +105,7 @@ class DataConfig(Schema):
     sources: dict[str, Any]
     root: str | None
     system_prompt: str | None  # null: conversations as they are; a string ("" too): the system turn of those without one
+    packing: bool = False  # true: a micro-batch's examples packed into rows of at most max_len tokens, attention kept within each example
 
     def check(self, key: str) -> None:
         if not self.tasks:

@@ -177,5 +177,6 @@ class TrainerContext:
             h.update(bytes(str(row["input_ids"]), "utf-8"))
         s = self._cfg.schedule
         optimizer = OmegaConf.to_container(self._cfg.composed.optimizer, resolve=True)
-        h.update(repr((s.batch_size, s.grad_accum, s.group_by_length, s.precision, s.lm_head, s.clip_norm, self.seed, optimizer)).encode())
+        settings = (s.batch_size, s.grad_accum, s.group_by_length, s.precision, s.lm_head, s.clip_norm, self.seed, optimizer)
+        h.update(repr(settings + (("packing",) if self._cfg.data.packing else ())).encode())  # unpacked: the keys as before
         return h.hexdigest()

@@ -54,12 +54,17 @@ class CausalLMLoss(torch.nn.Module):
         run = model if lm_head == "all" else model.get_decoder()
         self.__dict__["run"] = torch.compile(run, dynamic=True) if compile else run
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor, position_ids: Tensor | None = None) -> Tensor:
+        """The summed loss of a padded batch (`attention_mask`) or a packed one (`position_ids` restarting per
+        example, no mask: epi.data.format.pack)."""
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if position_ids is not None:  # transformers reads packed sequences off the positions only without a KV cache
+            inputs.update(position_ids=position_ids, use_cache=False)
         if self.lm_head == "all":
-            return causal_lm_loss_sum(self.run(input_ids=input_ids, attention_mask=attention_mask).logits, labels)
+            return causal_lm_loss_sum(self.run(**inputs).logits, labels)
         targets = labels[:, 1:]
         trained = targets != IGNORE_INDEX
-        hidden = self.run(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = self.run(**inputs).last_hidden_state
         logits = self.model.get_output_embeddings()(hidden[:, :-1][trained])
         return torch.nn.functional.cross_entropy(logits.float(), targets[trained], reduction="sum")
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from epi.components import build
 from epi.config import RunConfig
-from epi.data.format import IGNORE_INDEX, collate
+from epi.data.format import IGNORE_INDEX, collate, pack, plan_rows
 from epi.data.mixture import MixtureSampler
 from epi.errors import TrainingDiverged, UserError
 from epi.logging import RunLogger
@@ -287,11 +287,17 @@ class Stepper:
             micro_batches = []
             for chunk in chunks:
                 chunk = sorted(chunk, key=lambda pick: pick[0])  # stable: each task's rows contiguous, in draw order
+                tasks = [task for task, _ in chunk]
+                examples = self._rows(chunk)
+                if self.cfg.data.packing:  # packed rows, each of one task's examples
+                    owners = [tasks[row[0]] for row in plan_rows([len(x["input_ids"]) for x in examples], self.cfg.data.max_len, tasks)]
+                else:
+                    owners = tasks
                 rows, start = {}, 0
-                for task, group in itertools.groupby(chunk, key=lambda pick: pick[0]):
+                for task, group in itertools.groupby(owners):
                     stop = start + len(list(group))
                     rows[task], start = (start, stop), stop
-                micro_batches.append(MicroBatch(self.shard(self._rows(chunk)), frozenset(rows), RowSplit(layers, rows)))
+                micro_batches.append(MicroBatch(self.shard(examples, tasks), frozenset(rows), RowSplit(layers, rows)))
         else:
             micro_batches = [MicroBatch(self.shard(self._rows(chunk)), frozenset([task])) for task, chunk in self._by_task(picks, s.batch_size)]
         return micro_batches, tokens, trained
@@ -299,12 +305,17 @@ class Stepper:
     def _rows(self, picks: list[tuple[str, int]]) -> list[dict[str, list[int]]]:
         return [self.train_sets[task][i] for task, i in picks]
 
-    def shard(self, rows: list[dict[str, list[int]]]) -> dict[str, Tensor] | None:
-        """This rank's share of `rows`, collated on the device; None when it has none."""
+    def shard(self, rows: list[dict[str, list[int]]], keys: list[str] | None = None) -> dict[str, Tensor] | None:
+        """This rank's share of `rows` on the device, padded (`collate`) or, under data.packing, packed into rows of
+        at most data.max_len tokens (`pack`; `keys`: a row never mixes two of them); None when it has none."""
         shard = rows[self.rank :: self.world]
         if not shard:
             return None
-        return {name: v.to(self.device) for name, v in collate(shard, self.pad_id).items()}
+        if self.cfg.data.packing:
+            batch = pack(shard, self.cfg.data.max_len, self.pad_id, keys[self.rank :: self.world] if keys else None)
+        else:
+            batch = collate(shard, self.pad_id)
+        return {name: v.to(self.device) for name, v in batch.items()}
 
     def backward(self, learner: Learner, batch: dict[str, Tensor] | None, trained: int) -> tuple[Tensor, bool]:
         """Forward and token-weighted backward of one micro-batch: its summed token losses, and whether they
@@ -324,7 +335,7 @@ class Stepper:
         """The summed token losses of one collated batch, under the run's precision."""
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.schedule.precision == "bf16" else nullcontext()
         with autocast:
-            return forward(batch["input_ids"], batch["attention_mask"], batch["labels"])
+            return forward(batch["input_ids"], batch.get("attention_mask"), batch["labels"], batch.get("position_ids"))
 
     @staticmethod
     def _by_task(picks: list[tuple[str, int]], size: int) -> list[tuple[str, list[tuple[str, int]]]]:

@@ -203,3 +203,49 @@ def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.T
     if (labels == IGNORE_INDEX).all():
         raise ValueError("batch has no trained label (all IGNORE_INDEX): the loss would silently be 0")
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def plan_rows(lengths: list[int], width: int, keys: list[str] | None = None) -> list[list[int]]:
+    """Packed rows as lists of example indices: examples in the given order, each appended to the current row
+    while it fits in `width` tokens, else starting the next; a change of `keys` (a task, under exclusive isolation)
+    always starts a new row, so a row holds one key's examples."""
+    rows: list[list[int]] = []
+    used = width
+    for i, n in enumerate(lengths):
+        if n > width:
+            raise ValueError(f"an example of {n} tokens does not fit a packed row of {width}")
+        new_key = keys is not None and rows and keys[rows[-1][0]] != keys[i]
+        if used + n > width or new_key:
+            rows.append([])
+            used = 0
+        rows[-1].append(i)
+        used += n
+    return rows
+
+
+def pack(batch: list[dict[str, list[int]]], width: int, pad_id: int, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Examples packed into rows of at most `width` tokens (`plan_rows`), for a loss equal to `collate`'s.
+
+    No attention mask: `position_ids` restart at 0 for every example (and for the padding after the last), which
+    transformers' masking turns into a block-diagonal causal mask, so no token attends across its example's
+    boundary (SDPA on the CPU, FlashAttention's variable-length path where it is the attention). The first label of
+    every example is IGNORE_INDEX: unpacked it is never a target either, and here it would be the previous
+    example's last prediction."""
+    plan = plan_rows([len(x["input_ids"]) for x in batch], width, keys)
+    longest = max(sum(len(batch[i]["input_ids"]) for i in row) for row in plan)
+    input_ids = torch.full((len(plan), longest), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(plan), longest), dtype=torch.long)
+    labels = torch.full((len(plan), longest), IGNORE_INDEX, dtype=torch.long)
+    for r, row in enumerate(plan):
+        start = 0
+        for i in row:
+            ids, n = batch[i]["input_ids"], len(batch[i]["input_ids"])
+            input_ids[r, start : start + n] = torch.tensor(ids, dtype=torch.long)
+            position_ids[r, start : start + n] = torch.arange(n)
+            labels[r, start + 1 : start + n] = torch.tensor(batch[i]["labels"][1:], dtype=torch.long)
+            start += n
+        position_ids[r, start:] = torch.arange(longest - start)  # the padding: a sequence of its own
+    if (labels == IGNORE_INDEX).all():
+        raise ValueError("batch has no trained label (all IGNORE_INDEX): the loss would silently be 0")
+    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+

@@ -1,0 +1,188 @@
+"""data.packing: a micro-batch's examples packed into rows of at most max_len tokens, with position ids restarting
+per example and attention confined to it, give the loss and gradients of the same examples unpadded-and-separate,
+leave isolation bit-exact, and keep exclusive isolation's rows one task's each."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from epi.data.format import IGNORE_INDEX, collate, pack, plan_rows
+from epi.loss import CausalLMLoss
+from epi.models import build_model
+from epi.trainer import Trainer
+from tests.conftest import make_cfg
+
+# Examples of uneven lengths with prompt tokens (IGNORE_INDEX labels) and trained ones, as encode_task makes them.
+LENGTHS = [(5, 4), (3, 9), (7, 2), (2, 3), (6, 6), (4, 1)]  # (prompt, response) tokens
+
+
+def examples(vocab: int, seed: int = 0) -> list[dict[str, list[int]]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for prompt, response in LENGTHS:
+        ids = torch.randint(3, vocab, (prompt + response,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
+    return out
+
+
+def test_plan_rows_fills_rows_in_order_and_never_mixes_keys() -> None:
+    assert plan_rows([4, 4, 3, 6, 1], width=8) == [[0, 1], [2], [3, 4]]
+    assert plan_rows([2, 2, 2, 2], width=8, keys=["a", "a", "b", "b"]) == [[0, 1], [2, 3]]
+    with pytest.raises(ValueError, match="does not fit"):
+        plan_rows([9], width=8)
+
+
+def test_pack_restarts_positions_and_drops_each_examples_first_label() -> None:
+    batch = examples(50)
+    packed = pack(batch, width=20, pad_id=0)
+    assert packed.keys() == {"input_ids", "position_ids", "labels"}  # no attention mask: the positions carry the boundaries
+    padded = collate(batch, pad_id=0)
+    assert packed["input_ids"].numel() < padded["input_ids"].numel()
+    row = packed["position_ids"][0].tolist()
+    assert row[:9] == list(range(9)) and row[9:21][:12] == list(range(12))[: len(row[9:21])]
+    # the same trained targets, in the same order: every label that is a target unpacked is one packed
+    targets = lambda b: b["labels"][:, 1:][b["labels"][:, 1:] != IGNORE_INDEX].tolist()  # noqa: E731
+    assert sorted(targets(packed)) == sorted(targets(padded))
+    assert (packed["labels"] != IGNORE_INDEX).sum() == (padded["labels"][:, 1:] != IGNORE_INDEX).sum()
+
+
+def _loss_and_grads(model: torch.nn.Module, lm_head: str, batch: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = CausalLMLoss(model, lm_head)(batch["input_ids"], batch.get("attention_mask"), batch["labels"], batch.get("position_ids"))
+    loss.backward()
+    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("lm_head", ["trained", "all"])
+def test_packed_loss_and_gradients_equal_the_padded_ones_tiny(lm_head: str) -> None:
+    model, tok = build_model(make_cfg(tiny=True).model)
+    model.train()
+    batch = examples(model.config.vocab_size)
+    padded = _loss_and_grads(model, lm_head, collate(batch, tok.pad_token_id))
+    packed = _loss_and_grads(model, lm_head, pack(batch, 24, tok.pad_token_id))
+    assert packed[0] == pytest.approx(padded[0], rel=1e-5)
+    for name, grad in padded[1].items():
+        torch.testing.assert_close(packed[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_packed_loss_and_gradients_equal_the_padded_ones_smollm2() -> None:
+    model, tok = build_model(make_cfg("model=smollm2_135m", tiny=False).model)
+    model.train()
+    batch = examples(model.config.vocab_size)
+    padded = _loss_and_grads(model, "trained", collate(batch, tok.pad_token_id))
+    packed = _loss_and_grads(model, "trained", pack(batch, 24, tok.pad_token_id))
+    assert packed[0] == pytest.approx(padded[0], rel=1e-4)
+    for name, grad in padded[1].items():  # 135M parameters in float32: compared as a whole, relative to its size
+        assert float((packed[1][name] - grad).norm() / grad.norm().clamp_min(1e-12)) < 1e-4, name
+
+
+def test_no_example_attends_across_its_boundary() -> None:
+    """Changing one packed example's tokens changes no other example's logits (the ones after it included)."""
+    model, tok = build_model(make_cfg(tiny=True).model)
+    model.eval()
+    batch = examples(model.config.vocab_size)
+    packed = pack(batch, 64, tok.pad_token_id)  # one row: all six
+    assert packed["input_ids"].shape[0] == 1
+    changed = [dict(x) for x in batch]
+    changed[2] = {"input_ids": [t % (model.config.vocab_size - 3) + 3 for t in reversed(batch[2]["input_ids"])], "labels": batch[2]["labels"]}
+    other = pack(changed, 64, tok.pad_token_id)
+    with torch.no_grad():
+        a = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits[0]
+        b = model(input_ids=other["input_ids"], position_ids=other["position_ids"], use_cache=False).logits[0]
+    spans, start = [], 0
+    for x in batch:
+        spans.append((start, start + len(x["input_ids"])))
+        start += len(x["input_ids"])
+    for i, (lo, hi) in enumerate(spans):
+        if i == 2:
+            assert not torch.allclose(a[lo:hi], b[lo:hi])  # the changed example did change
+        else:
+            torch.testing.assert_close(a[lo:hi], b[lo:hi], rtol=0, atol=1e-6, msg=f"example {i}")
+
+
+EPI_FAST = ["strategy=epi", "strategy.p=0.2", "strategy.warmup=2", "strategy.refresh_every=3", "schedule.steps=8",
+            "optimizer.weight_decay=0.5", "optimizer.lr=1e-2"]
+
+
+def _isolated_hold(trainer: Trainer) -> int:
+    """Runs the trainer step by step; every coordinate isolated before a step is bit-identical after it. Returns how
+    many isolated coordinates were checked."""
+    checked = 0
+    for step in range(1, trainer.total_steps + 1):
+        masks = trainer.optimizer.masks
+        before = {n: p.detach().clone() for n, p in trainer.named_params.items()}
+        trainer.step = step
+        trainer.train_step(step)
+        for name, mask in masks.items():
+            assert torch.equal(trainer.named_params[name].detach()[mask], before[name][mask]), f"{name} moved at step {step}"
+            checked += int(mask.sum())
+    return checked
+
+
+def test_isolation_stays_bit_exact_on_packed_batches(tmp_path: Path) -> None:
+    trainer = Trainer(make_cfg(*EPI_FAST, "data.packing=true"), tmp_path)
+    assert _isolated_hold(trainer) > 0
+
+
+def test_exclusive_rows_on_packed_batches_hold_one_task_each_and_train_like_unpacked(tmp_path: Path) -> None:
+    """Exclusive isolation splits the packed batch by rows: each packed row holds one task's examples, the row
+    split ran (no fallback), a coordinate whose owner is absent from a step's batch is bit-identical after it, and
+    the model equals the unpacked run's to float tolerance."""
+    common = [*EPI_FAST, "strategy.mode=exclusive", "isolation.task_split=rows"]
+    models, checked = {}, 0
+    for packing in ("true", "false"):
+        (tmp_path / packing).mkdir()
+        trainer = Trainer(make_cfg(*common, f"data.packing={packing}"), tmp_path / packing)
+        draw, drawn = trainer.stepper.draw_step, []
+
+        def recording(learner, step, draw=draw, drawn=drawn):
+            out = draw(learner, step)
+            drawn.append(out[0])
+            return out
+
+        trainer.stepper.draw_step = recording
+        for step in range(1, trainer.total_steps + 1):
+            owned = trainer.optimizer.exclusive_masks
+            before = {n: p.detach().clone() for n, p in trainer.named_params.items()}
+            trainer.step = step
+            trainer.train_step(step)
+            present = frozenset().union(*(m.tasks for m in drawn[-1]))
+            for task, masks in owned.items():
+                if task in present:
+                    continue
+                for name, mask in masks.items():  # its coordinates that no present task also owns
+                    alone = mask.clone()
+                    for other, theirs in owned.items():
+                        if other in present and name in theirs:
+                            alone &= ~theirs[name]
+                    assert torch.equal(trainer.named_params[name].detach()[alone], before[name][alone]), f"packing={packing} {task}: {name} moved at {step}"
+                    checked += int(alone.sum())
+        models[packing] = trainer.model.state_dict()
+        if packing == "true":
+            split = [m for micro_batches in drawn for m in micro_batches if m.split is not None]
+            assert split and all(why is None for why in trainer.stepper.rows_why.values())  # the row split ran on packed batches
+            for micro in split:
+                ranges = sorted(micro.split.rows.values())  # every packed row belongs to exactly one task
+                assert ranges[0][0] == 0 and ranges[-1][1] == micro.batch["input_ids"].shape[0]
+                assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert checked > 0
+    for name, value in models["false"].items():
+        torch.testing.assert_close(models["true"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_packed_run_logs_the_realised_mixture_and_trains_like_an_unpacked_one(tmp_path: Path) -> None:
+    runs = {}
+    for packing in ("true", "false"):
+        (tmp_path / packing).mkdir()
+        trainer = Trainer(make_cfg("strategy=none", "schedule.steps=6", f"data.packing={packing}"), tmp_path / packing)
+        losses = []
+        for step in range(1, 7):
+            trainer.step = step
+            losses.append(trainer.train_step(step).loss)
+        runs[packing] = (losses, trainer.learner.realised, trainer.stepper.compute)
+    assert runs["true"][1] == runs["false"][1] and runs["true"][2] == runs["false"][2]  # examples, tokens, compute: as before
+    assert runs["true"][0] == pytest.approx(runs["false"][0], rel=1e-4)
