@@ -24,17 +24,23 @@ from pathlib import Path
 import torch
 from bench_trainer import ROOT, Work, project_trainer  # `python bench/padding.py` puts bench/ first on the import path
 
+from epi.data.format import plan_rows
 from epi.trainer import Trainer
 
 
-def padding(project: Trainer, batches: int, group: int) -> tuple[float, int]:
-    """(padded share of the cells, batches) over the next `batches` batches of a copy of the run's sampler."""
+def padding(project: Trainer, batches: int, group: int, packed: bool = False) -> tuple[float, int]:
+    """(padded share of the cells, batches) over the next `batches` batches of a copy of the run's sampler, each
+    batch padded to its longest example or (`packed`, data.packing) packed into rows of at most data.max_len."""
     sampler = copy.deepcopy(project.sampler)
-    size = project.cfg.schedule.batch_size
+    size, width = project.cfg.schedule.batch_size, project.cfg.data.max_len
     cells = real = 0
     for _ in range(batches):
         lengths = [len(project.train_sets[task][i]["input_ids"]) for task, i in sampler.next_batch(size, group)]
-        cells += max(lengths) * len(lengths)
+        if packed:
+            rows = [sum(lengths[i] for i in row) for row in plan_rows(lengths, width)]
+            cells += max(rows) * len(rows)
+        else:
+            cells += max(lengths) * len(lengths)
         real += sum(lengths)
     return 1 - real / cells, batches
 
@@ -57,15 +63,16 @@ def main() -> None:
         mixtures["paper_mix (synthetic files)"] = paper_files.write_paper_files(args.paper_files)
     print(f"model={args.model}, batch {args.batch_size}, max_len {args.max_len}, {args.batches} batches each way, "
           f"group_by_length={args.group}")
-    print("| mixture | padding, stream order | padding, group_by_length | cells saved |")
-    print("|---|---:|---:|---:|")
+    print("| mixture | padding, stream order | padding, group_by_length | cells saved | padding, data.packing (stream order) |")
+    print("|---|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, overrides) in enumerate(mixtures.items()):
             project = project_trainer(work, Path(tmp) / str(i), [*overrides, f"data.max_len={args.max_len}"])
             before, _ = padding(project, args.batches, 0)
             after, _ = padding(project, args.batches, args.group)
+            packed, _ = padding(project, args.batches, 0, packed=True)
             saved = 1 - (1 - before) / (1 - after)  # same real tokens: cells scale as 1 / (1 - padding)
-            print(f"| {name} | {before:.1%} | {after:.1%} | {saved:.1%} |")
+            print(f"| {name} | {before:.1%} | {after:.1%} | {saved:.1%} | {packed:.1%} |")
 
 
 if __name__ == "__main__":

@@ -28,9 +28,10 @@ def examples(vocab: int, seed: int = 0) -> list[dict[str, list[int]]]:
     return out
 
 
-def test_plan_rows_fills_rows_in_order_and_never_mixes_keys() -> None:
-    assert plan_rows([4, 4, 3, 6, 1], width=8) == [[0, 1], [2], [3, 4]]
-    assert plan_rows([2, 2, 2, 2], width=8, keys=["a", "a", "b", "b"]) == [[0, 1], [2, 3]]
+def test_plan_rows_packs_first_fit_decreasing_and_never_mixes_keys() -> None:
+    assert plan_rows([4, 4, 3, 6, 1], width=8) == [[3, 4], [0, 1], [2]]
+    assert plan_rows([2, 2, 2, 2], width=8, keys=["a", "b", "a", "b"]) == [[0, 2], [1, 3]]
+    assert sorted(i for row in plan_rows([5, 3, 7, 1, 2, 6], width=8) for i in row) == list(range(6))  # each example once
     with pytest.raises(ValueError, match="does not fit"):
         plan_rows([9], width=8)
 
@@ -41,8 +42,12 @@ def test_pack_restarts_positions_and_drops_each_examples_first_label() -> None:
     assert packed.keys() == {"input_ids", "position_ids", "labels"}  # no attention mask: the positions carry the boundaries
     padded = collate(batch, pad_id=0)
     assert packed["input_ids"].numel() < padded["input_ids"].numel()
-    row = packed["position_ids"][0].tolist()
-    assert row[:9] == list(range(9)) and row[9:21][:12] == list(range(12))[: len(row[9:21])]
+    starts = 0
+    for row in packed["position_ids"].tolist():  # each example (and the padding) counts from 0 again
+        assert row[0] == 0 and all(b == a + 1 or b == 0 for a, b in zip(row, row[1:]))
+        starts += row.count(0)
+    padded_rows = int((packed["input_ids"][:, -1] == 0).sum())
+    assert len(batch) <= starts <= len(batch) + padded_rows
     # the same trained targets, in the same order: every label that is a target unpacked is one packed
     targets = lambda b: b["labels"][:, 1:][b["labels"][:, 1:] != IGNORE_INDEX].tolist()  # noqa: E731
     assert sorted(targets(packed)) == sorted(targets(padded))
@@ -93,11 +98,12 @@ def test_no_example_attends_across_its_boundary() -> None:
     with torch.no_grad():
         a = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits[0]
         b = model(input_ids=other["input_ids"], position_ids=other["position_ids"], use_cache=False).logits[0]
-    spans, start = [], 0
-    for x in batch:
-        spans.append((start, start + len(x["input_ids"])))
-        start += len(x["input_ids"])
-    for i, (lo, hi) in enumerate(spans):
+    (order,) = plan_rows([len(x["input_ids"]) for x in batch], 64)  # the examples' order in the one row
+    spans, start = {}, 0
+    for i in order:
+        spans[i] = (start, start + len(batch[i]["input_ids"]))
+        start += len(batch[i]["input_ids"])
+    for i, (lo, hi) in spans.items():
         if i == 2:
             assert not torch.allclose(a[lo:hi], b[lo:hi])  # the changed example did change
         else:
@@ -170,8 +176,8 @@ def test_exclusive_rows_on_packed_batches_hold_one_task_each_and_train_like_unpa
                 assert ranges[0][0] == 0 and ranges[-1][1] == micro.batch["input_ids"].shape[0]
                 assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
     assert checked > 0
-    for name, value in models["false"].items():
-        torch.testing.assert_close(models["true"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+    for name, value in models["false"].items():  # float rounding only (the packed rows sum in another order)
+        assert float((models["true"][name] - value).norm() / value.norm()) < 1e-4, name
 
 
 def test_a_packed_run_logs_the_realised_mixture_and_trains_like_an_unpacked_one(tmp_path: Path) -> None:

@@ -206,20 +206,30 @@ def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.T
 
 
 def plan_rows(lengths: list[int], width: int, keys: list[str] | None = None) -> list[list[int]]:
-    """Packed rows as lists of example indices: examples in the given order, each appended to the current row
-    while it fits in `width` tokens, else starting the next; a change of `keys` (a task, under exclusive isolation)
-    always starts a new row, so a row holds one key's examples."""
-    rows: list[list[int]] = []
-    used = width
-    for i, n in enumerate(lengths):
+    """Packed rows as lists of example indices, each row at most `width` tokens: first-fit decreasing (the longest
+    example first, each into the first row it fits), which leaves only the last rows part-empty. The loss is a sum
+    over tokens, so the order within a micro-batch changes nothing but float rounding; the micro-batch's examples,
+    and so the sampler's order and mix across steps, are those drawn. Under `keys` (tasks, for exclusive
+    isolation) a row holds one key's examples, and the keys' rows follow in the order the keys first appear."""
+    for n in lengths:
         if n > width:
             raise ValueError(f"an example of {n} tokens does not fit a packed row of {width}")
-        new_key = keys is not None and rows and keys[rows[-1][0]] != keys[i]
-        if used + n > width or new_key:
-            rows.append([])
-            used = 0
-        rows[-1].append(i)
-        used += n
+    groups: dict[str, list[int]] = {}
+    for i in range(len(lengths)):
+        groups.setdefault(keys[i] if keys is not None else "", []).append(i)
+    rows: list[list[int]] = []
+    for members in groups.values():
+        mine: list[list[int]] = []
+        free: list[int] = []
+        for i in sorted(members, key=lambda i: -lengths[i]):  # stable: equal lengths keep their drawn order
+            row = next((r for r, room in enumerate(free) if lengths[i] <= room), None)
+            if row is None:
+                mine.append([])
+                free.append(width)
+                row = len(mine) - 1
+            mine[row].append(i)
+            free[row] -= lengths[i]
+        rows += mine
     return rows
 
 
