@@ -24,7 +24,7 @@ from epi.strategies import build_strategy
 from epi.strategies.base import Stage, Strategy
 from epi.strategies.epi import EPI, EPIConfig
 from epi.trainer import Trainer
-from tests.conftest import ROOT, TINY, make_cfg, run_script
+from tests.helpers import ROOT, TINY, make_cfg, run_script
 
 PACKAGE = ROOT / "epi"
 

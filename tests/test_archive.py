@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 from epi import archive
-from tests.conftest import eval_report, run_script
+from tests.helpers import eval_report, run_script
 from tests.test_report import fake_job
-from tests.test_report_ci import arm, retention, scores
+from tests.test_report_intervals import arm, retention, scores
 
 
 def heavy_sweep(root: Path) -> Path:

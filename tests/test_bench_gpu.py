@@ -8,7 +8,7 @@ import re
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 HEADER = "| model | params | batch | side | trained tok/s | tok/s | s/step | padding | peak memory | MFU | extra bytes/param |"
 SIDES = ["none", "epi", "cpi-stage", "trainer"]  # in the order the script builds them

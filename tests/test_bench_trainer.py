@@ -1,5 +1,5 @@
 """Smoke test of bench/bench_trainer.py: `--quick` runs every side end to end and prints the markdown table
-(`--no-compile`: the compiled step's own test is tests/test_speed.py; compiling here would add a minute)."""
+(`--no-compile`: the compiled step's own test is tests/test_lm_head.py; compiling here would add a minute)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def test_quick_prints_the_table() -> None:

@@ -11,7 +11,7 @@ from epi.logging import read_metrics
 from epi.masks import jaccard
 from epi.strategies.cpi import CPI, connected_groups, core_regions, order_groups, overlap_matrix
 from epi.trainer import Trainer
-from tests.conftest import make_cfg
+from tests.helpers import CPI_FAST, make_cfg
 
 
 def test_cores_are_the_largest_update_magnitudes() -> None:
@@ -47,7 +47,6 @@ def test_stage_orders() -> None:
     assert len({str(s) for s in shuffled}) > 1
 
 
-CPI_FAST = ["strategy=cpi", "strategy.probe_steps=4", "strategy.p=0.1", "strategy.tau=2.0", "schedule.steps=15", "optimizer.weight_decay=0.5", "optimizer.lr=1e-2"]
 
 
 class WatchedCPI(CPI):
@@ -153,3 +152,28 @@ def test_multistage_same_stages_no_fusion_no_freezing(tmp_path: Path) -> None:
     assert not all(torch.equal(v, theta0[n]) for n, v in cpi.model.state_dict().items())  # fused
     multi.fit()
     assert multi.optimizer.index == {}
+
+
+COMPUTE_TASKS = ("math", "code", "logic", "instruct", "format")
+
+
+def cpi_run(tmp_path: Path, name: str, *extra: str) -> Trainer:
+    (tmp_path / name).mkdir()
+    trainer = Trainer(make_cfg("strategy=cpi", "strategy.probe_steps=2", "schedule.steps=20", f"strategy.cache_dir={tmp_path / 'cache'}", *extra), tmp_path / name)
+    trainer.fit()
+    return trainer
+
+
+def compute(run: Path) -> dict[str, float]:
+    return {e["metric"]: e["value"] for e in read_metrics(run) if e["split"] == "compute"}
+
+
+def test_compute_counts_the_probes_even_from_the_cache_and_can_charge_them_to_the_budget(tmp_path: Path) -> None:
+    first = cpi_run(tmp_path, "first")
+    stages = sum(stage.steps for stage in first.stages)
+    assert compute(tmp_path / "first")["optimizer_steps"] == stages + 2 * len(COMPUTE_TASKS)
+    cpi_run(tmp_path, "again")  # every probe from the cache: the same compute, charged all the same
+    assert compute(tmp_path / "again") == compute(tmp_path / "first")
+    assert [e["value"] for e in read_metrics(tmp_path / "again") if e["metric"] == "probe_cache_hit"] == [1.0] * len(COMPUTE_TASKS)
+    equal = cpi_run(tmp_path, "equal", "strategy.count_probes_in_budget=true")
+    assert compute(tmp_path / "equal")["optimizer_steps"] <= 20 and sum(s.steps for s in equal.stages) <= 20 - 2 * len(COMPUTE_TASKS)

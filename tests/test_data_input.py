@@ -21,7 +21,9 @@ from epi.data.local import expand_root
 from epi.data.sources import read_file
 from epi.data.tasks import SPLITS, Example, Task
 from epi.errors import UserError
-from tests.conftest import ROOT, TINY, make_cfg, run_script
+from epi.logging import read_metrics
+from epi.trainer import Trainer
+from tests.helpers import ROOT, TINY, make_cfg, run_script
 from tests.paper_files import write_jsonl
 from tests.test_sources import CHAT, bad_data, one_task
 
@@ -477,3 +479,16 @@ def test_cli_lone_surrogate_exits_2_with_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f"error: {path}:41: " + SURROGATE.format(column="question", escape="\\ud800")
+
+
+def test_eval_prompts_seen_in_training_are_counted_logged_and_warned(tmp_path: Path, capsys) -> None:
+    rows = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(40)]
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = f"+data.sources.mine={{hub: null, train: '{data}', eval: '{data}', fields: {{prompt: question, response: answer}}}}"
+    (tmp_path / "run").mkdir()
+    Trainer(make_cfg("strategy=none", "data.tasks=[mine]", source), tmp_path / "run")
+    assert "warning: eval prompts also in the training split: mine test" in capsys.readouterr().out
+    logged = {e["metric"]: e["value"] for e in read_metrics(tmp_path / "run") if e["split"] == "data"}
+    # the test file is the training file, less the rows the hash holdout moved to val
+    assert logged["test_count"] >= 6 and logged["test_fraction"] == logged["test_count"] / 8 and logged["val_count"] == 0

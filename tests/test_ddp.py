@@ -11,8 +11,7 @@ import torch
 import torch.distributed as dist
 
 from epi.logging import read_metrics
-from tests.conftest import ROOT, TINY
-from tests.test_epi import EPI_FAST, WatchedEPI
+from tests.helpers import EPI_FAST, ROOT, TINY, WatchedEPI
 
 
 class RankCheckedEPI(WatchedEPI):

@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import PINNED, ROOT
+from tests.conftest import PINNED
+from tests.helpers import ROOT
 
 # What a cluster login or a W&B user commonly exports, each one of which once changed a test's outcome or could.
 HOSTILE = {

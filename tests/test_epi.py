@@ -2,65 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
-from epi import checkpoint
 from epi.logging import read_metrics
-from epi.sharding import local
-from epi.strategies.epi import EPI, EPIConfig
 from epi.trainer import Trainer
-from tests.conftest import make_cfg
-
-EPI_FAST = ["strategy=epi", "strategy.p=0.2", "strategy.warmup=2", "strategy.refresh_every=3", "schedule.steps=14", "optimizer.weight_decay=0.5", "optimizer.lr=1e-2"]
-
-
-class WatchedEPI(EPI):
-    """Real EPI that, after every step, checks each isolated coordinate still holds the value it had when isolated."""
-
-    def after_step(self, step: int) -> None:
-        params = {name: local(p) for name, p in self.ctx.named_params.items()}  # parallel=fsdp: this rank's shards
-        for name, mask in self.ctx.masks().items():
-            assert torch.equal(params[name].detach()[mask], self.frozen_at[name][mask]), f"{name} moved at step {step}"
-        before = self.ctx.masks()
-        super().after_step(step)
-        after = self.ctx.masks()
-        if after is not before:
-            # value at isolation: kept for coordinates isolated before, current for newly isolated ones
-            self.frozen_at = {
-                name: torch.where(before.get(name, torch.zeros_like(m)) & m, self.frozen_at.get(name, params[name].detach()), params[name].detach()).clone()
-                for name, m in after.items()
-            }
-            self.released_at = {name: (before[name] & ~after.get(name, torch.zeros_like(before[name]))) for name in before}
-            self.snapshot = {name: params[name].detach().clone() for name in params}
-        self.history.append((step, after))
-
-    def prepare(self, ctx, stages):
-        self.frozen_at, self.history = {}, []
-        return super().prepare(ctx, stages)
-
-
-@dataclass
-class CrashingConfig(EPIConfig):
-    crash_at: int
-
-
-class CrashingEPI(EPI):
-    """Real EPI in a run that is killed after step `crash_at`."""
-
-    Config = CrashingConfig
-
-    def after_step(self, step: int) -> None:
-        super().after_step(step)
-        if step == self.cfg.crash_at:
-            raise KeyboardInterrupt
-
+from tests.helpers import EPI_FAST, crash_and_resume, make_cfg
 
 def watched(*extra: str):
-    return make_cfg(*EPI_FAST, "strategy._target_=tests.test_epi.WatchedEPI", *extra)
+    return make_cfg(*EPI_FAST, "strategy._target_=tests.helpers.WatchedEPI", *extra)
 
 
 @pytest.mark.parametrize("moments", ["track", "reset"])
@@ -119,17 +71,8 @@ def test_hysteresis_keeps_coordinates_until_they_miss_h_refreshes(tmp_path: Path
 
 
 def test_epi_resume_is_exact_including_masks(tmp_path: Path) -> None:
-    common = [*EPI_FAST, "schedule.checkpoint_every=7"]
-    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir(), (tmp_path / "c").mkdir()
-    straight = Trainer(make_cfg(*common), tmp_path / "a")
-    straight.fit()
-    crashing = Trainer(make_cfg(*common, "strategy._target_=tests.test_epi.CrashingEPI", "+strategy.crash_at=9"), tmp_path / "b")
-    with pytest.raises(KeyboardInterrupt):
-        crashing.fit()
-    state = checkpoint.load(str(tmp_path / "b"))
+    straight, resumed, state = crash_and_resume(tmp_path, [*EPI_FAST, "schedule.checkpoint_every=7"], 9)
     assert state["step"] == 7
-    resumed = Trainer(make_cfg(*common), tmp_path / "c", resume_state=state)
-    resumed.fit()
     for name, value in straight.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[name]), name
     a, c = straight.optimizer.masks, resumed.optimizer.masks

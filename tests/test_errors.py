@@ -12,7 +12,8 @@ from epi.config import validate
 from epi.data.load import known_tasks
 from epi.errors import UserError
 from epi.models import build_model
-from tests.conftest import TINY, make_cfg, run_script
+from epi.trainer import Trainer
+from tests.helpers import TINY, make_cfg, run_script
 
 
 @pytest.mark.parametrize(
@@ -117,7 +118,7 @@ def test_missing_checkpoint_names_the_path(tmp_path: Path) -> None:
 def test_unknown_strategy_key_is_named() -> None:
     from epi.strategies import build_strategy
 
-    cfg = make_cfg("strategy=none", "+strategy.omegaa=0.5")  # no strategy has it (CPI's omega would be ignored: tests/test_ux.py)
+    cfg = make_cfg("strategy=none", "+strategy.omegaa=0.5")  # no strategy has it (CPI's omega would be ignored: tests/test_sweeps.py)
     with pytest.raises(UserError, match=r"strategy=none: unknown key\(s\) \[.omegaa.\]"):
         build_strategy(cfg.strategy)
 
@@ -166,3 +167,26 @@ def test_empty_or_broken_model_directory_is_one_line(tmp_path: Path, config_json
         (tmp_path / "config.json").write_text(config_json)
     with pytest.raises(UserError, match=needle):
         build_model(make_cfg("model=hf", f"model.name_or_path={tmp_path}").model)
+
+
+def test_device_cuda_without_cuda_is_one_line(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = run_script("train.py", *TINY, "device=cuda", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: device='cuda': this torch ")
+
+
+@pytest.mark.parametrize("strategy", ["epi", "random"])
+def test_a_run_whose_first_mask_comes_after_its_last_step_is_refused(strategy: str, tmp_path: Path) -> None:
+    cfg = make_cfg(f"strategy={strategy}", "schedule.steps=40")  # warmup 100 by default
+    with pytest.raises(UserError, match=r"strategy.warmup=100: the first mask would come after the run's last step \(40\)"):
+        Trainer(cfg, tmp_path)
+    Trainer(make_cfg(f"strategy={strategy}", "schedule.steps=40", "strategy.allow_no_isolation=true"), tmp_path)
+
+
+def test_a_stage_that_would_start_unprotected_is_refused(tmp_path: Path) -> None:
+    stages = "schedule.stages=[{name: a, tasks: [math], steps: 20}, {name: b, tasks: [code], steps: 20}]"
+    with pytest.raises(UserError, match=r"after stage 'a' ends at step 20, so stage 'b' would start with nothing isolated"):
+        Trainer(make_cfg("strategy=epi", stages, "strategy.warmup=30"), tmp_path)
+    Trainer(make_cfg("strategy=epi", stages, "strategy.warmup=20"), tmp_path)

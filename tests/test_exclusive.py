@@ -18,7 +18,7 @@ from epi.optim import IsolatedOptimizer
 from epi.strategies.cpi import CPI
 from epi.strategies.epi import EPI
 from epi.trainer import Trainer
-from tests.conftest import TINY, crash_and_resume, make_cfg, two_ranks_and_one_process
+from tests.helpers import TINY, crash_and_resume, make_cfg, two_ranks_and_one_process
 
 EXCLUSIVE = ["strategy=epi", "strategy.mode=exclusive", "strategy.p=0.1", "strategy.warmup=2", "strategy.refresh_every=3",
              "schedule.steps=12", "optimizer.weight_decay=0.5", "optimizer.lr=1e-2"]
@@ -174,8 +174,7 @@ def test_the_loss_stays_token_weighted_when_the_batch_is_split_by_task(tmp_path:
 
 
 def test_exclusive_resume_is_exact(tmp_path: Path) -> None:
-    straight, resumed, _ = crash_and_resume(tmp_path, [*EXCLUSIVE, "schedule.checkpoint_every=4"], 6,
-                                            "tests.test_epi.CrashingEPI", "+strategy.crash_at")
+    straight, resumed, _ = crash_and_resume(tmp_path, [*EXCLUSIVE, "schedule.checkpoint_every=4"], 6)
     for name, value in straight.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[name]), name
 

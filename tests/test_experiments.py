@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from epi.config import validate
 from epi.data.load import known_tasks
 from epi.strategies import build_strategy
-from tests.conftest import ROOT, TINY, make_cfg, run_script
+from tests.helpers import ROOT, TINY, make_cfg, run_script
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 
@@ -50,7 +50,7 @@ def test_experiment_runs_in_a_smoke_setting(experiment: str, tmp_path: Path) -> 
     extra = SMOKE[experiment]
     tiny = list(TINY)
     # the basic launcher: the arms one after another in one process (joblib's workers would each import torch again
-    # on the one core a test worker has; the launcher itself is tested in tests/test_ux.py and tests/test_slurm.py)
+    # on the one core a test worker has; the launcher itself is tested in tests/test_sweeps.py and tests/test_slurm.py)
     proc = run_script("train.py", "-m", f"experiment={experiment}", "seed=0", *tiny, *extra, f"hydra.sweep.dir={sweep}",
                       "hydra/launcher=basic", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -18,7 +18,7 @@ from epi import run as train_script
 from epi import checkpoint
 from epi.errors import UserError
 from epi.trainer import Trainer
-from tests.conftest import TINY, make_cfg, run_script
+from tests.helpers import TINY, make_cfg, run_script
 
 COMMON = ("strategy=none",)
 RESULTS = ("config.yaml", "metrics.jsonl", "model", "eval_test.json", "eval_test.md", "predictions_test.jsonl")

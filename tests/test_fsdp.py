@@ -23,9 +23,7 @@ from epi.merge import fuse
 from epi.sharding import Shards, local
 from epi.strategies.base import Strategy
 from epi.strategies.cpi import CPI
-from tests.conftest import ROOT, TINY, run_script, two_ranks_and_one_process
-from tests.test_cpi import CPI_FAST
-from tests.test_epi import EPI_FAST
+from tests.helpers import CPI_FAST, EPI_FAST, ROOT, TINY, run_script, two_ranks_and_one_process
 
 
 def torchrun(tmp_path: Path, *overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -48,7 +46,7 @@ def test_fsdp_none_equals_one_process_and_exports_a_loadable_model(tmp_path: Pat
 def test_fsdp_epi_holds_isolated_shards_bit_for_bit_and_selects_the_unsharded_masks(tmp_path: Path) -> None:
     """(a), (b): WatchedEPI asserts after every step that each isolated coordinate of this rank's shards holds its
     value exactly (AdamW decay 0.5, refreshes every 3 steps); the run's losses and mask statistics equal one process's."""
-    common = [*TINY, *EPI_FAST, "strategy._target_=tests.test_epi.WatchedEPI", "parallel=fsdp", "threads=1"]
+    common = [*TINY, *EPI_FAST, "strategy._target_=tests.helpers.WatchedEPI", "parallel=fsdp", "threads=1"]
     sharded = torchrun(tmp_path, *common, f"hydra.run.dir={tmp_path / 'fsdp'}")
     assert sharded.returncode == 0, sharded.stderr[-4000:]
     single = run_script("train.py", *common, f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})

@@ -18,7 +18,7 @@ import yaml
 from epi.data.load import load_tasks
 from epi.data.local import expand_root
 from epi.errors import UserError
-from tests.conftest import TINY, make_cfg, run_script
+from tests.helpers import TINY, make_cfg, run_script
 from tests.paper_files import write_jsonl
 
 N = 60  # training rows per folder

@@ -20,7 +20,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from epi.logging import read_metrics
-from tests.conftest import ROOT, TINY
+from tests.helpers import ROOT, TINY
 
 HEADLOCK_MODULE = '''"""`strategy=headlock`: freeze one module, or everything but it (a throwaway built-in: tests/test_new_strategy.py)."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from torch import nn
 
 from epi.masks import churn
 from epi.optim import IsolatedOptimizer, clip_coefficient
+from epi.trainer import Trainer
+from tests.helpers import make_cfg
 
 LR = 1e-2
 WD = 0.1
@@ -280,3 +283,8 @@ def test_validation() -> None:
         iso.set_masks({"0.weight": torch.ones(3, dtype=torch.bool)})
     with pytest.raises(ValueError, match="moments"):
         make_iso(make_model(), "reset").load_state_dict(iso.state_dict())
+
+
+def test_adamw_is_fused_by_default(tmp_path: Path) -> None:
+    trainer = Trainer(make_cfg("strategy=none", "schedule.steps=1"), tmp_path)
+    assert trainer.optimizer.optimizer.defaults["fused"] is True

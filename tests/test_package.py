@@ -21,7 +21,7 @@ import epi.strategies
 from epi.errors import UserError
 from epi.strategies import BUILTIN_ORIGIN, Strategy, build_strategy, register, registry
 from epi.strategies.__main__ import config_keys, description
-from tests.conftest import ROOT, TINY, make_cfg, run_script
+from tests.helpers import ROOT, TINY, make_cfg, run_script
 
 PLUGIN_MODULE = '''
 """A test plug-in: what a third-party package ships."""
@@ -197,7 +197,7 @@ def test_register_adds_a_class_for_this_process(monkeypatch: pytest.MonkeyPatch)
 
 def test_only_a_module_s_own_named_subclass_is_a_builtin() -> None:
     """A helper base (EvolvingIsolation) and a subclass that inherits a name (a test's WatchedEPI) are not built-ins."""
-    from tests.test_epi import WatchedEPI
+    from tests.helpers import WatchedEPI
 
     values = {entry.value for entry in registry.entries().values()}
     assert "epi.strategies.epi:EvolvingIsolation" not in values and WatchedEPI.name == "epi"

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def test_padding_report_shows_grouping_cuts_padding_on_both_mixtures(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from epi import plots, report
 from epi.rundir import setting_name
 from epi.errors import UserError
-from tests.conftest import eval_report, run_script
+from tests.helpers import eval_report, run_script
 
 
 def fake_run(root: Path, name: str, *, group: str, seed: int, tasks: list[str], scores: dict[str, float],

@@ -15,7 +15,7 @@ from epi import archive
 from epi.errors import UserError
 from epi.report import write_report
 from tests.test_archive import heavy_sweep
-from tests.test_report_ci import arm, scores
+from tests.test_report_intervals import arm, scores
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path("docs/results")  # relative, as the committed tables' run paths are written

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from epi import checkpoint
 from epi.logging import read_metrics
-from tests.conftest import ROOT, TINY, run_script
+from tests.helpers import ROOT, TINY, run_script
 
 STRATEGIES = {
     "epi": ["strategy=epi", "strategy.warmup=2", "strategy.refresh_every=3"],

@@ -12,7 +12,7 @@ from epi import retention
 from epi.logging import read_metrics
 from epi.models import build_model
 from epi.trainer import Trainer
-from tests.conftest import crash_and_resume, make_cfg
+from tests.helpers import crash_and_resume, make_cfg
 
 
 def test_the_corpus_is_fixed_and_cut_into_equal_passages() -> None:

@@ -15,7 +15,7 @@ import pytest
 from epi import rundir
 from epi.errors import RunDirTaken
 from epi.logging import read_metrics
-from tests.conftest import ROOT, TINY, run_script
+from tests.helpers import ROOT, TINY, run_script
 
 
 def digest(directory: Path) -> dict[str, str]:
@@ -93,3 +93,13 @@ def test_a_refused_run_changes_nothing_of_the_finished_run_there(tmp_path: Path)
         assert proc.stderr.strip().splitlines()[-1].startswith("error: "), proc.stderr[-2000:]
     assert "its directory was left as it was" in attempts[2].stderr
     assert digest(job) == before
+
+
+def test_a_directory_holding_a_run_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    proc = run_script("train.py", *TINY, "strategy=none", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "already holds a run (metrics.jsonl)" in proc.stderr.strip().splitlines()[-1]
+    assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n' and not (run / "config.yaml").exists()

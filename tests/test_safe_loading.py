@@ -17,9 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from epi import checkpoint
 from epi.errors import UserError
-from tests.conftest import ROOT, TINY, TINY_MODEL, make_cfg
+from epi.trainer import Trainer
+from tests.helpers import ROOT, TINY, TINY_MODEL, make_cfg, run_script
 
 REFUSED = "asks to construct or run Python objects (posix.system), not only tensors and plain values; it was refused and nothing in it was run."
 
@@ -207,3 +210,42 @@ def test_trust_remote_code_true_is_the_users_choice_and_needs_no_prompt(tmp_path
     proc = train(tmp_path, f"model.name_or_path={model}", "model.trust_remote_code=true", stdin="")
     assert marker.exists(), proc.stderr[-3000:]
     assert "ships its own Python code" not in proc.stderr and "Do you wish to run the custom code" not in proc.stdout
+
+
+
+def test_a_checkpoint_whose_pickle_would_run_code_is_refused_and_runs_nothing(tmp_path: Path) -> None:
+    marker = tmp_path / "code_ran"
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    torch.save({key: RunsCode(marker) if key == "config" else {} for key in checkpoint.REQUIRED}, shared / checkpoint.FILENAME)
+    proc = run_script("train.py", *TINY, f"resume={shared}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "posix.system" in line and "refused and nothing in it was run" in line
+    assert not marker.exists()
+
+
+def test_a_real_checkpoint_loads_with_the_safe_loader(tmp_path: Path) -> None:
+    Trainer(make_cfg("strategy=epi", "strategy.warmup=2", "strategy.refresh_every=2"), tmp_path).fit()
+    state = torch.load(tmp_path / checkpoint.FILENAME, weights_only=True)
+    assert state["step"] == 6 and state["strategy"]["refreshes"] == 3
+
+
+def test_a_crafted_probe_cache_file_is_refused(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cpi = ["strategy=cpi", "strategy.probe_steps=1", f"strategy.cache_dir={cache}"]
+    (tmp_path / "a").mkdir()
+    Trainer(make_cfg(*cpi), tmp_path / "a")
+    marker = tmp_path / "code_ran"
+    probe = sorted(cache.glob("*.pt"))[0]
+    torch.save(RunsCode(marker), probe)
+    (tmp_path / "b").mkdir()
+    with pytest.raises(UserError, match=r"cached probe .* refused and nothing in it was run"):
+        Trainer(make_cfg(*cpi), tmp_path / "b")
+    assert not marker.exists()
+
+
+def test_config_saved_in_a_checkpoint_is_plain_data(tmp_path: Path) -> None:
+    Trainer(make_cfg("strategy=none"), tmp_path).fit()
+    saved = checkpoint.load(str(tmp_path))["config"]
+    assert json.loads(json.dumps(saved)) == saved and OmegaConf.create(saved).schedule.steps == 6

@@ -28,7 +28,7 @@ from epi.distributed import export_launcher_env, first_host, master_port
 from epi.errors import UserError
 from epi.logging import WANDB_ID, carry_wandb_id, read_metrics, wandb_id
 from epi.strategies.none import NoIsolation
-from tests.conftest import ROOT, TINY, make_cfg, run_script
+from tests.helpers import ROOT, TINY, make_cfg, run_script
 from tests.test_resume_cli import killed_at_save
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "eval_test.json")
@@ -187,7 +187,7 @@ class WorldLogged(NoIsolation):
             self.ctx.log(step, "world", {"size": dist.get_world_size() if dist.is_initialized() else 1})
 
 
-@pytest.mark.parametrize("parallel", ["fsdp"])  # ddp's two ranks = one process: tests/test_trust.py (torchrun); the env is the same
+@pytest.mark.parametrize("parallel", ["fsdp"])  # ddp's two ranks = one process: tests/test_loss_accounting.py (torchrun); the env is the same
 def test_a_two_task_submitit_job_trains_data_parallel_like_one_process(parallel: str, tmp_path: Path) -> None:
     """The 8-GPU config's mechanism on CPU: submitit starts 2 tasks (no torchrun), each joins the gloo group from
     its submitit environment, and together they train what one process trains, sharded."""

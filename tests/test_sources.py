@@ -22,7 +22,7 @@ from epi.errors import UserError
 from epi.logging import read_metrics
 from epi.models import build_model
 from epi.trainer import Trainer
-from tests.conftest import TINY, TINY_MODEL, make_cfg, run_script
+from tests.helpers import TINY, TINY_MODEL, make_cfg, run_script
 from tests.paper_files import write_jsonl, write_paper_files
 from tests.test_data import CHAT_TEMPLATE
 

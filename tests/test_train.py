@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,10 +14,8 @@ from epi.data.load import known_tasks
 from epi.data.local import expand_root
 from epi.errors import UserError
 from epi.logging import read_metrics
-from epi.schema import Schema
-from epi.strategies.none import NoIsolation
 from epi.trainer import Trainer
-from tests.conftest import ROOT, TINY, crash_and_resume, make_cfg, run_script
+from tests.helpers import ROOT, TINY, crash_and_resume, make_cfg, run_script
 
 
 def group_options() -> list[tuple[str, str]]:
@@ -79,21 +76,6 @@ def test_same_seed_same_losses_other_seed_differs(tmp_path: Path) -> None:
         runs[name] = train_losses(tmp_path / name)
     assert runs["a"] == runs["b"]
     assert runs["a"] != runs["c"]
-
-
-@dataclass
-class CrashConfig(Schema):
-    step: int
-
-
-class CrashAfter(NoIsolation):
-    """Simulates a run killed between two steps."""
-
-    Config = CrashConfig
-
-    def after_step(self, step: int) -> None:
-        if step == self.cfg.step:
-            raise KeyboardInterrupt
 
 
 def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path: Path) -> None:

@@ -1,15 +1,10 @@
-"""Issue 15, speed changes that must not change what is computed.
-
-The LM head at trained positions only (`schedule.lm_head=trained`) gives the full-logits loss and
-gradients to float rounding, and `all` is Hugging Face's `labels=` loss; length-grouped
-batching (`schedule.group_by_length`) trains the stream's examples, never lets a pool cross a change
-of the mixture, and resumes inside a pool exactly; AdamW is the fused kernel by default.
-"""
+"""The LM head at trained positions only (`schedule.lm_head=trained`, the default) gives the full-logits loss and
+gradients to float rounding, `all` is Hugging Face's `labels=` loss, and a compiled forward (`schedule.compile`) gives
+the eager loss and gradients: speed settings that must not change what is computed."""
 
 from __future__ import annotations
 
 import shutil
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -17,12 +12,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from epi.data.format import IGNORE_INDEX, collate
-from epi.data.mixture import MixtureSampler
 from epi.errors import UserError
 from epi.loss import CausalLMLoss
-from epi.trainer import Trainer
-from tests.conftest import crash_and_resume, make_cfg
-from tests.test_trust import recorded
+from tests.helpers import recorded
 
 
 def small_llama(tied: bool, seed: int = 0) -> LlamaForCausalLM:
@@ -124,77 +116,3 @@ def test_the_run_trains_the_same_with_either_head(tmp_path: Path) -> None:
     for step, (a, b) in enumerate(zip(trained.strategy.grads, full.strategy.grads), start=1):
         for name in a:
             torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=f"step {step} {name}")
-
-
-def test_adamw_is_fused_by_default(tmp_path: Path) -> None:
-    trainer = Trainer(make_cfg("strategy=none", "schedule.steps=1"), tmp_path)
-    assert trainer.optimizer.optimizer.defaults["fused"] is True
-
-
-# --- length grouping -------------------------------------------------------------------------
-
-LENGTHS = {"a": [3 + (i * 7) % 40 for i in range(50)], "b": [10 + (i * 13) % 90 for i in range(30)]}
-
-
-def cells(sampler: MixtureSampler, batches: list[list[tuple[str, int]]]) -> int:
-    return sum(len(b) * max(sampler.lengths[t][i] for t, i in b) for b in batches)
-
-
-def test_length_grouping_trains_the_streams_examples_with_less_padding() -> None:
-    plain = MixtureSampler({"a": 50, "b": 30}, {"a": 1.0, "b": 2.0}, seed=3, lengths=LENGTHS)
-    grouped = MixtureSampler({"a": 50, "b": 30}, {"a": 1.0, "b": 2.0}, seed=3, lengths=LENGTHS)
-    stream = [plain.next_batch(4) for _ in range(8)]
-    pooled = [grouped.next_batch(4, group=8) for _ in range(8)]
-    assert Counter(p for b in pooled for p in b) == Counter(p for b in stream for p in b)  # same examples, same mixture
-    assert cells(grouped, pooled) < 0.8 * cells(plain, stream)
-    assert grouped.state_dict()["drawn"] == plain.state_dict()["drawn"] and not grouped.pending
-
-
-def test_a_sampler_restored_inside_a_pool_continues_it() -> None:
-    a = MixtureSampler({"a": 50, "b": 30}, {"a": 1.0, "b": 1.0}, seed=5, lengths=LENGTHS)
-    first = [a.next_batch(4, group=6) for _ in range(3)]
-    b = MixtureSampler({"a": 50, "b": 30}, {"a": 1.0, "b": 1.0}, seed=5, lengths=LENGTHS)
-    b.load_state_dict(a.state_dict())
-    assert [a.next_batch(4, group=6) for _ in range(5)] == [b.next_batch(4, group=6) for _ in range(5)]
-    assert first  # the pool was drawn before the state was taken
-
-
-def test_a_length_grouped_pool_ends_with_its_stage(tmp_path: Path) -> None:
-    """Stages of 3 steps with pools of 5: the pool of stage A must be cut at 3 batches, so no example of
-    A is drawn and thrown away, and stage B trains B alone."""
-    stages = "schedule.stages=[{name: a, tasks: [math], steps: 3}, {name: b, tasks: [code], steps: 3}]"
-    trainer = Trainer(make_cfg("strategy=none", stages, "schedule.group_by_length=5"), tmp_path)
-    trainer.fit()
-    assert trainer.sampler.drawn["math"] == 3 * 4 and trainer.sampler.drawn["code"] == 3 * 4
-    assert trainer.learner.realised["math"]["examples"] == 12 and trainer.learner.realised["code"]["examples"] == 12
-
-
-def test_resume_inside_a_length_grouped_pool_gives_the_same_weights(tmp_path: Path) -> None:
-    common = ["strategy=none", "schedule.steps=6", "schedule.group_by_length=4", "schedule.checkpoint_every=3"]
-    straight, resumed, state = crash_and_resume(tmp_path, common, 4)
-    assert state["step"] == 3 and len(state["sampler"]["pending"]) == 1  # steps 1-4 are one pool
-    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
-        assert torch.equal(a, b), name
-
-
-def test_group_by_length_must_be_a_count() -> None:
-    from epi.config import validate
-    from epi.data.load import known_tasks
-
-    with pytest.raises(UserError, match="schedule.group_by_length"):
-        validate(make_cfg("schedule.group_by_length=-1"), known_tasks(make_cfg().data))
-
-
-@pytest.mark.parametrize("has_bf16", [False, True])
-def test_bf16_on_a_cpu_without_bf16_instructions_is_named_at_setup(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                                   monkeypatch: pytest.MonkeyPatch, has_bf16: bool) -> None:
-    """On an AVX2-only CPU bf16 autocast is emulated (108 s a SmolLM2 step against 4.6 s in fp32): the run says so."""
-    from epi import distributed
-
-    monkeypatch.setattr(distributed, "cpu_has_bf16", lambda: has_bf16)
-    Trainer(make_cfg("strategy=none", "schedule.steps=1", "schedule.precision=bf16"), tmp_path)
-    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: schedule.precision=bf16")]
-    assert len(warned) == (0 if has_bf16 else 1)
-    (tmp_path / "fp32").mkdir()
-    Trainer(make_cfg("strategy=none", "schedule.steps=1"), tmp_path / "fp32")  # fp32 never warns
-    assert "schedule.precision=bf16" not in capsys.readouterr().err

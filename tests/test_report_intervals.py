@@ -14,7 +14,7 @@ import pytest
 from epi import report
 from epi.errors import UserError
 from epi.report import write_report
-from tests.conftest import run_script
+from tests.helpers import run_script
 from tests.test_report import fake_run
 
 N = 40  # test examples per task
