@@ -286,11 +286,11 @@ def fused_adamw_works(device: torch.device) -> bool:
 
 def hf_arguments(project: Trainer, work: Work, out: Path, sampling: str) -> dict[str, Any]:
     """TrainingArguments keys for HF's sides: the project's hyper-parameters, and no logging, saving or eval."""
-    s = project.cfg.schedule
+    s, o = project.cfg.schedule, project.cfg.optimizer
     return dict(
         output_dir=str(out), max_steps=work.steps + 1, per_device_train_batch_size=work.batch_size,
-        gradient_accumulation_steps=1, learning_rate=s.lr, adam_beta1=s.betas[0], adam_beta2=s.betas[1],
-        adam_epsilon=1e-8, weight_decay=s.weight_decay, max_grad_norm=s.clip_norm or 0.0,
+        gradient_accumulation_steps=1, learning_rate=o.lr, adam_beta1=o.betas[0], adam_beta2=o.betas[1],
+        adam_epsilon=1e-8, weight_decay=o.weight_decay, max_grad_norm=s.clip_norm or 0.0,
         lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": s.min_lr_ratio},
         warmup_steps=s.warmup_steps, optim="adamw_torch_fused" if fused_adamw_works(work.device) else "adamw_torch",
         train_sampling_strategy=sampling, bf16=work.precision == "bf16", use_cpu=work.device.type == "cpu",
