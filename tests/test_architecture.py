@@ -189,6 +189,7 @@ def test_strategies_write_no_files_themselves() -> None:
             assert call not in source, f"{path.name} calls {call}"
 
 
+@pytest.mark.slow
 def test_the_worked_example_strategy_freezes_its_module_from_the_cli(tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = run_script("train.py", *TINY, "strategy=fixed", "strategy.modules=[model.layers.0.mlp]", "optimizer.weight_decay=0.5",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from epi import archive
 from tests.helpers import eval_report, run_script
 from tests.test_report import fake_job
@@ -34,6 +36,7 @@ def heavy_sweep(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_archive_keeps_the_evidence_and_tabulates_to_the_same_report(tmp_path: Path) -> None:
     sweep = heavy_sweep(tmp_path / "sweep")
     dest = tmp_path / "archived"
@@ -55,6 +58,7 @@ def test_archive_keeps_the_evidence_and_tabulates_to_the_same_report(tmp_path: P
     assert "+0.200" in md and "arm=cpi" in md  # the table compared something, and listed the failed job
 
 
+@pytest.mark.slow
 def test_archive_into_a_used_directory_is_refused_before_anything_is_written(tmp_path: Path) -> None:
     sweep = heavy_sweep(tmp_path / "sweep")
     dest = tmp_path / "archived"
@@ -74,6 +78,7 @@ def test_a_single_run_keeps_its_directory_name(tmp_path: Path) -> None:
     assert (tmp_path / "one" / run.name / "predictions_test.jsonl").is_file() and files == 4 and size > 0
 
 
+@pytest.mark.slow
 def test_eval_py_packs_a_sweep_and_tabulates_the_packed_archive(tmp_path: Path) -> None:
     """archive=<file>.tar.xz packs the evidence into one file, and runs=<that file> reads it as the directory."""
     sweep = heavy_sweep(tmp_path / "sweep")

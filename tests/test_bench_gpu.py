@@ -8,7 +8,11 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import ROOT
+
+pytestmark = pytest.mark.slow
 
 HEADER = "| model | params | batch | side | trained tok/s | tok/s | s/step | padding | peak memory | MFU | extra bytes/param |"
 SIDES = ["none", "epi", "cpi-stage", "trainer"]  # in the order the script builds them

@@ -192,6 +192,7 @@ def test_collate(byt5):
         collate([{"input_ids": [5, 6], "labels": [IGNORE_INDEX] * 2}], pad_id=0)
 
 
+@pytest.mark.slow
 def test_smollm2_tokenizer(smollm2_dir: str):
     from transformers import AutoTokenizer
 

@@ -447,6 +447,7 @@ def test_eval_example_is_kept_when_its_last_prompt_fits() -> None:
 # --- through train.py: exit 2, one line, nothing written -------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "bad,needle",
     [
@@ -471,6 +472,7 @@ def test_cli_bad_data_input_exits_2_with_one_line(tmp_path: Path, bad: str, need
     assert {p.name for p in run.iterdir()} <= {".hydra", "train.log", "run.lock"}
 
 
+@pytest.mark.slow
 def test_cli_lone_surrogate_exits_2_with_one_line(tmp_path: Path) -> None:
     """The reported crash: a UnicodeEncodeError traceback (exit 1) from the holdout hash, long after reading."""
     path = tmp_path / "train.jsonl"

@@ -7,11 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 
 from epi.logging import read_metrics
 from tests.helpers import EPI_FAST, ROOT, TINY, WatchedEPI
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
 class RankCheckedEPI(WatchedEPI):

@@ -25,6 +25,7 @@ def test_disk_full_checkpoint_one_line_temp_removed_earlier_checkpoint_intact(tm
     assert checkpoint.load_tensors(path, "checkpoint")["step"] == 1
 
 
+@pytest.mark.slow
 def test_disk_full_through_train_py_is_one_line(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()

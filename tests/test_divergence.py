@@ -22,6 +22,7 @@ from tests.helpers import TINY, make_cfg, run_script
 DIVERGING = [*TINY, "strategy=none", "optimizer.lr=1e4", "schedule.steps=8", "schedule.checkpoint_every=1"]
 
 
+@pytest.mark.slow
 def test_divergence_stops_with_one_line_keeps_the_last_good_checkpoint_and_saves_no_model(tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = run_script("train.py", *DIVERGING, f"hydra.run.dir={run}", cwd=tmp_path)
@@ -35,6 +36,7 @@ def test_divergence_stops_with_one_line_keeps_the_last_good_checkpoint_and_saves
     assert not (run / "model").exists() and not (run / "eval_test.json").exists()
 
 
+@pytest.mark.slow
 def test_skip_policy_drops_the_updates_counts_them_and_finishes(tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = run_script("train.py", *DIVERGING, "schedule.nonfinite=skip", f"hydra.run.dir={run}", cwd=tmp_path)

@@ -8,8 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import PINNED
 from tests.helpers import ROOT
+
+pytestmark = pytest.mark.slow
 
 # What a cluster login or a W&B user commonly exports, each one of which once changed a test's outcome or could.
 HOSTILE = {

@@ -66,6 +66,7 @@ def test_experiment_variables_are_known_keys() -> None:
     validate(cfg, known_tasks(cfg.data))
 
 
+@pytest.mark.slow
 def test_weights_made_non_finite_by_a_finite_loss_step_are_never_checkpointed(tmp_path: Path) -> None:
     """lr=1e300 is a finite config value, but AdamW's fp32 update makes every weight inf at step 1 while that step's
     loss and gradient norm are finite: the run stops there (exit 3) and writes no checkpoint of that state."""
@@ -84,6 +85,7 @@ def test_unknown_model_id_fails_fast_with_the_fix() -> None:
         build_model(cfg.model)
 
 
+@pytest.mark.slow
 def test_cli_exits_non_zero_with_one_line(tmp_path: Path) -> None:
     proc = run_script("train.py", *TINY, "optimizer.lr=-1", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode == 2
@@ -91,6 +93,7 @@ def test_cli_exits_non_zero_with_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_reported_and_left_intact(tmp_path: Path) -> None:
     bad = tmp_path / "old" / checkpoint.FILENAME
     bad.parent.mkdir()
@@ -150,6 +153,7 @@ def test_bad_strategy_values_name_the_key(strategy: str, override: str, needle: 
     assert needle in str(err.value)
 
 
+@pytest.mark.slow
 def test_bad_strategy_value_writes_nothing(tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = run_script("train.py", *TINY, "strategy=epi", "strategy.p=1.5", f"hydra.run.dir={run}", cwd=tmp_path)
@@ -169,6 +173,7 @@ def test_empty_or_broken_model_directory_is_one_line(tmp_path: Path, config_json
         build_model(make_cfg("model=hf", f"model.name_or_path={tmp_path}").model)
 
 
+@pytest.mark.slow
 def test_device_cuda_without_cuda_is_one_line(tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")

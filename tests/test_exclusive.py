@@ -222,6 +222,8 @@ def test_random_exclusive_draws_a_mask_per_task(tmp_path: Path) -> None:
     assert not isinstance(trainer.strategy, EPI)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_two_ranks_equal_one_process_under_exclusive_isolation(tmp_path: Path) -> None:
     """Task micro-batches sharded over 2 gloo ranks (a rank with no example of a task runs a zero-weight batch,
     so DDP's all-reduce still pairs up) train what one process trains."""

@@ -44,6 +44,7 @@ SMOKE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_runs_in_a_smoke_setting(experiment: str, tmp_path: Path) -> None:
     sweep = tmp_path / "multirun"

@@ -36,12 +36,14 @@ def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
+@pytest.mark.xdist_group("final_checkpoint_straight")
 def test_a_finished_run_has_its_model_and_results_but_no_checkpoint(straight: Path) -> None:
     names = {p.name for p in straight.iterdir()}
     assert set(RESULTS) <= names
     assert checkpoint.FILENAME not in names and f"{checkpoint.FILENAME}.tmp" not in names
 
 
+@pytest.mark.xdist_group("final_checkpoint_straight")
 def test_keep_checkpoint_keeps_a_loadable_final_checkpoint(tmp_path: Path, straight: Path) -> None:
     run = tmp_path / "run"
     train_script.train(make_cfg(*COMMON, "keep_checkpoint=true"), run)
@@ -113,6 +115,7 @@ def test_a_resume_may_change_keep_checkpoint(tmp_path: Path, monkeypatch: pytest
     assert checkpoint.load(str(run))["step"] == 6 and (run / "eval_test.json").is_file()
 
 
+@pytest.mark.xdist_group("final_checkpoint_straight")
 @pytest.mark.parametrize("target", ["run", f"run/{checkpoint.FILENAME}"])
 def test_resuming_a_finished_run_says_it_finished(target: str, straight: Path) -> None:
     resume = straight.parent / target
@@ -120,6 +123,8 @@ def test_resuming_a_finished_run_says_it_finished(target: str, straight: Path) -
         train_script.train(make_cfg(*COMMON, f"resume={resume}"), straight)
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("final_checkpoint_straight")
 def test_resuming_a_finished_run_from_the_command_line_is_one_line_and_touches_nothing(tmp_path: Path, straight: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(straight, run)  # Hydra adds .hydra/ to the directory it runs in: not to the shared run

@@ -25,6 +25,8 @@ from epi.strategies.base import Strategy
 from epi.strategies.cpi import CPI
 from tests.helpers import CPI_FAST, EPI_FAST, ROOT, TINY, run_script, two_ranks_and_one_process
 
+pytestmark = pytest.mark.slow
+
 
 def torchrun(tmp_path: Path, *overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -34,6 +36,7 @@ def torchrun(tmp_path: Path, *overrides: str, env: dict[str, str] | None = None)
     )
 
 
+@pytest.mark.distributed
 def test_fsdp_none_equals_one_process_and_exports_a_loadable_model(tmp_path: Path) -> None:
     """(a) and (e): the global batch's losses and the final weights of 2 sharded ranks equal one process's."""
     from transformers import AutoModelForCausalLM
@@ -43,6 +46,7 @@ def test_fsdp_none_equals_one_process_and_exports_a_loadable_model(tmp_path: Pat
     assert type(model).__name__ == "LlamaForCausalLM" and sum(p.numel() for p in model.parameters()) > 0
 
 
+@pytest.mark.distributed
 def test_fsdp_epi_holds_isolated_shards_bit_for_bit_and_selects_the_unsharded_masks(tmp_path: Path) -> None:
     """(a), (b): WatchedEPI asserts after every step that each isolated coordinate of this rank's shards holds its
     value exactly (AdamW decay 0.5, refreshes every 3 steps); the run's losses and mask statistics equal one process's."""
@@ -123,6 +127,7 @@ def _ranked(rank: int, world: int, port: int, out: dict) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_sharded_top_p_normalize_and_counts_equal_the_unsharded_ones() -> None:
     """(c): on the same importance, the sharded ranking (exact, with ties across the rank boundary, and sampled),
     the layer normalisation and the mask statistics equal one process's, for every scope."""
@@ -162,6 +167,7 @@ class ShardWatchedCPI(CPI):
         self.ctx.log(step, "watch", {"frozen_cores": float(len(self.frozen))})
 
 
+@pytest.mark.distributed
 def test_fsdp_cpi_probes_cores_fusion_and_stages_equal_one_process(tmp_path: Path) -> None:
     """(a), (b) for CPI: probes train the run's sharded model and give it back, cores rank over both ranks' shards, the
     fusion sums SLERP's norms over them, and each stage's earlier cores hold bit for bit on every shard; the groups,
@@ -192,6 +198,7 @@ def test_fsdp_cpi_probes_cores_fusion_and_stages_equal_one_process(tmp_path: Pat
     assert len(artifact("fsdp", "groups")["groups"]) == 5 and watched == [0.0] * 2 + [1.0] * 2 + [2.0] * 2 + [3.0] * 2 + [4.0] * 2
 
 
+@pytest.mark.distributed
 def test_fsdp_kill_and_resume_gives_bit_identical_weights(tmp_path: Path) -> None:
     """(d): a sharded EPI run SIGKILLed in its second checkpoint (step 10: the shards written, checkpoint.pt not yet
     renamed; tests/killer) resumes from the step-5 checkpoint (masks, strategy state, AdamW shards and each rank's
@@ -250,6 +257,8 @@ def _checkpoint_files(run: Path) -> dict[str, bytes]:
             if p.is_file()}
 
 
+@pytest.mark.distributed
+@pytest.mark.xdist_group("fsdp_sharded_run")
 @pytest.mark.parametrize("tampered", [".metadata", ".distcp"])
 def test_fsdp_resume_refuses_shards_that_would_run_code(tmp_path: Path, sharded_run: Path, tampered: str) -> None:
     """DCP's reader unpickles .metadata with plain pickle.load and the non-tensor items of the .distcp files with
@@ -271,6 +280,8 @@ def test_fsdp_resume_refuses_shards_that_would_run_code(tmp_path: Path, sharded_
     assert _checkpoint_files(run) == before
 
 
+@pytest.mark.distributed
+@pytest.mark.xdist_group("fsdp_sharded_run")
 def test_fsdp_resume_of_untampered_shards_still_works(tmp_path: Path, sharded_run: Path) -> None:
     """The restricted reader takes every record DCP writes (the exact-resume test above checks the weights)."""
     run = tmp_path / "run"

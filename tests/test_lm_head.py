@@ -62,6 +62,7 @@ def test_trained_positions_under_bf16_autocast_track_the_full_logits_loss() -> N
     torch.testing.assert_close(mine, full, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor's CPU backend needs a C++ compiler")
 def test_a_compiled_forward_gives_the_eager_loss_and_gradients_and_leaves_the_model_eager() -> None:
     """`schedule.compile=true`: the loss module's forward runs compiled, over the model's own parameters

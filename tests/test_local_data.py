@@ -94,6 +94,7 @@ LINES = [
 # --- through train.py -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_trains_on_every_folder_and_prints_each_mapping(tree: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = run_script("train.py", *TINY, "data=local", f"data.root={tree}", f"hydra.run.dir={run}", cwd=tmp_path)
@@ -106,6 +107,7 @@ def test_cli_trains_on_every_folder_and_prints_each_mapping(tree: Path, tmp_path
     assert "| pr | numeric |" in (run / "eval_test.md").read_text()
 
 
+@pytest.mark.slow
 def test_user_data_config_from_config_dir_picks_a_subset(tree: Path, tmp_path: Path) -> None:
     """docs/data.md's route for a researcher's own defaults: conf/data/<mine>.yaml outside the repo, on --config-dir."""
     (tmp_path / "my_conf/data").mkdir(parents=True)
@@ -149,6 +151,7 @@ MESSAGES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["two_train", "no_train", "no_fields", "missing_root"])
 def test_cli_ambiguous_tree_exits_2_with_one_line(tmp_path: Path, case: str) -> None:
     root, run = tmp_path / "tasks", tmp_path / "run"

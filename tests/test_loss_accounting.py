@@ -26,6 +26,8 @@ def test_grad_accum_equals_one_batch_k_times_larger(tmp_path: Path) -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
     two_ranks_and_one_process(tmp_path, [*TINY, "strategy=none", "schedule.steps=3", "schedule.batch_size=8"])
 

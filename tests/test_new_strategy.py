@@ -114,6 +114,7 @@ def test_a_new_builtin_is_listed_with_its_keys(checkout: Path) -> None:
     assert "module=model.layers.0 side=freeze log_every=2" in block
 
 
+@pytest.mark.slow
 def test_a_new_builtin_composes_validates_and_trains(checkout: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     proc = run([str(checkout / "train.py"), *TINY, "strategy=headlock", "schedule.steps=4", f"hydra.run.dir={out}"], cwd=tmp_path)
@@ -124,6 +125,7 @@ def test_a_new_builtin_composes_validates_and_trains(checkout: Path, tmp_path: P
     assert [e["step"] for e in masks] == [2, 4] and all(e["value"] > 0 for e in masks)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("override", "says"), [
     ("strategy.log_every=0", "error: strategy.log_every=0: must be >= 1"),
     ("strategy.side=both", "error: strategy.side='both': must be one of ['freeze', 'train']"),

@@ -153,6 +153,7 @@ def test_cli_lists_an_entry_point_plugin(make_plugin: Callable, tmp_path: Path) 
     assert "module=model.layers.0 strength=0.5" in table["toy_yaml"]
 
 
+@pytest.mark.slow
 def test_plugin_yaml_on_the_search_path_trains_from_the_cli(make_plugin: Callable, tmp_path: Path) -> None:
     """The plug-in recipe (docs/new-strategy.md): the plug-in's conf/ on Hydra's search path, `strategy=<its YAML>`."""
     site = make_plugin(TOY)

@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import ROOT
+
+pytestmark = pytest.mark.slow
 
 
 def test_padding_report_shows_grouping_cuts_padding_on_both_mixtures(tmp_path: Path) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from epi.logging import read_metrics
 from epi.trainer import Trainer
 from tests.helpers import TINY, make_cfg, run_script
@@ -14,6 +16,7 @@ from tests.helpers import TINY, make_cfg, run_script
 TASKS = ("math", "code", "logic", "instruct", "format")
 
 
+@pytest.mark.slow
 def test_predictions_file_lets_a_reviewer_audit_every_score(tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = run_script("train.py", *TINY, "strategy=none", f"hydra.run.dir={run}", cwd=tmp_path)
@@ -36,6 +39,7 @@ def test_predictions_file_lets_a_reviewer_audit_every_score(tmp_path: Path) -> N
     assert (out / "predictions_test.jsonl").read_text() == (run / "predictions_test.jsonl").read_text()
 
 
+@pytest.mark.slow
 def test_eval_of_a_single_task_run_model_scores_that_task_not_the_defaults(tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = run_script("train.py", *TINY, "strategy=none", "data.tasks=[logic]", f"hydra.run.dir={run}", cwd=tmp_path)

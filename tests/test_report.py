@@ -82,6 +82,7 @@ def test_score_table_normalised_score_and_transfer(runs: Path) -> None:
     assert report.transfer(loaded[0]) is None
 
 
+@pytest.mark.slow
 def test_eval_py_runs_writes_tables_and_plots(runs: Path, tmp_path: Path) -> None:
     out, md = eval_report(runs, tmp_path)
     assert "| strategy=none | 2 | 0.500 ± 0.141 | 0.300 ± 0.141 | 0.400 ± 0.141 | 0.562 |" in md
@@ -94,11 +95,13 @@ def test_eval_py_runs_writes_tables_and_plots(runs: Path, tmp_path: Path) -> Non
     assert {r["setting"] for r in data["scores"]} == {"strategy=none", "data.tasks=[a]", "data.tasks=[b]", "seq"}
 
 
+@pytest.mark.slow
 def test_eval_py_runs_with_no_runs_fails_clearly(tmp_path: Path) -> None:
     proc = run_script("eval.py", f"runs={tmp_path}", f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path)
     assert proc.returncode == 2 and "no run directories" in proc.stderr
 
 
+@pytest.mark.slow
 def test_core_overlap_is_averaged_over_seeds_and_drawn(runs: Path, tmp_path: Path) -> None:
     for seed, off in ((0, 0.2), (1, 0.4)):
         run = fake_run(runs, f"cpi{seed}", group="strategy=cpi", seed=seed, tasks=["a", "b"], scores={"a": 0.5, "b": 0.5})
@@ -120,6 +123,7 @@ def test_runs_listed_in_sweep_order(tmp_path: Path) -> None:
     assert [p.name for p in report.find_runs([tmp_path])] == ["1", "2", "10"]  # not "1", "10", "2"
 
 
+@pytest.mark.slow
 def test_a_missing_stage_evaluation_is_marked_not_closed_up(tmp_path: Path) -> None:
     """Stage 1's evaluation is lost: row 1 stays a gap, the run is left out of BWT and named in the report."""
     run = fake_run(tmp_path / "runs", "0", group="seq", seed=0, tasks=["a", "b", "c"], scores={"a": 0.1, "b": 0.2, "c": 0.9},
@@ -244,6 +248,7 @@ def test_a_loss_before_and_after_the_last_stage() -> None:
     assert math.isnan(report.transfer(run)["loss_A_after"])
 
 
+@pytest.mark.slow
 def test_eval_py_report_sections(sweep: Path, tmp_path: Path) -> None:
     out, md = eval_report(sweep, tmp_path)
     assert "| setting | seeds | a | b | avg | normalised | steps | tokens |" in md

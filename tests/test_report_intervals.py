@@ -229,6 +229,7 @@ def test_retention_columns_mean_and_interval(tmp_path: Path) -> None:
     assert (out / "scores.csv").read_text().splitlines()[0].endswith(",retention_ppl_after_mean,retention_ppl_after_std,retention_ppl_after_ci_low,retention_ppl_after_ci_high")
 
 
+@pytest.mark.slow
 def test_retention_on_different_corpora_is_not_averaged(tmp_path: Path) -> None:
     root = tmp_path / "runs"
     first = fake_run(root, "0", group="strategy=none", seed=0, tasks=["a"], scores={"a": 0.5})

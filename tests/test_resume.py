@@ -15,6 +15,7 @@ from epi.logging import read_metrics
 from tests.helpers import TINY, make_cfg, run_script
 
 
+@pytest.mark.slow
 def test_resume_of_a_run_killed_before_its_first_checkpoint_points_to_resume_auto(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()

@@ -18,6 +18,8 @@ from epi import checkpoint
 from epi.logging import read_metrics
 from tests.helpers import ROOT, TINY, run_script
 
+pytestmark = pytest.mark.slow
+
 STRATEGIES = {
     "epi": ["strategy=epi", "strategy.warmup=2", "strategy.refresh_every=3"],
     "cpi": ["strategy=cpi", "strategy.probe_steps=2"],  # 5 stages of 2 steps: kills land on stage ends

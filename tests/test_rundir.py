@@ -50,6 +50,7 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path: Path) -> None:
         pass
 
 
+@pytest.mark.slow
 def test_train_py_refuses_a_directory_another_run_holds(tmp_path: Path) -> None:
     with rundir.hold(tmp_path / "run") as lock:
         lock.claim()
@@ -59,6 +60,7 @@ def test_train_py_refuses_a_directory_another_run_holds(tmp_path: Path) -> None:
     assert {p.name for p in (tmp_path / "run").iterdir()} <= {rundir.LOCK, "train.log"}  # no .hydra/, no metrics (Hydra's empty job log)
 
 
+@pytest.mark.slow
 def test_two_runs_started_at_once_into_one_directory_leave_one_run(tmp_path: Path) -> None:
     run = tmp_path / "run"
     args = [sys.executable, str(ROOT / "train.py"), *TINY, "strategy=none", f"hydra.run.dir={run}"]
@@ -73,6 +75,7 @@ def test_two_runs_started_at_once_into_one_directory_leave_one_run(tmp_path: Pat
     assert [e["step"] for e in losses] == [1, 2, 3, 4, 5, 6]  # one run's events, not two interleaved
 
 
+@pytest.mark.slow
 def test_a_refused_run_changes_nothing_of_the_finished_run_there(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     common = ["-m", *TINY, "strategy=none", f"hydra.sweep.dir={sweep}", "hydra/launcher=basic"]
@@ -95,6 +98,7 @@ def test_a_refused_run_changes_nothing_of_the_finished_run_there(tmp_path: Path)
     assert digest(job) == before
 
 
+@pytest.mark.slow
 def test_a_directory_holding_a_run_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()

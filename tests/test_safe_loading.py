@@ -174,6 +174,7 @@ def train(tmp_path: Path, *overrides: str, stdin: str) -> subprocess.CompletedPr
     )
 
 
+@pytest.mark.slow
 def test_model_dir_with_its_own_code_is_refused_even_when_the_prompt_is_answered_yes(tmp_path: Path) -> None:
     """Without model.trust_remote_code, transformers asked `Do you wish to run the custom code? [y/N]` and `y` ran
     configuration_evil.py; now the directory is refused in one line before transformers reads it."""
@@ -202,6 +203,7 @@ def test_tokenizer_code_is_refused_too(tmp_path: Path) -> None:
         build_model(make_cfg("model=hf", f"model.name_or_path={model}").model)
 
 
+@pytest.mark.slow
 def test_trust_remote_code_true_is_the_users_choice_and_needs_no_prompt(tmp_path: Path) -> None:
     """model.trust_remote_code=true reaches transformers: the directory's code runs with nothing typed at a prompt
     (before, transformers asked, and an empty answer refused it)."""
@@ -213,6 +215,7 @@ def test_trust_remote_code_true_is_the_users_choice_and_needs_no_prompt(tmp_path
 
 
 
+@pytest.mark.slow
 def test_a_checkpoint_whose_pickle_would_run_code_is_refused_and_runs_nothing(tmp_path: Path) -> None:
     marker = tmp_path / "code_ran"
     shared = tmp_path / "shared"

@@ -31,6 +31,8 @@ from epi.strategies.none import NoIsolation
 from tests.helpers import ROOT, TINY, make_cfg, run_script
 from tests.test_resume_cli import killed_at_save
 
+pytestmark = pytest.mark.slurm
+
 RUN_FILES = ("config.yaml", "metrics.jsonl", "eval_test.json")
 
 
@@ -166,6 +168,7 @@ def test_threads_follow_slurm_s_cpus_per_task(env: dict[str, str], expected: int
 # --- sweeps through submitit ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_sweep_through_the_submitit_launcher_completes_every_job(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     proc = run_script("train.py", "-m", "hydra/launcher=submitit_local", *TINY, "schedule.steps=4", "strategy=none,epi",
@@ -187,6 +190,8 @@ class WorldLogged(NoIsolation):
             self.ctx.log(step, "world", {"size": dist.get_world_size() if dist.is_initialized() else 1})
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize("parallel", ["fsdp"])  # ddp's two ranks = one process: tests/test_loss_accounting.py (torchrun); the env is the same
 def test_a_two_task_submitit_job_trains_data_parallel_like_one_process(parallel: str, tmp_path: Path) -> None:
     """The 8-GPU config's mechanism on CPU: submitit starts 2 tasks (no torchrun), each joins the gloo group from
@@ -223,6 +228,7 @@ def wandb_runs(run: Path) -> list[str]:
     return sorted(p.name.rsplit("-", 1)[1] for p in (run / "wandb").glob("offline-run-*"))
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_by_the_same_command_or_a_requeue_into_one_wandb_run(tmp_path: Path) -> None:
     straight = run_script("train.py", *TINY, *EPI, f"hydra.run.dir={tmp_path / 'straight'}", cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr[-3000:]
@@ -264,6 +270,7 @@ def test_without_auto_or_a_requeue_a_directory_holding_a_run_is_still_refused(tm
         train_script.train(make_cfg("strategy=none"), run)
 
 
+@pytest.mark.slow
 def test_auto_refuses_a_checkpoint_trained_with_other_settings_in_one_line(tmp_path: Path) -> None:
     run = tmp_path / "run"
     train_script.train(make_cfg("strategy=none", "keep_checkpoint=true"), run)

@@ -66,6 +66,7 @@ def test_paper_mix_from_local_files_trains_and_evaluates(paper: list[str], strat
     assert set(drawn) == set(PAPER_TASKS) and sum(drawn.values()) == trainer.total_steps * cfg.schedule.batch_size
 
 
+@pytest.mark.slow
 def test_paper_mix_cli_writes_scorer_table(paper: list[str], tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = run_script("train.py", *TINY, *paper, *SHORT, "strategy=none", f"hydra.run.dir={run}", cwd=tmp_path)
@@ -119,6 +120,7 @@ def test_multi_turn_masks_every_assistant_turn(template: str | None) -> None:
     assert enc["input_ids"][: len(prompt_ids(tok, CHAT))] == prompt_ids(tok, CHAT)
 
 
+@pytest.mark.slow
 def test_multi_turn_masks_with_smollm2_template(smollm2_dir: str) -> None:
     tok = AutoTokenizer.from_pretrained(smollm2_dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     enc = encode_example(tok, CHAT, max_len=256)
@@ -275,6 +277,7 @@ def test_hub_dataset_without_network_fails_fast_with_local_file_fix(tmp_path: Pa
         ("unknown_model", "model.name_or_path='no-such-org/no-such-model' is not a local directory"),
     ],
 )
+@pytest.mark.slow
 def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path: Path, bad: str, needle: str) -> None:
     good = write_jsonl(tmp_path / "good.jsonl", [{"question": f"{i} + 1", "answer": f"#### {i + 1}"} for i in range(20)])
     (tmp_path / "bad.jsonl").write_text('{"question": "a", "answer": "1"}\nnot json\n')
@@ -296,6 +299,7 @@ def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path: Path, 
     assert {p.name for p in run.iterdir()} <= {".hydra", "train.log", "run.lock"}  # Hydra's own record only
 
 
+@pytest.mark.slow
 def test_eval_py_reevaluates_a_paper_mix_run_and_tabulates_it(paper: list[str], tmp_path: Path) -> None:
     """eval.py reads the run's data config (sources included); the report leaves perplexity tasks unscored."""
     run = tmp_path / "run"

@@ -6,10 +6,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf
 
 from epi.logging import short_name
 from tests.helpers import TINY, run_script
+
+pytestmark = pytest.mark.slow
 
 
 def test_a_sweep_divides_the_cores_among_its_parallel_jobs(tmp_path: Path) -> None:

@@ -46,6 +46,8 @@ def smollm2_data(system_prompt: str) -> list[str]:
     return ["model=smollm2_135m", f"data.system_prompt={system_prompt}"]
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("smollm2_tok")
 def test_null_leaves_examples_and_smollm2_ids_as_they_were(smollm2_tok) -> None:
     cfg = make_cfg(*smollm2_data("null"))
     assert cfg.data.system_prompt is None
@@ -57,6 +59,8 @@ def test_null_leaves_examples_and_smollm2_ids_as_they_were(smollm2_tok) -> None:
     assert SMOLLM2_DEFAULT in smollm2_tok.decode(prompt_ids(smollm2_tok, tasks["math"].splits["test"][0]))
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("smollm2_tok")
 def test_empty_system_prompt_drops_the_default_one_from_training_and_eval_ids(smollm2_tok) -> None:
     null = make_cfg(*smollm2_data("null"))
     before = encode_tasks(smollm2_tok, load_tasks(null.data), null.data)
@@ -73,6 +77,8 @@ def test_empty_system_prompt_drops_the_default_one_from_training_and_eval_ids(sm
         assert enc.stats["trained_tokens"] == before[name].stats["trained_tokens"]
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("smollm2_tok")
 def test_labels_still_cover_exactly_the_reply_and_eos(smollm2_tok) -> None:
     cfg = make_cfg(*smollm2_data("''"))
     for task in load_tasks(cfg.data).values():

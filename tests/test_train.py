@@ -42,6 +42,7 @@ def train_losses(run_dir: Path) -> list[float]:
     return [e["value"] for e in read_metrics(run_dir) if e["split"] == "train" and e["metric"] == "loss"]
 
 
+@pytest.mark.slow
 def test_run_directory_holds_config_metrics_model_results(tmp_path: Path) -> None:
     proc = run_script("train.py", *TINY, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -87,6 +88,7 @@ def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path: Path) -> None
     assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "straight")[3:]
 
 
+@pytest.mark.slow
 def test_smollm2_loads_trains_two_steps_with_epi_and_generates(tmp_path: Path, smollm2_dir: str) -> None:
     cfg = make_cfg(
         "model=smollm2_135m", "schedule.steps=2", "schedule.batch_size=2", "optimizer.lr=1e-5",
