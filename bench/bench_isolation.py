@@ -38,6 +38,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported 
 from epi.checkpoint import nbytes  # noqa: E402
 from epi.trainer import Trainer  # noqa: E402
 
+tensor_bytes = nbytes  # the name bench_gpu.py imports
+
 
 def build(model: str, strategy: str, refresh_every: int, batch_size: int, workdir: Path, mode: str = "freeze",
           task_split: str = "rows") -> Trainer:

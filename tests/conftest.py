@@ -45,7 +45,18 @@ _pin_xdist_worker()
 torch.set_num_threads(min(2, len(os.sched_getaffinity(0))))
 
 # tests/test_docs.py and tests/test_layout.py import these from here
-from tests.helpers import ROOT, make_cfg  # noqa: E402, F401
+from tests.helpers import ROOT, TINY, make_cfg, run_script  # noqa: E402, F401
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny run of the default strategy through train.py, finished, and its process: one run for the tests that read
+    a run directory or evaluate its model (mark them xdist_group("finished_run"): one worker trains it once). Read
+    only: a test that changes it copies it first."""
+    tmp = tmp_path_factory.mktemp("finished")
+    proc = run_script("train.py", *TINY, f"hydra.run.dir={tmp / 'run'}", cwd=tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "run", proc
 
 
 @pytest.fixture

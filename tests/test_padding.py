@@ -21,7 +21,8 @@ def test_padding_report_shows_grouping_cuts_padding_on_both_mixtures(tmp_path: P
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = re.findall(r"^\| (built-in|paper_mix \(synthetic files\)) \| ([\d.]+)% \| ([\d.]+)% \| ([\d.]+)% \|$", proc.stdout, re.M)
+    # the last column (data.packing's padding) is bench/padding.py's own; this test reads the grouping columns
+    rows = re.findall(r"^\| (built-in|paper_mix \(synthetic files\)) \| ([\d.]+)% \| ([\d.]+)% \| ([\d.]+)% \|(?: [\d.]+% \|)?$", proc.stdout, re.M)
     assert [r[0] for r in rows] == ["built-in", "paper_mix (synthetic files)"]
     for _, before, after, saved in rows:
         assert float(after) < float(before) / 4 and float(saved) > 0

@@ -17,10 +17,9 @@ TASKS = ("math", "code", "logic", "instruct", "format")
 
 
 @pytest.mark.slow
-def test_predictions_file_lets_a_reviewer_audit_every_score(tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    proc = run_script("train.py", *TINY, "strategy=none", f"hydra.run.dir={run}", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+@pytest.mark.xdist_group("finished_run")
+def test_predictions_file_lets_a_reviewer_audit_every_score(tmp_path: Path, finished_run) -> None:
+    run, _ = finished_run
     lines = [json.loads(line) for line in (run / "predictions_test.jsonl").read_text().splitlines()]
     assert len(lines) == 4 * len(TASKS)  # eval.n_examples per task
     assert set(lines[0]) == {"task", "prompt", "reference", "prediction", "score", "loss"}

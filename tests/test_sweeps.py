@@ -22,8 +22,7 @@ def test_a_sweep_divides_the_cores_among_its_parallel_jobs(tmp_path: Path) -> No
     assert proc.returncode == 0, proc.stderr[-3000:]
     expected = max(1, len(os.sched_getaffinity(0)) // 2)
     assert [OmegaConf.load(sweep / job / "config.yaml").threads for job in ("0", "1")] == [expected, expected]
-    proc = run_script("train.py", *TINY, "strategy=none", "threads=1", f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
-    assert OmegaConf.load(tmp_path / "one" / "config.yaml").threads == 1
+    # (a single run keeps the threads it is given: the run of test_names_stay_short_while_the_config_keeps_every_override)
 
 
 def test_a_sweep_across_strategies_takes_strategy_specific_keys(tmp_path: Path) -> None:
@@ -58,9 +57,11 @@ def test_names_stay_short_while_the_config_keeps_every_override(tmp_path: Path) 
     short = short_name(long)
     assert len(short) == 64 and short != short_name(long + "x") and short.startswith(long[:40])
     run = tmp_path / "run"
-    overrides = ["strategy=none", "optimizer.lr=0.00123", "schedule.warmup_steps=2", "schedule.min_lr_ratio=0.25", "eval.max_new_tokens=7"]
+    overrides = ["strategy=none", "optimizer.lr=0.00123", "schedule.warmup_steps=2", "schedule.min_lr_ratio=0.25", "eval.max_new_tokens=7",
+                 "threads=1"]
     proc = run_script("train.py", *TINY, *overrides, f"hydra.run.dir={run}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert OmegaConf.load(run / "config.yaml").threads == 1  # a single run keeps the threads it is given (no sweep to divide)
     name = OmegaConf.load(run / "config.yaml").logger.name
     assert "eval.max_new_tokens=7" in name and len(name) > 64
     assert f"{short_name(name)} (test split" in proc.stdout

@@ -15,7 +15,7 @@ from epi.data.local import expand_root
 from epi.errors import UserError
 from epi.logging import read_metrics
 from epi.trainer import Trainer
-from tests.helpers import ROOT, TINY, crash_and_resume, make_cfg, run_script
+from tests.helpers import ROOT, crash_and_resume, make_cfg, run_script
 
 
 def group_options() -> list[tuple[str, str]]:
@@ -43,10 +43,9 @@ def train_losses(run_dir: Path) -> list[float]:
 
 
 @pytest.mark.slow
-def test_run_directory_holds_config_metrics_model_results(tmp_path: Path) -> None:
-    proc = run_script("train.py", *TINY, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run = tmp_path / "run"
+@pytest.mark.xdist_group("finished_run")
+def test_run_directory_holds_config_metrics_model_results(tmp_path: Path, finished_run) -> None:
+    run, proc = finished_run
     names = {p.name for p in run.iterdir()}
     assert {"config.yaml", "metrics.jsonl", "eval_test.json", "model"} <= names
     assert "checkpoint.pt" not in names  # a finished run has nothing to resume (keep_checkpoint=false)
