@@ -47,8 +47,6 @@ def test_stage_orders() -> None:
     assert len({str(s) for s in shuffled}) > 1
 
 
-
-
 class WatchedCPI(CPI):
     """Real CPI that snapshots the weights at each stage start, to check earlier cores afterwards."""
 

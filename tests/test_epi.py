@@ -11,6 +11,7 @@ from epi.logging import read_metrics
 from epi.trainer import Trainer
 from tests.helpers import EPI_FAST, crash_and_resume, make_cfg
 
+
 def watched(*extra: str):
     return make_cfg(*EPI_FAST, "strategy._target_=tests.helpers.WatchedEPI", *extra)
 

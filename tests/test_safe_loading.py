@@ -214,7 +214,6 @@ def test_trust_remote_code_true_is_the_users_choice_and_needs_no_prompt(tmp_path
     assert "ships its own Python code" not in proc.stderr and "Do you wish to run the custom code" not in proc.stdout
 
 
-
 @pytest.mark.slow
 def test_a_checkpoint_whose_pickle_would_run_code_is_refused_and_runs_nothing(tmp_path: Path) -> None:
     marker = tmp_path / "code_ran"

@@ -267,6 +267,7 @@ def test_hub_dataset_without_network_fails_fast_with_local_file_fix(tmp_path: Pa
     assert "hub dataset 'openai/gsm8k'" in msg and "data.sources.gsm8k.hub=null data.sources.gsm8k.train=/path/train.jsonl" in msg
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "bad,needle",
     [
@@ -277,7 +278,6 @@ def test_hub_dataset_without_network_fails_fast_with_local_file_fix(tmp_path: Pa
         ("unknown_model", "model.name_or_path='no-such-org/no-such-model' is not a local directory"),
     ],
 )
-@pytest.mark.slow
 def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path: Path, bad: str, needle: str) -> None:
     good = write_jsonl(tmp_path / "good.jsonl", [{"question": f"{i} + 1", "answer": f"#### {i + 1}"} for i in range(20)])
     (tmp_path / "bad.jsonl").write_text('{"question": "a", "answer": "1"}\nnot json\n')
