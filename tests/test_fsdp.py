@@ -46,18 +46,31 @@ def test_fsdp_none_equals_one_process_and_exports_a_loadable_model(tmp_path: Pat
     assert type(model).__name__ == "LlamaForCausalLM" and sum(p.numel() for p in model.parameters()) > 0
 
 
+# A sharded EPI run that checkpoints every 5 steps: under WatchedEPI for (a), (b), and the run that was never stopped for (d).
+FSDP_EPI = [*TINY, *EPI_FAST, "parallel=fsdp", "threads=1", "schedule.checkpoint_every=5"]
+WATCHED = "strategy._target_=tests.helpers.WatchedEPI"
+
+
+@pytest.fixture(scope="module")
+def watched_fsdp_epi(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 2-rank FSDP_EPI run under WatchedEPI, finished: read by (a), (b) and, as the straight run, by (d)."""
+    tmp = tmp_path_factory.mktemp("fsdp_epi")
+    sharded = torchrun(tmp, *FSDP_EPI, WATCHED, f"hydra.run.dir={tmp / 'fsdp'}")
+    assert sharded.returncode == 0, sharded.stderr[-4000:]
+    return tmp / "fsdp"
+
+
 @pytest.mark.distributed
-def test_fsdp_epi_holds_isolated_shards_bit_for_bit_and_selects_the_unsharded_masks(tmp_path: Path) -> None:
+@pytest.mark.xdist_group("fsdp_epi")
+def test_fsdp_epi_holds_isolated_shards_bit_for_bit_and_selects_the_unsharded_masks(tmp_path: Path, watched_fsdp_epi: Path) -> None:
     """(a), (b): WatchedEPI asserts after every step that each isolated coordinate of this rank's shards holds its
     value exactly (AdamW decay 0.5, refreshes every 3 steps); the run's losses and mask statistics equal one process's."""
-    common = [*TINY, *EPI_FAST, "strategy._target_=tests.helpers.WatchedEPI", "parallel=fsdp", "threads=1"]
-    sharded = torchrun(tmp_path, *common, f"hydra.run.dir={tmp_path / 'fsdp'}")
-    assert sharded.returncode == 0, sharded.stderr[-4000:]
-    single = run_script("train.py", *common, f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    single = run_script("train.py", *FSDP_EPI, WATCHED, f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     assert single.returncode == 0, single.stderr[-4000:]
+    runs = {"fsdp": watched_fsdp_epi, "one": tmp_path / "one"}
 
     def logged(run: str, split: str, metric: str) -> list[float]:
-        return [e["value"] for e in read_metrics(tmp_path / run) if e["split"] == split and e["metric"] == metric]
+        return [e["value"] for e in read_metrics(runs[run]) if e["split"] == split and e["metric"] == metric]
 
     assert logged("fsdp", "train", "loss") == pytest.approx(logged("one", "train", "loss"), rel=1e-5)
     refreshes = logged("one", "mask", "isolated_fraction")
@@ -199,15 +212,15 @@ def test_fsdp_cpi_probes_cores_fusion_and_stages_equal_one_process(tmp_path: Pat
 
 
 @pytest.mark.distributed
-def test_fsdp_kill_and_resume_gives_bit_identical_weights(tmp_path: Path) -> None:
+@pytest.mark.xdist_group("fsdp_epi")
+def test_fsdp_kill_and_resume_gives_bit_identical_weights(tmp_path: Path, watched_fsdp_epi: Path) -> None:
     """(d): a sharded EPI run SIGKILLed in its second checkpoint (step 10: the shards written, checkpoint.pt not yet
     renamed; tests/killer) resumes from the step-5 checkpoint (masks, strategy state, AdamW shards and each rank's
-    RNG from checkpoint.shards/) and ends with exactly the weights of the run that was never stopped."""
+    RNG from checkpoint.shards/) and ends with exactly the weights of the run that was never stopped (the watched
+    run: WatchedEPI only reads)."""
     from safetensors.torch import load_file
 
-    common = [*TINY, *EPI_FAST, "parallel=fsdp", "threads=1", "schedule.checkpoint_every=5"]
-    straight = torchrun(tmp_path, *common, f"hydra.run.dir={tmp_path / 'straight'}")
-    assert straight.returncode == 0, straight.stderr[-4000:]
+    common = FSDP_EPI
     killer = {"PYTHONPATH": f"{ROOT}:{ROOT / 'tests' / 'killer'}", "EPI_KILL_AT_SAVE": "2"}
     crashed = torchrun(tmp_path, *common, f"hydra.run.dir={tmp_path / 'crashed'}", env=killer)
     assert crashed.returncode != 0
@@ -215,7 +228,7 @@ def test_fsdp_kill_and_resume_gives_bit_identical_weights(tmp_path: Path) -> Non
     assert shards == ["step_00000005", "step_00000010"]  # step 10's is complete, but checkpoint.pt still names step 5
     resumed = torchrun(tmp_path, *common, f"resume={tmp_path / 'crashed'}", f"hydra.run.dir={tmp_path / 'resumed'}")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
-    a, b = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("straight", "resumed"))
+    a, b = (load_file(run / "model" / "model.safetensors") for run in (watched_fsdp_epi, tmp_path / "resumed"))
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
