@@ -44,8 +44,7 @@ def _pin_xdist_worker() -> None:
 _pin_xdist_worker()
 torch.set_num_threads(min(2, len(os.sched_getaffinity(0))))
 
-# the fixture below runs train.py; tests/test_docs.py, test_layout.py and test_packing.py import ROOT / make_cfg from here
-from tests.helpers import ROOT, TINY, make_cfg, run_script  # noqa: E402, F401
+from tests.helpers import TINY, run_script  # noqa: E402 - the fixture below runs train.py
 
 
 @pytest.fixture(scope="session")

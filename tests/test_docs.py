@@ -16,7 +16,7 @@ from epi.config import validate
 from epi.data.load import known_tasks
 from epi.data.local import expand_root
 from epi.errors import UserError
-from tests.conftest import ROOT, make_cfg
+from tests.helpers import ROOT, make_cfg
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 README_MAX_LINES = 250

@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 from epi import rundir
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 SOURCES = sorted([*(ROOT / "epi").rglob("*.py"), ROOT / "train.py", ROOT / "eval.py"])
 MAX_LINES = 450

@@ -13,7 +13,7 @@ from epi.data.format import IGNORE_INDEX, collate, pack, plan_rows
 from epi.loss import CausalLMLoss
 from epi.models import build_model
 from epi.trainer import Trainer
-from tests.conftest import make_cfg
+from tests.helpers import make_cfg
 
 # Examples of uneven lengths with prompt tokens (IGNORE_INDEX labels) and trained ones, as encode_task makes them.
 LENGTHS = [(5, 4), (3, 9), (7, 2), (2, 3), (6, 6), (4, 1)]  # (prompt, response) tokens
