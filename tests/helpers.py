@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -17,6 +18,9 @@ from omegaconf import DictConfig
 from epi.sharding import local
 from epi.strategies.epi import EPI
 from epi.strategies.none import NoIsolation
+
+if TYPE_CHECKING:
+    from epi.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -145,6 +149,46 @@ class WatchedEPI(EPI):
     def prepare(self, ctx, stages):
         self.frozen_at, self.history = {}, []
         return super().prepare(ctx, stages)
+
+
+class Watched:
+    """Wraps a trainer's step draw and checks every step: a coordinate whose owners are all absent from the
+    step's batch is bit-identical after it; the coordinates of a present task moved."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer, self.checked, self.moved = trainer, 0, 0
+        draw = trainer.stepper.draw_step
+
+        def recording(learner, step):
+            out = draw(learner, step)
+            self.tasks = frozenset().union(*(micro.tasks for micro in out[0]))
+            self.before = {n: p.detach().clone() for n, p in trainer.named_params.items()}
+            self.owned = trainer.optimizer.exclusive_masks
+            return out
+
+        trainer.stepper.draw_step = recording
+        after_step = trainer.strategy.after_step
+
+        def check(step: int) -> None:
+            params = trainer.named_params
+            for task, masks in self.owned.items():
+                others = [m for t, m in self.owned.items() if t != task and t in self.tasks]
+                for name, mask in masks.items():
+                    alone = mask.clone()
+                    for m in others:
+                        if name in m:
+                            alone &= ~m[name]
+                    if not alone.any():
+                        continue
+                    same = torch.equal(params[name].detach()[alone], self.before[name][alone])
+                    if task in self.tasks:
+                        self.moved += not same
+                    else:
+                        assert same, f"step {step}: {name}, exclusive to {task!r} (absent from the batch), moved"
+                        self.checked += 1
+            after_step(step)
+
+        trainer.strategy.after_step = check
 
 
 class GradRecorder(NoIsolation):

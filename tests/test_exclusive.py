@@ -18,7 +18,7 @@ from epi.optim import IsolatedOptimizer
 from epi.strategies.cpi import CPI
 from epi.strategies.epi import EPI
 from epi.trainer import Trainer
-from tests.helpers import TINY, crash_and_resume, make_cfg, two_ranks_and_one_process
+from tests.helpers import TINY, Watched, crash_and_resume, make_cfg, two_ranks_and_one_process
 
 EXCLUSIVE = ["strategy=epi", "strategy.mode=exclusive", "strategy.p=0.1", "strategy.warmup=2", "strategy.refresh_every=3",
              "schedule.steps=12", "optimizer.weight_decay=0.5", "optimizer.lr=1e-2"]
@@ -102,46 +102,6 @@ def test_exclusive_masks_survive_the_engines_state_dict() -> None:
 
 
 # --- the real loop ---------------------------------------------------------------------------
-
-class Watched:
-    """Wraps a trainer's step draw and checks every step: a coordinate whose owners are all absent from the
-    step's batch is bit-identical after it; the coordinates of a present task moved."""
-
-    def __init__(self, trainer: Trainer):
-        self.trainer, self.checked, self.moved = trainer, 0, 0
-        draw = trainer.stepper.draw_step
-
-        def recording(learner, step):
-            out = draw(learner, step)
-            self.tasks = frozenset().union(*(micro.tasks for micro in out[0]))
-            self.before = {n: p.detach().clone() for n, p in trainer.named_params.items()}
-            self.owned = trainer.optimizer.exclusive_masks
-            return out
-
-        trainer.stepper.draw_step = recording
-        after_step = trainer.strategy.after_step
-
-        def check(step: int) -> None:
-            params = trainer.named_params
-            for task, masks in self.owned.items():
-                others = [m for t, m in self.owned.items() if t != task and t in self.tasks]
-                for name, mask in masks.items():
-                    alone = mask.clone()
-                    for m in others:
-                        if name in m:
-                            alone &= ~m[name]
-                    if not alone.any():
-                        continue
-                    same = torch.equal(params[name].detach()[alone], self.before[name][alone])
-                    if task in self.tasks:
-                        self.moved += not same
-                    else:
-                        assert same, f"step {step}: {name}, exclusive to {task!r} (absent from the batch), moved"
-                        self.checked += 1
-            after_step(step)
-
-        trainer.strategy.after_step = check
-
 
 def test_exclusive_epi_in_the_real_loop_holds_absent_tasks_coordinates(tmp_path: Path) -> None:
     trainer = Trainer(make_cfg(*EXCLUSIVE, "schedule.batch_size=2"), tmp_path)  # 2 of 5 tasks per step: most are absent

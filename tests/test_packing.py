@@ -13,7 +13,7 @@ from epi.data.format import IGNORE_INDEX, collate, pack, plan_rows
 from epi.loss import CausalLMLoss
 from epi.models import build_model
 from epi.trainer import Trainer
-from tests.helpers import make_cfg
+from tests.helpers import EPI_FAST, Watched, make_cfg
 
 # Examples of uneven lengths with prompt tokens (IGNORE_INDEX labels) and trained ones, as encode_task makes them.
 LENGTHS = [(5, 4), (3, 9), (7, 2), (2, 3), (6, 6), (4, 1)]  # (prompt, response) tokens
@@ -110,72 +110,39 @@ def test_no_example_attends_across_its_boundary() -> None:
             torch.testing.assert_close(a[lo:hi], b[lo:hi], rtol=0, atol=1e-6, msg=f"example {i}")
 
 
-EPI_FAST = ["strategy=epi", "strategy.p=0.2", "strategy.warmup=2", "strategy.refresh_every=3", "schedule.steps=8",
-            "optimizer.weight_decay=0.5", "optimizer.lr=1e-2"]
-
-
-def _isolated_hold(trainer: Trainer) -> int:
-    """Runs the trainer step by step; every coordinate isolated before a step is bit-identical after it. Returns how
-    many isolated coordinates were checked."""
-    checked = 0
-    for step in range(1, trainer.total_steps + 1):
-        masks = trainer.optimizer.masks
-        before = {n: p.detach().clone() for n, p in trainer.named_params.items()}
-        trainer.step = step
-        trainer.train_step(step)
-        for name, mask in masks.items():
-            assert torch.equal(trainer.named_params[name].detach()[mask], before[name][mask]), f"{name} moved at step {step}"
-            checked += int(mask.sum())
-    return checked
-
-
 def test_isolation_stays_bit_exact_on_packed_batches(tmp_path: Path) -> None:
-    trainer = Trainer(make_cfg(*EPI_FAST, "data.packing=true"), tmp_path)
-    assert _isolated_hold(trainer) > 0
+    trainer = Trainer(make_cfg(*EPI_FAST, "strategy._target_=tests.helpers.WatchedEPI", "data.packing=true"), tmp_path)
+    trainer.fit()  # WatchedEPI checks every isolated coordinate after every step
+    assert any(int(m.sum()) for _, masks in trainer.strategy.history for m in masks.values())
 
 
 def test_exclusive_rows_on_packed_batches_hold_one_task_each_and_train_like_unpacked(tmp_path: Path) -> None:
     """Exclusive isolation splits the packed batch by rows: each packed row holds one task's examples, the row
-    split ran (no fallback), a coordinate whose owner is absent from a step's batch is bit-identical after it, and
-    the model equals the unpacked run's to float tolerance."""
-    common = [*EPI_FAST, "strategy.mode=exclusive", "isolation.task_split=rows"]
-    models, checked = {}, 0
+    split ran (no fallback), a coordinate whose owners are absent from a step's batch is bit-identical after it
+    (`Watched`), and the model equals the unpacked run's to float tolerance."""
+    common = [*EPI_FAST, "strategy.mode=exclusive", "isolation.task_split=rows", "schedule.steps=8"]
+    models = {}
     for packing in ("true", "false"):
         (tmp_path / packing).mkdir()
         trainer = Trainer(make_cfg(*common, f"data.packing={packing}"), tmp_path / packing)
-        draw, drawn = trainer.stepper.draw_step, []
+        watched = Watched(trainer)
+        draw, split = trainer.stepper.draw_step, []
 
-        def recording(learner, step, draw=draw, drawn=drawn):
+        def recording(learner, step, draw=draw, split=split):
             out = draw(learner, step)
-            drawn.append(out[0])
+            split.extend(m for m in out[0] if m.split is not None)
             return out
 
         trainer.stepper.draw_step = recording
-        for step in range(1, trainer.total_steps + 1):
-            owned = trainer.optimizer.exclusive_masks
-            before = {n: p.detach().clone() for n, p in trainer.named_params.items()}
-            trainer.step = step
-            trainer.train_step(step)
-            present = frozenset().union(*(m.tasks for m in drawn[-1]))
-            for task, masks in owned.items():
-                if task in present:
-                    continue
-                for name, mask in masks.items():  # its coordinates that no present task also owns
-                    alone = mask.clone()
-                    for other, theirs in owned.items():
-                        if other in present and name in theirs:
-                            alone &= ~theirs[name]
-                    assert torch.equal(trainer.named_params[name].detach()[alone], before[name][alone]), f"packing={packing} {task}: {name} moved at {step}"
-                    checked += int(alone.sum())
+        trainer.fit()
+        assert watched.checked > 0
         models[packing] = trainer.model.state_dict()
         if packing == "true":
-            split = [m for micro_batches in drawn for m in micro_batches if m.split is not None]
             assert split and all(why is None for why in trainer.stepper.rows_why.values())  # the row split ran on packed batches
             for micro in split:
                 ranges = sorted(micro.split.rows.values())  # every packed row belongs to exactly one task
                 assert ranges[0][0] == 0 and ranges[-1][1] == micro.batch["input_ids"].shape[0]
                 assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
-    assert checked > 0
     for name, value in models["false"].items():  # float rounding only (the packed rows sum in another order)
         assert float((models["true"][name] - value).norm() / value.norm()) < 1e-4, name
 
