@@ -34,8 +34,12 @@ def main(cfg: DictConfig) -> float | None:
     cfg.logger.name = cfg.logger.name or rundir.run_name(overrides)
     cfg.logger.group = cfg.logger.group or rundir.setting_name(overrides)
     run_dir = Path(hc.runtime.output_dir)
+
+    def hydra_record(directory: Path) -> None:  # .hydra/ as Hydra writes it, once the run may use `directory`
+        rundir.write_hydra_record(directory, task_config, hc, hc.overrides.task)
+
     try:
-        results = train(cfg, run_dir, lambda d: rundir.write_hydra_record(d, task_config, hc, hc.overrides.task))
+        results = train(cfg, run_dir, hydra_record)
     except Exception as e:
         if hc.mode != RunMode.MULTIRUN:
             raise  # one run: one line on stderr (a UserError) or the traceback of a bug, and its exit code
@@ -46,7 +50,7 @@ def main(cfg: DictConfig) -> float | None:
             (run_dir / rundir.ERROR).write_text(f"error: {message}\n")
             if not (run_dir / rundir.HYDRA_RECORD).exists():  # a job refused before it held its (new) directory:
                 # its overrides name it in eval.py's list; an existing run's record is never replaced
-                rundir.write_hydra_record(run_dir, task_config, hc, hc.overrides.task)
+                hydra_record(run_dir)
         if not isinstance(e, UserError):
             raise
         recorded = "its directory was left as it was" if isinstance(e, RunDirTaken) else f"recorded as failed in {run_dir / rundir.ERROR}"
