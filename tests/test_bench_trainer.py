@@ -25,7 +25,7 @@ def test_quick_prints_the_table() -> None:
     assert "| model | params | batch | side | trained tok/s | tok/s | s/step | padding | peak memory | project / side |" in lines
     rows = {cells[4]: cells for line in lines if len(cells := [c.strip() for c in line.split("|")]) > 10 and cells[1] == "tiny"}
     ladder = {"project-before", "+trained-head", "+fused-adamw", "project", "+bf16"}  # tiny has no chat template
-    expected = ladder | {"trainer", "trainer-stream"} | ({"trl"} if importlib.util.find_spec("trl") else set())
+    expected = ladder | {"packed", "trainer", "trainer-stream"} | ({"trl"} if importlib.util.find_spec("trl") else set())
     assert set(rows) == expected, out.stdout
     for name, cells in rows.items():
         assert float(cells[5]) > 0 and float(cells[6]) > float(cells[5]), cells  # trained tok/s < tok/s
@@ -35,5 +35,9 @@ def test_quick_prints_the_table() -> None:
     assert all(c[5].endswith("x") for c in steps.values()), out.stdout
     best = next(line for line in lines if line.startswith("tiny: the project at its best settings in fp32"))
     assert "trainer " in best and best.endswith("x"), best
+    packed = {c[2]: c for line in lines if len(c := [x.strip() for x in line.split("|")]) == 8 and c[1] == "tiny"}
+    assert set(packed) == {"packed", "+fused-adamw", "trainer-stream"} | ({"trl"} & set(rows)), out.stdout  # task-mixed, no grouping
+    assert packed["packed"][6] == "–" and all(c[6].endswith("x") for name, c in packed.items() if name != "packed")
+    assert float(packed["packed"][5].rstrip("%")) < float(packed["+fused-adamw"][5].rstrip("%")), packed  # less padding
     if "trl" not in rows:
         assert "TRL: not installed" in lines

@@ -29,11 +29,27 @@ def examples(vocab: int, seed: int = 0) -> list[dict[str, list[int]]]:
 
 
 def test_plan_rows_packs_first_fit_decreasing_and_never_mixes_keys() -> None:
-    assert plan_rows([4, 4, 3, 6, 1], width=8) == [[3, 4], [0, 1], [2]]
+    # first-fit decreasing at width 8 needs rows [6, 1] [4, 4] [3]: 3 x 8 cells; balanced at width 7: 3 x 7
+    assert plan_rows([4, 4, 3, 6, 1], width=8) == [[3, 4], [0, 2], [1]]
     assert plan_rows([2, 2, 2, 2], width=8, keys=["a", "b", "a", "b"]) == [[0, 2], [1, 3]]
     assert sorted(i for row in plan_rows([5, 3, 7, 1, 2, 6], width=8) for i in row) == list(range(6))  # each example once
     with pytest.raises(ValueError, match="does not fit"):
         plan_rows([9], width=8)
+
+
+def test_plan_rows_balances_the_rows_so_the_last_one_is_not_left_part_empty() -> None:
+    """16 examples of 20-60 tokens into rows of at most 128: first-fit alone leaves its last row part-empty."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        lengths = torch.randint(20, 61, (16,), generator=g).tolist()
+        keys = [("a", "b")[i % 2] for i in range(16)]
+        for k in (None, keys):
+            plan = plan_rows(lengths, 128, k)
+            sums = [sum(lengths[i] for i in row) for row in plan]
+            assert sorted(i for row in plan for i in row) == list(range(16)) and max(sums) <= 128
+            assert k is None or all(len({k[i] for i in row}) == 1 for row in plan)
+            if k is None:
+                assert 1 - sum(lengths) / (len(plan) * max(sums)) < 0.08, (lengths, plan)
 
 
 def test_pack_restarts_positions_and_drops_each_examples_first_label() -> None:
