@@ -62,9 +62,10 @@ def eval_table(split: str) -> str:
     return f"eval_{split}.md"
 
 
-def predictions(split: str) -> str:
-    """One line per evaluated example: prompt, reference, prediction, score (the paired tests read these)."""
-    return f"predictions_{split}.jsonl"
+def predictions(split: str, after_stage: int | None = None) -> str:
+    """One line per evaluated example: prompt, reference, prediction, score (the paired tests read these); with
+    `after_stage=k`, the evaluation at the end of stage k of a sequential run (the per-example forgetting reads these)."""
+    return f"predictions_{split}.jsonl" if after_stage is None else f"predictions_{split}_after_stage{after_stage}.jsonl"
 
 
 def artifact(name: str) -> str:
@@ -246,8 +247,15 @@ def write_results(out_dir: Path, split: str, results: dict[str, dict[str, float]
     (out_dir / eval_results(split)).write_text(json.dumps(results, indent=2) + "\n")
     (out_dir / eval_table(split)).write_text(table + "\n")
     if predictions_ is not None:
-        lines = (json.dumps(record, ensure_ascii=False) + "\n" for record in predictions_)
-        (out_dir / predictions(split)).write_text("".join(lines), encoding="utf-8")
+        write_predictions(out_dir, predictions(split), predictions_)
+
+
+def write_predictions(out_dir: Path, name: str, records: list[dict]) -> None:
+    """`records` as JSON lines in `out_dir/name`, written to a temporary file and renamed into place: a run killed
+    while writing leaves the earlier file whole."""
+    tmp = out_dir / f".{name}.tmp"
+    tmp.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), encoding="utf-8")
+    os.replace(tmp, out_dir / name)
 
 
 # Overrides that decide where a run's results go and how fast it runs, not what it trains: runs that differ

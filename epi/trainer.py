@@ -228,11 +228,15 @@ class Trainer:
         return results
 
     def close_stage(self, index: int, stage: Stage) -> None:
-        """A stage's closing work: the strategy's hook, the realised mixture, the accuracy-matrix row."""
+        """A stage's closing work: the strategy's hook, the realised mixture, the accuracy-matrix row and, per example,
+        its predictions (`predictions_<split>_after_stage<k>.jsonl`)."""
         self.strategy.on_stage_end(index, stage, self.step)
         self.log_realised()
         if len(self.stages) > 1:  # the accuracy matrix of sequential training: every task after every stage
-            self.evaluate(self.step, f"{self.cfg.eval.split}/after_stage{index}")
+            records: list[dict[str, Any]] = []
+            self.evaluate(self.step, f"{self.cfg.eval.split}/after_stage{index}", records)
+            if self.rank == 0:  # per example, for the forgetting report's right -> wrong transitions
+                rundir.write_predictions(self.run_dir, rundir.predictions(self.cfg.eval.split, after_stage=index), records)
 
     def train_step(self, step: int) -> StepResult:
         """One step of the run's learner with the run's strategy (`Stepper.train_step`); an update that would not

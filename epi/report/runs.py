@@ -205,12 +205,13 @@ def by_setting(runs: list[Run]) -> dict[str, list[Run]]:
 Key = tuple[str, str, str, int]  # a test example: (task, prompt, reference, occurrence of that triple in the file)
 
 
-def load_predictions(run_dir: Path, split: str) -> dict[Key, float] | None:
-    """Each scored example's score from the split's predictions (rundir.predictions); None when the run has none.
+def load_predictions(run_dir: Path, split: str, after_stage: int | None = None) -> dict[Key, float] | None:
+    """Each scored example's score from the split's predictions (rundir.predictions: the final ones, or with
+    `after_stage=k` those at the end of stage k); None when the run has none.
 
     The occurrence count in the key keeps a test set's duplicate examples apart instead of letting one
     overwrite the other. Perplexity-scored tasks (score null) generate nothing to compare and are left out."""
-    file = run_dir / rundir.predictions(split)
+    file = run_dir / rundir.predictions(split, after_stage)
     if not file.is_file():
         return None
     seen: Counter[tuple[str, str, str]] = Counter()

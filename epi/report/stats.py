@@ -190,7 +190,7 @@ def verdict(avg: Paired) -> str:
     return "no resolved difference"
 
 
-def _setting_overrides(runs: list[Run]) -> dict[str, frozenset[str]]:
+def setting_overrides(runs: list[Run]) -> dict[str, frozenset[str]]:
     """setting label -> its full overrides (`+` stripped); a Run built without them falls back to its label."""
     return {r.setting: frozenset(r.overrides or (p.lstrip("+") for p in split_overrides(r.setting))) for r in runs}
 
@@ -200,7 +200,7 @@ def baseline_key(runs: list[Run], baseline: str | None) -> frozenset[str] | None
     it is None, the first of DEFAULT_BASELINES that some setting has; None when no setting has any of those.
 
     Raises a UserError for a given `baseline` that no setting has: a typo must not silently drop the comparison."""
-    settings = _setting_overrides(runs)
+    settings = setting_overrides(runs)
     for candidate in [baseline] if baseline is not None else DEFAULT_BASELINES:
         key = frozenset(p.strip().lstrip("+") for p in split_overrides(candidate))
         if any(key <= overrides for overrides in settings.values()):
@@ -238,7 +238,7 @@ def compare_to_baseline(runs: list[Run], split: str, baseline: str | None, resam
     if key is None:
         return [], [], {}
     groups = by_setting(runs)
-    overrides = _setting_overrides(runs)
+    overrides = setting_overrides(runs)
     arms = {s for s, g in groups.items() if not all(r.expert_of for r in g)}
     considered = {s: o for s, o in overrides.items() if s in arms or key <= o}
     mapping = baselines_of(considered, key)
