@@ -114,6 +114,9 @@ class CPIConfig(Schema):
     def check(self, key: str) -> None:
         if self.order == "given" and not self.given_order:
             raise UserError(f"{key}.order=given needs {key}.given_order=[task, ...]")
+        if self.count_probes_in_budget and self.stage_steps is not None and self.stage_steps <= self.probe_steps:
+            raise UserError(f"{key}.count_probes_in_budget=true: a stage gives up its own task's probe, and {key}.stage_steps="
+                            f"{self.stage_steps} leaves nothing after {key}.probe_steps={self.probe_steps}; raise stage_steps or lower probe_steps")
 
 
 class CPI(Strategy):
@@ -174,8 +177,24 @@ class CPI(Strategy):
             ctx.artifact("cpi/fusion_paths", paths)
             totals = {k: sum(v[k] for v in paths.values()) for k in ("slerp", "linear", "zero")}
             ctx.log(0, "cpi", {f"fusion_{k}": v for k, v in totals.items()})
-        steps = self.cfg.stage_steps or max(1, self._budget(ctx, len(tasks)) // len(self.groups))
-        return [Stage(f"group{i}", tuple(g if self.cfg.stage_data == "group" else tasks), steps) for i, g in enumerate(self.groups)]
+        return [Stage(f"group{i}", tuple(g if self.cfg.stage_data == "group" else tasks), self._stage_steps(ctx, g, len(tasks)))
+                for i, g in enumerate(self.groups)]
+
+    def _stage_steps(self, ctx: Context, group: list[str], n_tasks: int) -> int:
+        """A stage's steps: `stage_steps`, or the run's budget shared by the groups. Under `count_probes_in_budget` the
+        probes come out of it: with `stage_steps`, each stage gives up its own group's probes (train A then B at
+        stage_steps each: A's stage is stage_steps - probe_steps, so the run spends 2 x stage_steps, like `none`)."""
+        if self.cfg.stage_steps is None:
+            return max(1, self._budget(ctx, n_tasks) // len(self.groups))
+        if not self.cfg.count_probes_in_budget:
+            return self.cfg.stage_steps
+        left = self.cfg.stage_steps - self.cfg.probe_steps * len(group)
+        if left < 1:
+            raise UserError(
+                f"strategy.count_probes_in_budget=true: the probes of group {group} (strategy.probe_steps={self.cfg.probe_steps} each) "
+                f"take all of strategy.stage_steps={self.cfg.stage_steps}; raise stage_steps or lower probe_steps"
+            )
+        return left
 
     def _budget(self, ctx: Context, n_tasks: int) -> int:
         """Steps left for the stages: the run's, less the probes' when `count_probes_in_budget` (equal compute)."""
