@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from epi.errors import UserError
 from epi.logging import read_metrics
 from epi.masks import jaccard
 from epi.strategies.cpi import CPI, connected_groups, core_regions, order_groups, overlap_matrix
@@ -175,3 +176,27 @@ def test_compute_counts_the_probes_even_from_the_cache_and_can_charge_them_to_th
     assert [e["value"] for e in read_metrics(tmp_path / "again") if e["metric"] == "probe_cache_hit"] == [1.0] * len(COMPUTE_TASKS)
     equal = cpi_run(tmp_path, "equal", "strategy.count_probes_in_budget=true")
     assert compute(tmp_path / "equal")["optimizer_steps"] <= 20 and sum(s.steps for s in equal.stages) <= 20 - 2 * len(COMPUTE_TASKS)
+
+
+def test_the_equal_compute_sequential_arm_spends_what_none_spends(tmp_path: Path) -> None:
+    """A then B at stage_steps=6 with 2-step probes: cpi_sequential spends 2 x 6 + 2 x 2 optimizer steps, the
+    equal-compute arm 2 x 6 (each stage gives up its own task's probe), as `none` does; an arm whose probes
+    would take a whole stage stops in one line."""
+    common = ["data.tasks=[math,code]", "+stage_steps=6", "schedule.stages=[{name: A, tasks: [math], steps: 6}, {name: B, tasks: [code], steps: 6}]",
+              "schedule.steps=12"]
+    probes = ["strategy.probe_steps=2", f"strategy.cache_dir={tmp_path / 'cache'}"]
+    spent = {}
+    for arm in ("none", "cpi_sequential", "cpi_sequential_equal_compute"):
+        (tmp_path / arm).mkdir()
+        trainer = Trainer(make_cfg(*common, f"+arm={arm}", *(probes if arm != "none" else [])), tmp_path / arm)
+        trainer.fit()
+        spent[arm] = compute(tmp_path / arm)["optimizer_steps"]
+        if arm.startswith("cpi"):
+            assert [s.tasks for s in trainer.stages] == [("math",), ("code",)]
+    assert spent == {"none": 12, "cpi_sequential": 16, "cpi_sequential_equal_compute": 12}
+    (tmp_path / "x").mkdir()
+    with pytest.raises(UserError, match=r"stage_steps=6 leaves nothing after strategy.probe_steps=6"):  # before any probe runs
+        Trainer(make_cfg(*common, "+arm=cpi_sequential_equal_compute", *probes, "strategy.probe_steps=6"), tmp_path / "x")
+    with pytest.raises(UserError, match=r"the probes of group \['math', 'code'\].*take all of strategy.stage_steps=6"):  # one group of two
+        Trainer(make_cfg(*common, "+arm=cpi_sequential_equal_compute", *probes, "strategy.probe_steps=3", "strategy.tau=0.0",
+                         "strategy.order=random"), tmp_path / "x")

@@ -18,13 +18,15 @@ from pathlib import Path
 from epi import archive as archives
 from epi import rundir
 from epi.plots import plot_drift, plot_overlap, plot_scores_over_steps, plot_task_drift
-from epi.report import transitions
 from epi.report.runs import COMPUTE, Run, Unfinished, by_setting, load_runs, shorten
 from epi.report.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, TRANSFER, compare_to_baseline, summarize, transfer
 from epi.report.tables import (
     COMPARISON_COLUMNS, comparison_rows, core_overlap, csv, fmt_interval, fmt_paired, left_out_of_normalised, markdown, retention_columns,
     retention_corpora, retention_mismatch, score_curves, score_table, to_json,
 )
+from epi.report.transitions import COLUMNS as TRANSITION_COLUMNS
+from epi.report.transitions import PAIRED_COLUMNS as PAIRED_TRANSITION_COLUMNS
+from epi.report.transitions import PairedTransitions, by_example
 
 REPORT_MD, REPORT_JSON, SCORES_CSV, TRANSFER_CSV = "report.md", "report.json", "scores.csv", "transfer.csv"
 TRANSITIONS_CSV = "transitions.csv"
@@ -94,11 +96,11 @@ def _write(paths: list[Path], shown: Callable[[Path], Path], out_dir: Path, spli
             + "\n\n95% intervals over seeds (as above):\n\n" + markdown(["setting", "seeds", *TRANSFER], transfers, fmt_interval)
         )
         (out_dir / TRANSFER_CSV).write_text(csv(["setting", "seeds", *TRANSFER], transfers))
-    by_example, paired_transitions, transitions_left_out = transitions.by_example(runs, split, baseline)
-    if by_example or transitions_left_out:
-        sections.append(_transitions_section(by_example, paired_transitions, transitions_left_out))
-    if by_example:
-        (out_dir / TRANSITIONS_CSV).write_text(csv(transitions.COLUMNS, by_example))
+    per_example, paired_transitions, transitions_left_out = by_example(runs, split, baseline)
+    if per_example or transitions_left_out:
+        sections.append(_transitions_section(per_example, paired_transitions, transitions_left_out))
+    if per_example:
+        (out_dir / TRANSITIONS_CSV).write_text(csv(TRANSITION_COLUMNS, per_example))
     if gaps := [r for r in runs if r.missing_stages]:
         sections.append(
             "## Runs left out of the transfer numbers\n\nTheir metrics lack the evaluation after these stages:\n\n"
@@ -122,7 +124,7 @@ def _write(paths: list[Path], shown: Callable[[Path], Path], out_dir: Path, spli
         "vs_baseline": comparisons,
         "not_compared": not_compared,
         "transfer": transfers,
-        "per_example_forgetting": {"settings": by_example, "vs_baseline": paired_transitions, "left_out": transitions_left_out},
+        "per_example_forgetting": {"settings": per_example, "vs_baseline": paired_transitions, "left_out": transitions_left_out},
         "runs": [{"path": str(shown(r.path)), "setting": r.setting, "seed": r.seed, "scores": r.scores, "compute": r.compute,
                   "retention": r.retention, "accuracy_matrix": r.matrix, "missing_stages": r.missing_stages, "stages": r.stages} for r in runs],
         "unfinished": [{"path": str(shown(u.path)), "name": u.name, "overrides": u.overrides, "error": u.error} for u in unfinished],
@@ -153,7 +155,7 @@ def _paired_section(split: str, baselines: list[str], comparisons: list, not_com
     return paired
 
 
-def _transitions_section(rows: list[dict], paired: list[transitions.PairedTransitions], left_out: dict[str, str]) -> str:
+def _transitions_section(rows: list[dict], paired: list[PairedTransitions], left_out: dict[str, str]) -> str:
     text = (
         "## Sequential training: per-example forgetting\n\n"
         "Each test example of a task trained before the last stage, at the end of the stage that trained it and at the end "
@@ -161,14 +163,14 @@ def _transitions_section(rows: list[dict], paired: list[transitions.PairedTransi
         "of arXiv 2510.17776); counts and their share of those examples, mean ± std over seeds."
     )
     if rows:
-        text += ("\n\n" + markdown(transitions.COLUMNS, rows) + "\n\n95% intervals over seeds (as above):\n\n"
-                 + markdown(transitions.COLUMNS, rows, fmt_interval))
+        text += ("\n\n" + markdown(TRANSITION_COLUMNS, rows) + "\n\n95% intervals over seeds (as above):\n\n"
+                 + markdown(TRANSITION_COLUMNS, rows, fmt_interval))
     if paired:
         text += (
             "\n\nAgainst the baseline, example by example: Δ = arm − baseline indicator per example matched by (task, prompt, "
             f"reference), each side averaged over the seeds both have; 95% percentile interval of {BOOTSTRAP_RESAMPLES} bootstrap "
             "resamples stratified by task, Δ the unweighted mean over tasks. Below 0: the arm forgot (learned) fewer examples.\n\n"
-            + markdown(transitions.PAIRED_COLUMNS, [
+            + markdown(PAIRED_TRANSITION_COLUMNS, [
                 {"setting": p.setting, "baseline": p.baseline, "seeds": len(p.seeds), "examples": p.forgotten.examples,
                  "Δforgotten share [95% CI]": fmt_paired(p.forgotten), "Δlearned share [95% CI]": fmt_paired(p.learned)}
                 for p in paired])
