@@ -41,11 +41,19 @@ SMOKE = {
                            "strategy.warmup=1", "strategy.refresh_every=2", "eval.retention=2"],
     "smollm2_multitask": ["model=tiny", "+arm=none,cpi_equal_compute,expert_code", "schedule.steps=12", "strategy.probe_steps=2",
                           "eval.retention=2"],
+    # the tuner: 2 Optuna trials, each a run scored on val
+    "tune_epi": ["hydra.sweeper.n_trials=2", "schedule.steps=6", "strategy.warmup=2"],
 }
+# Experiments only composed and validated (above), not run: the same sweeper and loop as one that is.
+COMPOSED_ONLY = {"tune_cpi": "tune_epi's sweeper with CPI's keys", "tune_mofo": "tune_epi's sweeper with MoFO's key"}
+
+
+def test_every_experiment_is_run_or_said_to_be_composed_only() -> None:
+    assert sorted([*SMOKE, *COMPOSED_ONLY]) == EXPERIMENTS
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("experiment", sorted(SMOKE))
 def test_experiment_runs_in_a_smoke_setting(experiment: str, tmp_path: Path) -> None:
     sweep = tmp_path / "multirun"
     extra = SMOKE[experiment]
@@ -55,7 +63,8 @@ def test_experiment_runs_in_a_smoke_setting(experiment: str, tmp_path: Path) -> 
     proc = run_script("train.py", "-m", f"experiment={experiment}", "seed=0", *tiny, *extra, f"hydra.sweep.dir={sweep}",
                       "hydra/launcher=basic", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = run_script("eval.py", f"runs={sweep}", f"hydra.run.dir={tmp_path / 'report'}", cwd=tmp_path)
+    split = ["eval.split=val"] if experiment.startswith("tune") else []  # a tuner's trials are scored on val only
+    report = run_script("eval.py", f"runs={sweep}", *split, f"hydra.run.dir={tmp_path / 'report'}", cwd=tmp_path)
     assert report.returncode == 0, report.stderr[-3000:]
     text = (tmp_path / "report" / "report.md").read_text()
     assert "## Scores" in text
@@ -68,5 +77,10 @@ def test_experiment_runs_in_a_smoke_setting(experiment: str, tmp_path: Path) -> 
         column = [c.strip() for c in table[0].split("|")].index("steps")
         steps = {row.split("|")[1].strip(): int(row.split("|")[column]) for row in table[2:]}
         assert steps["arm=cpi_equal_compute"] == steps["arm=none"] == 12, steps
+    if experiment == "tune_epi":  # two trials, each evaluated on val (tuning never reads test), and Optuna's choice
+        trials = sorted(p for p in sweep.iterdir() if p.is_dir())
+        assert len(trials) == 2 and all((t / "eval_val.json").is_file() and not (t / "eval_test.json").exists() for t in trials)
+        best = OmegaConf.load(sweep / "optimization_results.yaml")
+        assert set(best.best_params) == {"strategy.p", "strategy.refresh_every"} and 0 <= best.best_value <= 1
     if experiment == "drift":
         assert (tmp_path / "report" / "drift.png").is_file()
