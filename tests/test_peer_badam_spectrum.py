@@ -80,6 +80,7 @@ def test_badam_only_the_active_layer_moves_each_step_in_switch_order(tmp_path: P
     assert switches == [(0, expected[0]), (2, expected[2]), (4, expected[4]), (6, expected[6]), (8, expected[8])]
 
 
+@pytest.mark.slow
 def test_badam_random_order_is_a_fresh_permutation_per_round(tmp_path: Path) -> None:
     trainer = watched_badam(tmp_path, "strategy.switch_mode=random", "schedule.steps=8", "strategy.switch_every=1")
     layers = [next(layer for layer in range(LAYERS) if got == layer_params(trainer, layer)) for got in trainer.strategy.moved]
@@ -136,6 +137,7 @@ def test_badam_keeps_adam_state_when_reset_is_off(tmp_path: Path) -> None:
     assert not any(adam_restarted(states[n], tuple(trainer.cfg.optimizer.betas)) for n in layer_params(trainer, 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("checkpoint_at", [3, 4])
 def test_badam_resume_is_exact(tmp_path: Path, checkpoint_at: int) -> None:
     """Killed after step 5 and resumed from the checkpoint at step 3 (mid-block) or 4 (right after a switch, the new
@@ -257,6 +259,7 @@ def test_spectrum_module_types_restrict_the_ranking(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ registry
 
 
+@pytest.mark.slow  # the CLI over every strategy module; tests/test_package.py lists every built-in in the inner loop
 def test_both_listed_by_the_registry() -> None:
     """`python -m epi.strategies` lists both, each with its one-line description ending in its citation."""
     proc = subprocess.run([sys.executable, "-m", "epi.strategies"], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -213,6 +213,7 @@ def test_lota_refuses_a_budget_the_calibration_eats(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- registry
+@pytest.mark.slow  # the CLI over every strategy module; tests/test_package.py lists every built-in in the inner loop
 def test_both_are_listed_by_the_registry() -> None:
     out = subprocess.run([sys.executable, "-m", "epi.strategies"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
