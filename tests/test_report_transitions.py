@@ -48,7 +48,7 @@ def test_counts_the_transitions_of_the_earlier_stages_tasks_only(tmp_path: Path)
     (loaded,), _ = load_runs([tmp_path], "test")
     found = run_transitions(loaded, "test")
     assert found.examples == N  # task a only: b was trained in the last stage
-    assert sum(found.forgotten.values()) == 4 and sum(found.learned.values()) == 2
+    assert sum(found.forgotten.values()) == 4 and sum(found.learned.values()) == 2 and found.right_before == 10
     assert {k[1] for k, v in found.forgotten.items() if v} == {f"a question {i}" for i in (6, 7, 8, 9)}
     # the average moved by 0.1 (10 -> 8 right); the counts see the churn under it: 4 forgotten, 2 learned
     (run / rundir.predictions("test", after_stage=0)).unlink()
@@ -65,8 +65,8 @@ def test_the_report_shows_counts_shares_and_the_paired_difference(tmp_path: Path
     report = write_report(root, out)
     md = (out / "report.md").read_text()
     assert "## Sequential training: per-example forgetting" in md
-    assert "| arm=none | 2 | 20.000 ± 0.000 | 8.000 ± 0.000 | 0.400 ± 0.000 | 1.000 ± 0.000 | 0.050 ± 0.000 |" in md
-    assert "| arm=iso | 2 | 20.000 ± 0.000 | 1.000 ± 0.000 | 0.050 ± 0.000 | 1.000 ± 0.000 | 0.050 ± 0.000 |" in md
+    assert "| arm=none | 2 | 20.000 ± 0.000 | 10.000 ± 0.000 | 8.000 ± 0.000 | 0.400 ± 0.000 | 1.000 ± 0.000 | 0.050 ± 0.000 |" in md
+    assert "| arm=iso | 2 | 20.000 ± 0.000 | 10.000 ± 0.000 | 1.000 ± 0.000 | 0.050 ± 0.000 | 1.000 ± 0.000 | 0.050 ± 0.000 |" in md
     (paired,) = report.data["per_example_forgetting"]["vs_baseline"]
     assert paired["setting"] == "arm=iso" and paired["baseline"] == "arm=none" and paired["seeds"] == [0, 1]
     assert paired["forgotten"]["diff"] == pytest.approx(-0.35) and paired["forgotten"]["ci_high"] < 0  # resolved: fewer forgotten

@@ -25,7 +25,7 @@ from epi.report.stats import (
 )
 
 TRANSITIONS = ("forgotten", "learned")
-COLUMNS = ["setting", "seeds", "examples", "forgotten", "forgotten share", "learned", "learned share"]
+COLUMNS = ["setting", "seeds", "examples", "right after their stage", "forgotten", "forgotten share", "learned", "learned share"]
 PAIRED_COLUMNS = ["setting", "baseline", "seeds", "examples", "Δforgotten share [95% CI]", "Δlearned share [95% CI]"]
 
 
@@ -35,6 +35,7 @@ class Transitions:
 
     forgotten: dict[Key, float]
     learned: dict[Key, float]
+    right_before: int  # examples right at the end of their own stage: the most that can be forgotten
 
     @property
     def examples(self) -> int:
@@ -53,18 +54,20 @@ def run_transitions(run: Run, split: str) -> Transitions | str:
     earlier = {t: k for t, k in trained_at.items() if k < last}
     forgotten: dict[Key, float] = {}
     learned: dict[Key, float] = {}
+    right_before = 0
     for k in sorted(set(earlier.values())):
         before = load_predictions(run.path, split, after_stage=k)
         if before is None:
             return f"no {rundir.predictions(split, after_stage=k)} (a run from before per-stage predictions were kept)"
         for key, score in before.items():
             if earlier.get(key[0]) == k and key in final:
-                right_before, right_after = score >= 1.0, final[key] >= 1.0
-                forgotten[key] = float(right_before and not right_after)
-                learned[key] = float(right_after and not right_before)
+                was_right, is_right = score >= 1.0, final[key] >= 1.0
+                forgotten[key] = float(was_right and not is_right)
+                learned[key] = float(is_right and not was_right)
+                right_before += was_right
     if not forgotten:
         return "no scored test example of an earlier stage's tasks"
-    return Transitions(forgotten, learned)
+    return Transitions(forgotten, learned, right_before)
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,8 @@ def by_example(runs: list[Run], split: str, baseline: str | None, resamples: int
         if not done:
             continue
         per_setting[setting] = done
-        row: dict[str, object] = {"setting": setting, "seeds": len(done), "examples": _stat([t.examples for t in done.values()])}
+        row: dict[str, object] = {"setting": setting, "seeds": len(done), "examples": _stat([t.examples for t in done.values()]),
+                                  "right after their stage": _stat([t.right_before for t in done.values()])}
         for kind in TRANSITIONS:
             counts = [sum(getattr(t, kind).values()) for t in done.values()]
             row[kind] = _stat(counts)
