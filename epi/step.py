@@ -289,15 +289,13 @@ class Stepper:
                 chunk = sorted(chunk, key=lambda pick: pick[0])  # stable: each task's rows contiguous, in draw order
                 tasks = [task for task, _ in chunk]
                 examples = self._rows(chunk)
-                if self.cfg.data.packing:  # packed rows, each of one task's examples
-                    owners = [tasks[row[0]] for row in plan_rows([len(x["input_ids"]) for x in examples], self.cfg.data.max_len, tasks)]
-                else:
-                    owners = tasks
+                plan = self._plan(examples, tasks) if self.cfg.data.packing else None  # packed rows, each of one task's examples
+                owners = [tasks[row[0]] for row in plan] if plan is not None else tasks
                 rows, start = {}, 0
                 for task, group in itertools.groupby(owners):
                     stop = start + len(list(group))
                     rows[task], start = (start, stop), stop
-                micro_batches.append(MicroBatch(self.shard(examples, tasks), frozenset(rows), RowSplit(layers, rows)))
+                micro_batches.append(MicroBatch(self.shard(examples, plan), frozenset(rows), RowSplit(layers, rows)))
         else:
             micro_batches = [MicroBatch(self.shard(self._rows(chunk)), frozenset([task])) for task, chunk in self._by_task(picks, s.batch_size)]
         return micro_batches, tokens, trained
@@ -305,14 +303,19 @@ class Stepper:
     def _rows(self, picks: list[tuple[str, int]]) -> list[dict[str, list[int]]]:
         return [self.train_sets[task][i] for task, i in picks]
 
-    def shard(self, rows: list[dict[str, list[int]]], keys: list[str] | None = None) -> dict[str, Tensor] | None:
-        """This rank's share of `rows` on the device, padded (`collate`) or, under data.packing, packed into rows of
-        at most data.max_len tokens (`pack`; `keys`: a row never mixes two of them); None when it has none."""
+    def _plan(self, rows: list[dict[str, list[int]]], keys: list[str] | None = None) -> list[list[int]]:
+        """The packed rows of at most data.max_len tokens for `rows` (`plan_rows`; `keys`: a row never mixes two)."""
+        return plan_rows([len(x["input_ids"]) for x in rows], self.cfg.data.max_len, keys)
+
+    def shard(self, rows: list[dict[str, list[int]]], plan: list[list[int]] | None = None) -> dict[str, Tensor] | None:
+        """This rank's share of `rows` on the device, padded (`collate`) or, under data.packing, packed (`pack`) by
+        `plan` (given by a caller that needs it too, on one process where the share is all of `rows`) or by this
+        share's own plan; None when it has none."""
         shard = rows[self.rank :: self.world]
         if not shard:
             return None
         if self.cfg.data.packing:
-            batch = pack(shard, self.cfg.data.max_len, self.pad_id, keys[self.rank :: self.world] if keys else None)
+            batch = pack(shard, plan if plan is not None else self._plan(shard), self.pad_id)
         else:
             batch = collate(shard, self.pad_id)
         return {name: v.to(self.device) for name, v in batch.items()}

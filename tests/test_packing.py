@@ -54,7 +54,7 @@ def test_plan_rows_balances_the_rows_so_the_last_one_is_not_left_part_empty() ->
 
 def test_pack_restarts_positions_and_drops_each_examples_first_label() -> None:
     batch = examples(50)
-    packed = pack(batch, width=20, pad_id=0)
+    packed = pack(batch, plan_rows([len(x["input_ids"]) for x in batch], 20), pad_id=0)
     assert packed.keys() == {"input_ids", "position_ids", "labels"}  # no attention mask: the positions carry the boundaries
     padded = collate(batch, pad_id=0)
     assert packed["input_ids"].numel() < padded["input_ids"].numel()
@@ -83,7 +83,7 @@ def test_packed_loss_and_gradients_equal_the_padded_ones_tiny(lm_head: str) -> N
     model.train()
     batch = examples(model.config.vocab_size)
     padded = _loss_and_grads(model, lm_head, collate(batch, tok.pad_token_id))
-    packed = _loss_and_grads(model, lm_head, pack(batch, 24, tok.pad_token_id))
+    packed = _loss_and_grads(model, lm_head, pack(batch, plan_rows([len(x["input_ids"]) for x in batch], 24), tok.pad_token_id))
     assert packed[0] == pytest.approx(padded[0], rel=1e-5)
     for name, grad in padded[1].items():
         torch.testing.assert_close(packed[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
@@ -95,7 +95,7 @@ def test_packed_loss_and_gradients_equal_the_padded_ones_smollm2() -> None:
     model.train()
     batch = examples(model.config.vocab_size)
     padded = _loss_and_grads(model, "trained", collate(batch, tok.pad_token_id))
-    packed = _loss_and_grads(model, "trained", pack(batch, 24, tok.pad_token_id))
+    packed = _loss_and_grads(model, "trained", pack(batch, plan_rows([len(x["input_ids"]) for x in batch], 24), tok.pad_token_id))
     assert packed[0] == pytest.approx(padded[0], rel=1e-4)
     for name, grad in padded[1].items():  # 135M parameters in float32: compared as a whole, relative to its size
         assert float((packed[1][name] - grad).norm() / grad.norm().clamp_min(1e-12)) < 1e-4, name
@@ -106,11 +106,11 @@ def test_no_example_attends_across_its_boundary() -> None:
     model, tok = build_model(make_cfg(tiny=True).model)
     model.eval()
     batch = examples(model.config.vocab_size)
-    packed = pack(batch, 64, tok.pad_token_id)  # one row: all six
+    packed = pack(batch, plan_rows([len(x["input_ids"]) for x in batch], 64), tok.pad_token_id)  # one row: all six
     assert packed["input_ids"].shape[0] == 1
     changed = [dict(x) for x in batch]
     changed[2] = {"input_ids": [t % (model.config.vocab_size - 3) + 3 for t in reversed(batch[2]["input_ids"])], "labels": batch[2]["labels"]}
-    other = pack(changed, 64, tok.pad_token_id)
+    other = pack(changed, plan_rows([len(x["input_ids"]) for x in changed], 64), tok.pad_token_id)
     with torch.no_grad():
         a = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits[0]
         b = model(input_ids=other["input_ids"], position_ids=other["position_ids"], use_cache=False).logits[0]

@@ -262,15 +262,14 @@ def plan_rows(lengths: list[int], width: int, keys: list[str] | None = None) -> 
     return best
 
 
-def pack(batch: list[dict[str, list[int]]], width: int, pad_id: int, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """Examples packed into rows of at most `width` tokens (`plan_rows`), for a loss equal to `collate`'s.
+def pack(batch: list[dict[str, list[int]]], plan: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Examples packed into the rows `plan` lists (indices into `batch`, from `plan_rows`), for a loss equal to `collate`'s.
 
     No attention mask: `position_ids` restart at 0 for every example (and for the padding after the last), which
     transformers' masking turns into a block-diagonal causal mask, so no token attends across its example's
     boundary (SDPA on the CPU, FlashAttention's variable-length path where it is the attention). The first label of
     every example is IGNORE_INDEX: unpacked it is never a target either, and here it would be the previous
     example's last prediction."""
-    plan = plan_rows([len(x["input_ids"]) for x in batch], width, keys)
     longest = max(sum(len(batch[i]["input_ids"]) for i in row) for row in plan)
     input_ids = torch.full((len(plan), longest), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(plan), longest), dtype=torch.long)
