@@ -54,9 +54,8 @@ from typing import Annotated, Any, Literal
 import torch
 
 from epi.errors import UserError
-from epi.masks import Masks, mask_stats
 from epi.schema import Schema, at_least
-from epi.strategies.base import Context, Stage, Strategy
+from epi.strategies.base import Context, Stage, Strategy, freeze_whole
 
 SWITCH_MODES = ("ascending", "descending", "random", "fixed")
 # BlockOptimizer.infer_param_groups' patterns (`.*layers.[^.]*\.`, `.*embed[^.]*\.`), dots literal, the prefix grouped.
@@ -165,7 +164,6 @@ class BAdam(Strategy):
                             f"(0..{len(self.blocks) - 1}: {', '.join(b.name for b in self.blocks)})")
         self.schedule = BlockSchedule(len(self.blocks), self.cfg.switch_every, self.cfg.switch_mode, self.cfg.start_block, ctx.seed)
         self.total = sum(stage.steps for stage in stages)
-        self.numels = {n: p.numel() for n, p in ctx.named_params.items()}
         never = [n for n in names if not any(n in b.params for b in self.blocks)]
         periods = -(-self.total // self.cfg.switch_every)
         ctx.info(f"badam: {len(self.blocks)} blocks of {self.cfg.switch_every} steps, {self.cfg.switch_mode} order; "
@@ -178,22 +176,16 @@ class BAdam(Strategy):
         if self.schedule.is_switch(step) and step < self.total:
             self.activate(step + 1, logged_at=step)
 
-    def frozen_masks(self, active: Block) -> Masks:
-        """Every parameter outside `active` frozen whole (True = frozen)."""
-        return {n: torch.ones_like(p, dtype=torch.bool) for n, p in self.ctx.named_params.items() if n not in active.params}
-
     @torch.no_grad()
     def activate(self, step: int, logged_at: int) -> None:
         """Makes the block that trains at `step` the only trainable one; with `reset_state`, its optimizer state is
         emptied so that its first step starts Adam afresh (m = v = 0, step count 0), as BAdam's switch does."""
         index = self.schedule.block(step)
         active = self.blocks[index]
-        masks = self.frozen_masks(active)
-        self.ctx.set_masks(masks)
+        frozen = freeze_whole(self.ctx, [n for n in self.ctx.named_params if n not in active.params])["isolated_fraction"]
         if self.cfg.reset_state:
             for name in active.params:
                 self.ctx.optimizer_state(name).clear()  # the live state dict: torch re-initialises it at the next step
-        frozen = mask_stats(masks, self.numels)["isolated_fraction"]
         self.ctx.log(logged_at, "mask", {"isolated_fraction": frozen, "active_block": index})
         last = min(step + self.cfg.switch_every - 1, self.total)
         self.ctx.info(f"badam: steps {step}-{last}: block {index} ({active.name}) trains, {frozen:.2%} of the parameters frozen"

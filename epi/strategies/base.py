@@ -28,9 +28,10 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import Tensor
 
-from epi.masks import Masks
+from epi.errors import UserError
+from epi.masks import Masks, mask_stats, participating
 from epi.schema import Schema
-from epi.sharding import Shards
+from epi.sharding import Shards, local
 
 # strategy.mode: the two readings of "isolating task-critical parameters" (PAPERS.md). `freeze`: an
 # isolated coordinate moves for no task. `exclusive`: a coordinate critical to task t moves under t's
@@ -167,3 +168,22 @@ class Strategy:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+# ---------------------------------------------------------------- helpers strategies share (through the Context only)
+def participating_params(named_params: dict[str, torch.nn.Parameter], include: dict[str, bool]) -> dict[str, torch.nn.Parameter]:
+    """`epi.masks.participating` for a strategy's `include` key: a bad key stops the run as one `strategy.include:` line."""
+    try:
+        return participating(named_params, include)
+    except ValueError as e:
+        raise UserError(f"strategy.include: {e}") from e
+
+
+def freeze_whole(ctx: Context, names: list[str] | set[str]) -> dict[str, float]:
+    """Freezes every coordinate of the named parameters, and nothing else (the isolation now in force is replaced);
+    returns `epi.masks.mask_stats` of it (`isolated_fraction`: over all parameters, summed over ranks under FSDP).
+    Whole-tensor masks are all-True on whatever part of a parameter this rank holds, so this works on shards."""
+    params = ctx.named_params
+    masks = {n: torch.ones_like(local(params[n]), dtype=torch.bool) for n in names}
+    ctx.set_masks(masks)
+    return mask_stats(masks, {n: p.numel() for n, p in params.items()}, ctx.shards)

@@ -33,11 +33,11 @@ from torch import Tensor
 
 from epi.checkpoint import load_tensors
 from epi.errors import TrainingDiverged, UnsafeFile, UserError
-from epi.masks import SCOPES, Masks, NonFiniteScores, all_finite, jaccard, mask_stats, participating, top_p, union
+from epi.masks import SCOPES, Masks, NonFiniteScores, all_finite, jaccard, mask_stats, top_p, union
 from epi.merge import SPACES, fuse
 from epi.schema import Schema, at_least, positive, within
 from epi.sharding import Shards, local
-from epi.strategies.base import MODES, Context, Stage, Strategy
+from epi.strategies.base import MODES, Context, Stage, Strategy, participating_params
 
 ORDERS = ("random", "given", "heuristic")
 STAGE_DATA = ("mixed", "group")
@@ -141,10 +141,7 @@ class CPI(Strategy):
         tasks = list(ctx.tasks)
         if self.cfg.order == "given" and sorted(self.cfg.given_order) != sorted(tasks):
             raise UserError(f"strategy.given_order={self.cfg.given_order}: must list each task of data.tasks={tasks} once")
-        try:
-            names = list(participating(ctx.named_params, self.cfg.include))  # model order: ties in |delta| break the same way in every process
-        except ValueError as e:
-            raise UserError(f"strategy.include: {e}") from e
+        names = list(participating_params(ctx.named_params, self.cfg.include))  # model order: ties in |delta| break the same way in every process
         base = ctx.model_state()
         tuned = {task: self.probe(task) for task in tasks}
         shards = ctx.shards

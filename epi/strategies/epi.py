@@ -48,13 +48,12 @@ from epi.masks import (
     mask_stats,
     normalize,
     pack,
-    participating,
     top_p,
     unpack,
 )
 from epi.schema import Schema, at_least, within
 from epi.sharding import local
-from epi.strategies.base import MODES, Context, Stage, Strategy
+from epi.strategies.base import MODES, Context, Stage, Strategy, participating_params
 
 SIGNALS = ("sq_grad", "taylor", "abs_grad")
 
@@ -99,10 +98,7 @@ class EvolvingIsolation(Strategy):
 
     def prepare(self, ctx: Context, stages: list[Stage]) -> list[Stage]:
         super().prepare(ctx, stages)
-        try:
-            self.params = participating(ctx.named_params, self.cfg.include)
-        except ValueError as e:
-            raise UserError(f"strategy.include: {e}") from e
+        self.params = participating_params(ctx.named_params, self.cfg.include)
         self.numels = {n: p.numel() for n, p in ctx.named_params.items()}
         self.generator = torch.Generator().manual_seed(ctx.seed)  # same on every rank
         return stages

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from epi.errors import UserError
 from epi.schema import Schema
-from epi.sharding import local
-from epi.strategies.base import Context, Stage, Strategy
+from epi.strategies.base import Context, Stage, Strategy, freeze_whole
 
 
 @dataclass
@@ -34,8 +31,7 @@ class FixedModule(Strategy):
         chosen = {n: p for n, p in ctx.named_params.items() if any(n == m or n.startswith(m + ".") for m in self.cfg.modules)}
         if not chosen:
             raise UserError(f"strategy.modules={self.cfg.modules}: no parameter lies under these names; parameters are named like {list(ctx.named_params)[:3]}")
-        ctx.set_masks({n: torch.ones_like(local(p), dtype=torch.bool) for n, p in chosen.items()})
-        frozen = sum(p.numel() for p in chosen.values()) / sum(p.numel() for p in ctx.named_params.values())
+        frozen = freeze_whole(ctx, list(chosen))["isolated_fraction"]
         ctx.log(0, "mask", {"isolated_fraction": frozen})
         ctx.info(f"fixed: {len(chosen)} tensors frozen ({frozen:.2%} of the trainable parameters)")
         return stages

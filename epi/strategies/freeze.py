@@ -16,13 +16,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import torch
-
 from epi.errors import UserError
-from epi.masks import mask_stats
 from epi.schema import Schema
-from epi.sharding import local
-from epi.strategies.base import Context, Stage, Strategy
+from epi.strategies.base import Context, Stage, Strategy, freeze_whole
 
 _NUMBERED = re.compile(r"^(.+?)\.(\d+)\.(.+)$")  # <list>.<index>.<rest>, at the first numbered component
 ALL = "all"
@@ -131,9 +127,8 @@ class Freeze(Strategy):
     def prepare(self, ctx: Context, stages: list[Stage]) -> list[Stage]:
         super().prepare(ctx, stages)
         self.trainable = self.select(list(ctx.named_params))
-        frozen = {n: torch.ones_like(local(p), dtype=torch.bool) for n, p in ctx.named_params.items() if n not in self.trainable}
-        ctx.set_masks(frozen)
-        stats = mask_stats(frozen, {n: p.numel() for n, p in ctx.named_params.items()}, ctx.shards)
+        frozen = [n for n in ctx.named_params if n not in self.trainable]
+        stats = freeze_whole(ctx, frozen)
         ctx.log(0, "mask", {**stats, "frozen_tensors": len(frozen)})
         ctx.info(f"freeze: layers {self.layer_ids} of {self.prefix} train ({', '.join(self.cfg.freeze_trainable_modules)})"
                  f"{' + ' + ', '.join(self.cfg.freeze_extra_modules) if self.cfg.freeze_extra_modules else ''}; "

@@ -22,10 +22,8 @@ from typing import Annotated, Any, Literal
 
 import torch
 
-from epi.masks import Masks, mask_stats
 from epi.schema import Schema, at_least
-from epi.sharding import local
-from epi.strategies.base import Context, Stage, Strategy
+from epi.strategies.base import Context, Stage, Strategy, freeze_whole
 from epi.strategies.freeze import decoder_layers, owner
 
 ODD = ("balanced", "floor", "ceil", "random")
@@ -133,13 +131,10 @@ class HFT(Strategy):
         frozen = draw_frozen(self.groups, self.cfg.odd, self.cfg.norms, generator(self.ctx.seed, self.stage, draw))
         if self.cfg.others == "freeze":
             frozen += self.outside
-        params = self.ctx.named_params
-        masks: Masks = {n: torch.ones_like(local(params[n]), dtype=torch.bool) for n in frozen}
-        self.ctx.set_masks(masks)
-        stats = mask_stats(masks, {n: p.numel() for n, p in params.items()}, self.ctx.shards)
+        stats = freeze_whole(self.ctx, frozen)
         self.ctx.log(step, "mask", {**stats, "frozen_tensors": len(frozen), "stage": self.stage, "draw": draw})
         if stage_name is not None:
-            self.ctx.info(f"hft: stage {self.stage} ({stage_name}): {len(frozen)} of {len(params)} tensors frozen "
+            self.ctx.info(f"hft: stage {self.stage} ({stage_name}): {len(frozen)} of {len(self.ctx.named_params)} tensors frozen "
                           f"({stats['isolated_fraction']:.2%} of the parameters)")
 
     def state_dict(self) -> dict[str, Any]:

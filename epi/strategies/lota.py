@@ -34,9 +34,9 @@ import torch
 from torch import Tensor
 
 from epi.errors import TrainingDiverged, UserError
-from epi.masks import SCOPES, Masks, NonFiniteScores, mask_stats, pack, participating, top_p, union, unpack
+from epi.masks import SCOPES, Masks, NonFiniteScores, mask_stats, pack, top_p, union, unpack
 from epi.schema import Schema, at_least, positive, within
-from epi.strategies.base import Context, Stage, Strategy
+from epi.strategies.base import Context, Stage, Strategy, participating_params
 
 MULTI_TASK = ("mean", "union")
 
@@ -87,10 +87,7 @@ class LoTA(Strategy):
 
     def prepare(self, ctx: Context, stages: list[Stage]) -> list[Stage]:
         super().prepare(ctx, stages)
-        try:
-            self.params = participating(ctx.named_params, self.cfg.include)
-        except ValueError as e:
-            raise UserError(f"strategy.include: {e}") from e
+        self.params = participating_params(ctx.named_params, self.cfg.include)
         self.numels = {n: p.numel() for n, p in ctx.named_params.items()}
         return [self._budgeted(stage) for stage in stages] if self.cfg.count_calibration_in_budget else stages
 

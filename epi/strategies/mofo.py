@@ -38,9 +38,8 @@ import torch
 from torch import Tensor
 
 from epi.errors import UserError
-from epi.masks import participating
 from epi.schema import Schema, at_least, within
-from epi.strategies.base import Context, Stage, Strategy
+from epi.strategies.base import Context, Stage, Strategy, participating_params
 
 
 def momentum_filter(momentum: Tensor, alpha: float) -> Tensor:
@@ -75,10 +74,7 @@ class MoFO(Strategy):
 
     def prepare(self, ctx: Context, stages: list[Stage]) -> list[Stage]:
         super().prepare(ctx, stages)
-        try:
-            self.filtered = participating(ctx.named_params, self.cfg.include)
-        except ValueError as e:
-            raise UserError(f"strategy.include: {e}") from e
+        self.filtered = participating_params(ctx.named_params, self.cfg.include)
         self.total = sum(p.numel() for p in ctx.named_params.values())
         self.unfiltered = self.total - sum(p.numel() for p in self.filtered.values())
         return stages

@@ -53,9 +53,8 @@ import torch
 from torch import Tensor
 
 from epi.errors import UserError
-from epi.masks import Masks, mask_stats
 from epi.schema import Schema, within
-from epi.strategies.base import Context, Stage, Strategy
+from epi.strategies.base import Context, Stage, Strategy, freeze_whole
 
 IQR_PER_SIGMA = 1.349  # the interquartile range of a standard normal distribution
 
@@ -139,9 +138,7 @@ class Spectrum(Strategy):
         modules = [m for members in chosen.values() for m in members] + self.present(self.cfg.always_train, names)
         train = {n for m in modules for n in under(names, m)}
         self.trainable = [n for n in names if n in train]
-        masks: Masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in ctx.named_params.items() if n not in train}
-        ctx.set_masks(masks)
-        frozen = mask_stats(masks, {n: p.numel() for n, p in ctx.named_params.items()})["isolated_fraction"]
+        frozen = freeze_whole(ctx, [n for n in names if n not in train])["isolated_fraction"]
         ctx.log(0, "mask", {"isolated_fraction": frozen, "trainable_tensors": len(self.trainable),
                             "scanned_matrices": len(self.scores), "scan_seconds": seconds})
         ctx.artifact("spectrum/snr", {m: {"snr": s, "type": types[m], "trainable": m in modules} for m, s in self.scores.items()})
