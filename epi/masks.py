@@ -72,6 +72,17 @@ def participating(named_params: dict[str, Tensor], include: dict[str, bool]) -> 
     return {name: p for name, p in named_params.items() if param_kind(name, p) in allowed}
 
 
+def under(name: str, module: str) -> bool:
+    """Whether the parameter (or module) `name` lies under `module`: is it, or is one of its children
+    (model.layers.0.mlp.up_proj.weight lies under model.layers.0 and under model.layers.0.mlp, not under model.layers.1)."""
+    return name == module or name.startswith(module + ".")
+
+
+def owner(name: str) -> str:
+    """The module a parameter belongs to: its name without the attribute (model.norm.weight -> model.norm)."""
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
 def layer_of(name: str) -> str:
     """Layer group of a parameter: `model.layers.3` for anything inside block 3.
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from epi.errors import UserError
+from epi.masks import under
 from epi.schema import Schema
 from epi.strategies.base import Context, Stage, Strategy, freeze_whole
 
@@ -28,10 +29,10 @@ class FixedModule(Strategy):
 
     def prepare(self, ctx: Context, stages: list[Stage]) -> list[Stage]:
         super().prepare(ctx, stages)
-        chosen = {n: p for n, p in ctx.named_params.items() if any(n == m or n.startswith(m + ".") for m in self.cfg.modules)}
+        chosen = [n for n in ctx.named_params if any(under(n, m) for m in self.cfg.modules)]
         if not chosen:
             raise UserError(f"strategy.modules={self.cfg.modules}: no parameter lies under these names; parameters are named like {list(ctx.named_params)[:3]}")
-        frozen = freeze_whole(ctx, list(chosen))["isolated_fraction"]
+        frozen = freeze_whole(ctx, chosen)["isolated_fraction"]
         ctx.log(0, "mask", {"isolated_fraction": frozen})
         ctx.info(f"fixed: {len(chosen)} tensors frozen ({frozen:.2%} of the trainable parameters)")
         return stages

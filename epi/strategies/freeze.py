@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 
 from epi.errors import UserError
+from epi.masks import owner, under
 from epi.schema import Schema
 from epi.strategies.base import Context, Stage, Strategy, freeze_whole
 
@@ -54,19 +55,9 @@ def decoder_layers(names: list[str], prefix: str | None, key: str) -> Layers:
     return Layers(prefix, dict(sorted(params.items())), [n for n in names if n not in inside])
 
 
-def owner(name: str) -> str:
-    """The module a parameter belongs to: its name without the attribute (model.norm.weight -> model.norm)."""
-    return name.rsplit(".", 1)[0] if "." in name else ""
-
-
 def chosen_layers(indices: list[int], n: int) -> list[int]:
     """LLaMA-Factory's rule: n > 0 the last n layers, n < 0 the first |n|, clamped to the layers there are."""
     return indices[max(0, len(indices) - n):] if n > 0 else indices[: min(-n, len(indices))]
-
-
-def under(relative: str, module: str) -> bool:
-    """Whether a parameter (named relative to its layer) lies under `module`, a child path such as mlp or self_attn.q_proj."""
-    return relative == module or relative.startswith(module + ".")
 
 
 def layer_params(layers: Layers, indices: list[int], modules: list[str]) -> set[str]:

@@ -22,9 +22,10 @@ from typing import Annotated, Any, Literal
 
 import torch
 
+from epi.masks import owner
 from epi.schema import Schema, at_least
 from epi.strategies.base import Context, Stage, Strategy, freeze_whole
-from epi.strategies.freeze import decoder_layers, owner
+from epi.strategies.freeze import decoder_layers
 
 ODD = ("balanced", "floor", "ceil", "random")
 NORMS = ("half", "train", "freeze")

@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 
 from epi.errors import UserError
+from epi.masks import under
 from epi.schema import Schema, within
 from epi.strategies.base import Context, Stage, Strategy, freeze_whole
 
@@ -81,7 +82,7 @@ def snr(weight: Tensor) -> float:
     sigma = (torch.quantile(s, 0.75) - torch.quantile(s, 0.25)) / IQR_PER_SIGMA
     n, m = w.shape
     beta = min(n, m) / max(n, m)
-    threshold = sigma * math.sqrt((1 + math.sqrt(beta)) ** 2)
+    threshold = sigma * (1 + math.sqrt(beta))
     signal_mask = s > threshold
     signal = s[signal_mask].sum() if signal_mask.any() else s.new_tensor(0.0)
     noise = s[~signal_mask].sum() if (~signal_mask).any() else s.new_tensor(1.0)
@@ -112,11 +113,6 @@ def top_by_type(scores: dict[str, float], types: dict[str, str], fraction: float
     return {t: sorted(members, key=rank, reverse=True)[: int(len(members) * fraction)] for t, members in by_type.items()}
 
 
-def under(names: list[str], module: str) -> list[str]:
-    """The parameter names that lie under `module` (the module itself, or its children)."""
-    return [n for n in names if n == module or n.startswith(module + ".")]
-
-
 class Spectrum(Strategy):
     """Spectrum: per module type, the top fraction of layers by weight SNR train, all else frozen (Hartford et al. 2024, arXiv 2406.06623)."""
 
@@ -136,7 +132,7 @@ class Spectrum(Strategy):
         chosen = top_by_type(self.scores, types, self.cfg.top_fraction)
         names = list(ctx.named_params)
         modules = [m for members in chosen.values() for m in members] + self.present(self.cfg.always_train, names)
-        train = {n for m in modules for n in under(names, m)}
+        train = {n for n in names if any(under(n, m) for m in modules)}
         self.trainable = [n for n in names if n in train]
         frozen = freeze_whole(ctx, [n for n in names if n not in train])["isolated_fraction"]
         ctx.log(0, "mask", {"isolated_fraction": frozen, "trainable_tensors": len(self.trainable),
@@ -164,7 +160,7 @@ class Spectrum(Strategy):
     def present(self, modules: list[str], names: list[str]) -> list[str]:
         """The modules of `always_train` that hold parameters here; the others are named in a note (a head tied to
         the embeddings has no parameter of its own)."""
-        missing = [m for m in modules if not under(names, m)]
+        missing = [m for m in modules if not any(under(n, m) for n in names)]
         if missing:
             self.ctx.info(f"spectrum: always_train {missing}: no such parameter in this model, skipped")
         return [m for m in modules if m not in missing]
