@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from epi import rundir
 from epi.report.runs import Key, Run, by_setting, load_predictions
 from epi.report.stats import (
-    BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, Paired, Stat, setting_overrides, baseline_key, baselines_of, example_differences,
+    BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, Paired, setting_overrides, baseline_key, baselines_of, example_differences,
     paired_bootstrap, summarize,
 )
 
@@ -43,10 +43,8 @@ class Transitions:
 
 
 def run_transitions(run: Run, split: str) -> Transitions | str:
-    """The transitions of one sequential run's earlier-trained tasks, or why it has none."""
+    """The transitions of one sequential run's (two stages or more) earlier-trained tasks, or why it has none."""
     last = len(run.stages) - 1
-    if last < 1:
-        return "it trained in one stage"
     final = load_predictions(run.path, split)
     if final is None:
         return f"no {rundir.predictions(split)}"
@@ -99,12 +97,12 @@ def by_example(runs: list[Run], split: str, baseline: str | None, resamples: int
         if not done:
             continue
         per_setting[setting] = done
-        row: dict[str, object] = {"setting": setting, "seeds": len(done), "examples": _stat([t.examples for t in done.values()]),
-                                  "right after their stage": _stat([t.right_before for t in done.values()])}
+        row: dict[str, object] = {"setting": setting, "seeds": len(done), "examples": summarize([t.examples for t in done.values()]),
+                                  "right after their stage": summarize([t.right_before for t in done.values()])}
         for kind in TRANSITIONS:
             counts = [sum(getattr(t, kind).values()) for t in done.values()]
-            row[kind] = _stat(counts)
-            row[f"{kind} share"] = _stat([c / t.examples for c, t in zip(counts, done.values())])
+            row[kind] = summarize(counts)
+            row[f"{kind} share"] = summarize([c / t.examples for c, t in zip(counts, done.values())])
         rows.append(row)
     return rows, _paired(runs, per_setting, baseline, resamples, seed, left_out), left_out
 
@@ -131,7 +129,3 @@ def _paired(runs: list[Run], per_setting: dict[str, dict[int, Transitions]], bas
         if paired["forgotten"] is not None:
             out.append(PairedTransitions(setting, base, seeds, paired["forgotten"], paired["learned"]))
     return out
-
-
-def _stat(values: list[float]) -> Stat:
-    return summarize([float(v) for v in values])
