@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from epi.errors import UserError
 from epi.logging import read_metrics
 from epi.masks import jaccard
-from epi.strategies.cpi import CPI, connected_groups, core_regions, order_groups, overlap_matrix
+from epi.strategies.cpi import CPI, connected_groups, core_regions, cut_into_stages, order_groups, overlap_matrix
 from epi.trainer import Trainer
 from tests.helpers import CPI_FAST, make_cfg
 
@@ -151,6 +152,33 @@ def test_multistage_same_stages_no_fusion_no_freezing(tmp_path: Path) -> None:
     assert not all(torch.equal(v, theta0[n]) for n, v in cpi.model.state_dict().items())  # fused
     multi.fit()
     assert multi.optimizer.index == {}
+
+
+def test_cut_into_stages_keeps_the_order_and_sizes_differ_by_at_most_one() -> None:
+    assert cut_into_stages(["a", "b", "c", "d", "e"], 3) == [["a", "b"], ["c", "d"], ["e"]]
+    assert cut_into_stages(["a", "b", "c"], 3) == [["a"], ["b"], ["c"]]
+    assert cut_into_stages(["a", "b", "c"], 1) == [["a", "b", "c"]]
+
+
+def test_multistage_k_cuts_the_seeded_order_into_k_stages_without_probing(tmp_path: Path) -> None:
+    """The paper's "multi-stage, random order, K=3": five tasks in three stages, the order a seeded shuffle, no probe
+    trained (none charged, nothing cached), and the whole budget left to the stages even under count_probes_in_budget."""
+    cfg = make_cfg(*CPI_FAST, f"strategy.cache_dir={tmp_path / 'cache'}", "strategy=multistage", "strategy.k=3",
+                   "strategy.count_probes_in_budget=true", "schedule.steps=30")
+    trainer = Trainer(cfg, tmp_path)
+    groups = trainer.strategy.groups
+    shuffled = [[t] for t in trainer.tasks]
+    random.Random(cfg.seed).shuffle(shuffled)
+    assert groups == cut_into_stages([t for (t,) in shuffled], 3) and [len(g) for g in groups] == [2, 2, 1]
+    assert [s.tasks for s in trainer.stages] == [tuple(g) for g in groups] and sum(s.steps for s in trainer.stages) == 30
+    assert not (tmp_path / "cache").exists()
+
+
+def test_k_is_refused_for_cpi_and_beyond_the_number_of_tasks(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"strategy.k=3: cutting the tasks into K stages is the multi-stage baseline's"):
+        Trainer(make_cfg(*CPI_FAST, "strategy.k=3"), tmp_path)
+    with pytest.raises(UserError, match=r"strategy.k=6: more stages than the 5 tasks"):
+        Trainer(make_cfg(*CPI_FAST, "strategy=multistage", "strategy.k=6"), tmp_path)
 
 
 COMPUTE_TASKS = ("math", "code", "logic", "instruct", "format")

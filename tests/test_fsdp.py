@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -23,7 +22,9 @@ from epi.merge import fuse
 from epi.sharding import Shards, local
 from epi.strategies.base import Strategy
 from epi.strategies.cpi import CPI
-from tests.helpers import CPI_FAST, EPI_FAST, ROOT, TINY, run_script, two_ranks_and_one_process
+from epi import run as train_script
+from epi.errors import UserError
+from tests.helpers import CPI_FAST, EPI_FAST, ROOT, TINY, make_cfg, run_script, two_ranks_and_one_process
 
 pytestmark = pytest.mark.slow
 
@@ -244,10 +245,10 @@ class WholeTensors(Strategy):
     (["parallel.cpu_offload=true"], "use parallel.cpu_offload=false"),
 ])
 def test_fsdp_refuses_what_it_cannot_run_in_one_line(tmp_path: Path, overrides: list[str], says: str) -> None:
-    """A plug-in strategy that has not declared it runs on shards; CPU offload on a CPU-only run."""
-    proc = run_script("train.py", *TINY, "parallel=fsdp", *overrides, cwd=tmp_path)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and says in proc.stderr
+    """A plug-in strategy that has not declared it runs on shards; CPU offload on a CPU-only run. Refused before the run
+    writes anything (train.py prints a UserError as one line and exits 2: tests/test_errors.py)."""
+    with pytest.raises(UserError, match=re.escape(says)):
+        train_script.train(make_cfg("parallel=fsdp", *overrides), tmp_path / "run")
     assert not list(tmp_path.rglob("metrics.jsonl")) and not list(tmp_path.rglob("checkpoint.pt"))
 
 
@@ -256,34 +257,26 @@ SHARDED_RUN = [*TINY, "parallel=fsdp", "strategy=none", "threads=1", "schedule.s
                "keep_checkpoint=true"]
 
 
-@pytest.fixture(scope="module")
-def sharded_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished 2-rank parallel=fsdp run that kept its sharded checkpoint (step 4), for the tests to copy and tamper with."""
-    tmp = tmp_path_factory.mktemp("sharded")
-    proc = torchrun(tmp, *SHARDED_RUN, f"hydra.run.dir={tmp / 'run'}")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return tmp / "run"
-
-
 def _checkpoint_files(run: Path) -> dict[str, bytes]:
     return {str(p.relative_to(run)): p.read_bytes() for p in [run / "checkpoint.pt", *(run / "checkpoint.shards").rglob("*")]
             if p.is_file()}
 
 
 @pytest.mark.distributed
-@pytest.mark.xdist_group("fsdp_sharded_run")
-@pytest.mark.parametrize("tampered", [".metadata", ".distcp"])
-def test_fsdp_resume_refuses_shards_that_would_run_code(tmp_path: Path, sharded_run: Path, tampered: str) -> None:
+def test_fsdp_resume_refuses_shards_that_would_run_code(tmp_path: Path) -> None:
     """DCP's reader unpickles .metadata with plain pickle.load and the non-tensor items of the .distcp files with
     torch.load(weights_only=False): a crafted file ran `os.system` on resume. Now each rank refuses it in the one line
-    a crafted checkpoint.pt gets, the payload never runs, and the checkpoint is left as it was."""
-    from tests.test_safe_loading import REFUSED, craft_item, craft_metadata
+    a crafted checkpoint.pt gets, the payload never runs, and the checkpoint is left as it was. The restricted reader
+    itself, on crafted .metadata and .distcp items and on a genuine checkpoint, is tests/test_safe_loading.py's; a
+    resume through it from untampered shards is the kill-and-resume test's above; this is the wiring, end to end."""
+    from tests.test_safe_loading import REFUSED, craft_metadata
 
     run = tmp_path / "run"
-    shutil.copytree(sharded_run, run)
+    proc = torchrun(tmp_path, *SHARDED_RUN, f"hydra.run.dir={run}")  # finished, its sharded step-4 checkpoint kept
+    assert proc.returncode == 0, proc.stderr[-4000:]
     marker = tmp_path / "ran"
     (shards,) = (run / "checkpoint.shards").iterdir()
-    file = craft_metadata(shards, marker) if tampered == ".metadata" else craft_item(shards, "optimizer.param_groups.0.lr", marker)
+    file = craft_metadata(shards, marker)
     before = _checkpoint_files(run)
     proc = torchrun(tmp_path, *SHARDED_RUN, f"resume={run}", f"hydra.run.dir={run}")
     assert not marker.exists()
@@ -291,16 +284,3 @@ def test_fsdp_resume_refuses_shards_that_would_run_code(tmp_path: Path, sharded_
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {run / 'checkpoint.pt'}: shard file {file} {REFUSED} Use files written by this tool."]  # rank 0 says it
     assert _checkpoint_files(run) == before
-
-
-@pytest.mark.distributed
-@pytest.mark.xdist_group("fsdp_sharded_run")
-def test_fsdp_resume_of_untampered_shards_still_works(tmp_path: Path, sharded_run: Path) -> None:
-    """The restricted reader takes every record DCP writes (the exact-resume test above checks the weights)."""
-    run = tmp_path / "run"
-    shutil.copytree(sharded_run, run)
-    (run / "eval_test.json").unlink()
-    proc = torchrun(tmp_path, *SHARDED_RUN, f"resume={run}", f"hydra.run.dir={run}")  # its last step: loads, then evaluates
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert f"resuming {run / 'checkpoint.pt'} at step 4" in proc.stdout
-    assert (run / "eval_test.json").is_file() and not [line for line in proc.stderr.splitlines() if line.startswith("error:")]

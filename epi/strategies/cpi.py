@@ -6,7 +6,8 @@ The whole pipeline runs in `prepare`, before the trainer's loop:
             or the order reuses the probes
 2. cores    per task, the top-p coordinates by |theta_i - theta0| (one global ranking by default)
 3. groups   Jaccard overlap of the cores; tasks with overlap >= tau are linked; groups are the
-            connected components; stage order random (seeded), given, or heuristic
+            connected components; stage order random (seeded), given, or heuristic (the multi-stage
+            baseline can instead cut the ordered tasks into `k` stages: the paper's "K=3")
 4. fuse     transplant each task's core values, SLERP the task models elsewhere (epi/merge.py)
 and returns one stage per group. The trainer then trains the stages in order; at the start of
 stage k the cores of all tasks of groups 1..k-1 are frozen through the isolation engine. What a
@@ -89,6 +90,14 @@ def order_groups(groups: list[list[str]], order: str, *, seed: int, given: list[
     return sorted(groups, key=lambda g: -sum(mass[t] for t in g))
 
 
+def cut_into_stages(ordered: list[str], k: int) -> list[list[str]]:
+    """The multi-stage baseline's K stages (CPI-FT's "multi-stage, K=3"): the tasks, already in stage order, cut into
+    k contiguous runs whose sizes differ by at most one, the larger ones first (5 tasks, K=3: 2, 2, 1)."""
+    sizes = [len(ordered) // k + (i < len(ordered) % k) for i in range(k)]
+    starts = [sum(sizes[:i]) for i in range(k)]
+    return [ordered[a : a + n] for a, n in zip(starts, sizes)]
+
+
 # ---------------------------------------------------------------- the strategy
 @dataclass
 class CPIConfig(Schema):
@@ -101,6 +110,7 @@ class CPIConfig(Schema):
     space: Literal[SPACES]
     order: Literal[ORDERS]
     given_order: list[str] | None
+    k: Annotated[int, at_least(1, "the number of stages the tasks are cut into (the paper's multi-stage baseline: K=3)")] | None
     stage_steps: Annotated[int, at_least(1)] | None
     stage_data: Literal[STAGE_DATA]
     probe_steps: Annotated[int, at_least(1)]
@@ -132,15 +142,26 @@ class CPI(Strategy):
 
     def __init__(self, cfg: CPIConfig):
         super().__init__(cfg)
+        if cfg.k is not None and (self.fuse_models or self.freeze_cores):
+            raise UserError(f"strategy.k={cfg.k}: cutting the tasks into K stages is the multi-stage baseline's (strategy=multistage); "
+                            f"CPI-FT's stages are its core-overlap groups (strategy.tau), so leave strategy.k=null")
         self.cache_dir = Path(cfg.cache_dir)
         self.cores: dict[str, Masks] = {}
         self.groups: list[list[str]] = []
+        self.probed = True  # False: a multi-stage run cut into K stages in a random or given order, which needs no cores
 
     def prepare(self, ctx: Context, stages: list[Stage]) -> list[Stage]:
         super().prepare(ctx, stages)
         tasks = list(ctx.tasks)
         if self.cfg.order == "given" and sorted(self.cfg.given_order) != sorted(tasks):
             raise UserError(f"strategy.given_order={self.cfg.given_order}: must list each task of data.tasks={tasks} once")
+        if self.cfg.k is not None and len(tasks) < self.cfg.k:
+            raise UserError(f"strategy.k={self.cfg.k}: more stages than the {len(tasks)} tasks of data.tasks={tasks}")
+        self.probed = self.cfg.k is None or self.cfg.order == "heuristic"  # K stages in a random or given order need no cores
+        if not self.probed:
+            self.groups = self._ordered_stages(tasks, ctx.seed, mass={})
+            self._announce(ctx)
+            return self._stages(ctx, tasks)
         names = list(participating_params(ctx.named_params, self.cfg.include))  # model order: ties in |delta| break the same way in every process
         base = ctx.model_state()
         tuned = {task: self.probe(task) for task in tasks}
@@ -156,15 +177,14 @@ class CPI(Strategy):
         overlap = overlap_matrix(self.cores, shards)
         sums = {t: [float((tuned[t][n] - base[n]).abs()[m].sum()) for n, m in self.cores[t].items()] for t in tasks}
         mass = {t: float(shards.sum(torch.tensor(v, dtype=torch.float64)).sum()) if shards else sum(v) for t, v in sums.items()}
-        self.groups = order_groups(
-            connected_groups(tasks, overlap, self.cfg.tau), self.cfg.order, seed=ctx.seed, given=self.cfg.given_order or [], mass=mass
-        )
+        if self.cfg.k is None:
+            self.groups = order_groups(connected_groups(tasks, overlap, self.cfg.tau), self.cfg.order, seed=ctx.seed,
+                                       given=self.cfg.given_order or [], mass=mass)
+        else:
+            self.groups = self._ordered_stages(tasks, ctx.seed, mass)
         ctx.artifact("cpi/overlap", {"tasks": tasks, "jaccard": overlap},
                      table=(["task", *tasks], [[t, *row] for t, row in zip(tasks, overlap)]), heatmap=(tasks, overlap))
-        ctx.artifact("cpi/groups", {"tau": self.cfg.tau, "order": self.cfg.order, "groups": self.groups},
-                     table=(["stage", "tasks"], [[i, ", ".join(g)] for i, g in enumerate(self.groups)]))
-        ctx.log(0, "cpi", {"groups": float(len(self.groups))})
-        ctx.info(f"cpi: groups in stage order: {self.groups}")
+        self._announce(ctx)
         if self.freeze_cores and len(self.groups) == 1:
             ctx.info(f"cpi: all tasks form one group at tau={self.cfg.tau}, so no cores are frozen: after fusion this run is plain SFT")
         if self.fuse_models:
@@ -174,6 +194,20 @@ class CPI(Strategy):
             ctx.artifact("cpi/fusion_paths", paths)
             totals = {k: sum(v[k] for v in paths.values()) for k in ("slerp", "linear", "zero")}
             ctx.log(0, "cpi", {f"fusion_{k}": v for k, v in totals.items()})
+        return self._stages(ctx, tasks)
+
+    def _ordered_stages(self, tasks: list[str], seed: int, mass: dict[str, float]) -> list[list[str]]:
+        """`k` set: each task its own group, put in `order`, then cut into k stages (`cut_into_stages`)."""
+        ordered = order_groups([[t] for t in tasks], self.cfg.order, seed=seed, given=self.cfg.given_order or [], mass=mass)
+        return cut_into_stages([t for (t,) in ordered], self.cfg.k)
+
+    def _announce(self, ctx: Context) -> None:
+        ctx.artifact("cpi/groups", {"tau": self.cfg.tau, "k": self.cfg.k, "order": self.cfg.order, "groups": self.groups},
+                     table=(["stage", "tasks"], [[i, ", ".join(g)] for i, g in enumerate(self.groups)]))
+        ctx.log(0, "cpi", {"groups": float(len(self.groups))})
+        ctx.info(f"cpi: groups in stage order: {self.groups}")
+
+    def _stages(self, ctx: Context, tasks: list[str]) -> list[Stage]:
         return [Stage(f"group{i}", tuple(g if self.cfg.stage_data == "group" else tasks), self._stage_steps(ctx, g, len(tasks)))
                 for i, g in enumerate(self.groups)]
 
@@ -183,7 +217,7 @@ class CPI(Strategy):
         stage_steps each: A's stage is stage_steps - probe_steps, so the run spends 2 x stage_steps, like `none`)."""
         if self.cfg.stage_steps is None:
             return max(1, self._budget(ctx, n_tasks) // len(self.groups))
-        if not self.cfg.count_probes_in_budget:
+        if not (self.cfg.count_probes_in_budget and self.probed):
             return self.cfg.stage_steps
         left = self.cfg.stage_steps - self.cfg.probe_steps * len(group)
         if left < 1:
@@ -195,7 +229,7 @@ class CPI(Strategy):
 
     def _budget(self, ctx: Context, n_tasks: int) -> int:
         """Steps left for the stages: the run's, less the probes' when `count_probes_in_budget` (equal compute)."""
-        if not self.cfg.count_probes_in_budget:
+        if not (self.cfg.count_probes_in_budget and self.probed):
             return ctx.steps
         left = ctx.steps - self.cfg.probe_steps * n_tasks
         if left < 1:
