@@ -9,7 +9,7 @@ error is one line naming the key, the bad value and what would be valid, so the 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,10 +18,14 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from epi.components import check_keys
+from epi.data.execution import ExecutionLimits
 from epi.data.format import TRUNCATE
-from epi.data.sources import validate_source
+from epi.data.load import general_source
+from epi.data.scorers import BY_JUDGE
+from epi.data.sources import validate_source, with_defaults
 from epi.data.tasks import BUILTIN_TASKS, MAX_PER_SPLIT
 from epi.errors import UserError
+from epi.judge import JudgeConfig, no_judge
 from epi.logging import WANDB_MODES
 from epi.loss import LM_HEAD
 from epi.models import DTYPES
@@ -120,13 +124,25 @@ class DataConfig(Schema):
 
 
 @dataclass
+class GeneralConfig(Schema):
+    """`eval.general`: evaluation-only tasks scored before and after training (epi/general.py)."""
+
+    tasks: list[str] = field(default_factory=list)
+    max_new_tokens: Positive = 512
+
+
+@dataclass
 class EvalConfig(Schema):
     split: Literal[SPLITS]
     n_examples: Positive
     batch_size: Positive
     max_new_tokens: Positive
     fit_generation: bool = True
-    retention: Annotated[int, Rule(lambda v: v >= 0, "must be an integer >= 0 (passages of held-out text; 0 = off)")] = 0  # conf/eval/default.yaml sets it; optional here so an eval node written before the key parses
+    # conf/eval/default.yaml sets the keys below; optional here so an eval node written before them parses
+    retention: Annotated[int, Rule(lambda v: v >= 0, "must be an integer >= 0 (passages of held-out text; 0 = off)")] = 0
+    execution: ExecutionLimits = field(default_factory=ExecutionLimits)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    general: GeneralConfig = field(default_factory=GeneralConfig)
 
 
 @dataclass
@@ -135,6 +151,26 @@ class ParallelConfig(Schema):
     mixed_precision: Literal[MIXED_PRECISION] = "none"  # fsdp only
     cpu_offload: bool = False  # fsdp only
     reshard_after_forward: bool = True  # fsdp only
+
+
+LENGTHS = ("max_len", "measured")  # plan.lengths: an example counts data.max_len tokens, or the data's own are read
+
+
+@dataclass
+class PlanConfig(Schema):
+    """`python -m epi.plan`'s keys (conf/plan/default.yaml, where each is explained); train.py ignores them."""
+
+    world_size: Positive | None
+    device_memory_gb: Annotated[float, positive("80 for an H100 80GB")] | None
+    headroom: Annotated[float, within(0, 1, open_high=True, why="the fraction of device memory kept free")]
+    tokens_per_s: Annotated[float, positive("plan.tokens_per_s=3000")] | None
+    measure_steps: Annotated[int, Rule(lambda v: v >= 0, "must be an integer >= 0 (0 = off)")]
+    lengths: Literal[LENGTHS]
+    model_config: dict[str, Any] | None
+
+    def check(self, key: str) -> None:
+        if self.model_config is not None and not isinstance(self.model_config.get("model_type"), str):
+            raise fail(f"{key}.model_config", self.model_config, "must name its model_type (e.g. {model_type: llama, ...}), as a config.json does")
 
 
 @dataclass
@@ -172,7 +208,7 @@ class HFModelConfig(Schema):
 MODELS = {"tiny": TinyModelConfig, "hf": HFModelConfig}
 
 # The top level of the composed config: the groups of conf/config.yaml's defaults and its own keys.
-GROUPS = ("model", "data", "strategy", "schedule", "optimizer", "isolation", "parallel", "lr_scheduler", "logger", "eval")
+GROUPS = ("model", "data", "strategy", "schedule", "optimizer", "isolation", "parallel", "lr_scheduler", "logger", "eval", "plan")
 ROOT_KEYS = (*GROUPS, "seed", "device", "keep_checkpoint", "resume", "threads")
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -234,6 +270,7 @@ class RunConfig:
     keep_checkpoint: bool
     resume: str | None
     threads: int | None
+    plan: PlanConfig | None = None  # `python -m epi.plan`'s keys; None for a config composed before they existed
 
 
 def typed(cfg: DictConfig) -> RunConfig:
@@ -262,17 +299,19 @@ def typed(cfg: DictConfig) -> RunConfig:
     optimizer = parse(optimizer, OptimizerConfig, "optimizer")
     isolation = parse(cfg.isolation, IsolationConfig, "isolation")
     check_keys(cfg.lr_scheduler, "lr_scheduler")
+    plan = parse(cfg.plan, PlanConfig, "plan") if "plan" in cfg else None
     return RunConfig(composed=cfg, model=model, data=data, schedule=schedule, optimizer=optimizer, isolation=isolation,
                      parallel=parallel, eval=evaluation, logger=logger, seed=cfg.seed, device=cfg.device,
-                     keep_checkpoint=cfg.keep_checkpoint, resume=cfg.resume, threads=cfg.threads)
+                     keep_checkpoint=cfg.keep_checkpoint, resume=cfg.resume, threads=cfg.threads, plan=plan)
 
 
-def validate(cfg: DictConfig, known_tasks: set[str]) -> RunConfig:
+def validate(cfg: DictConfig, known_tasks: set[str], *, here: bool = True) -> RunConfig:
     """Every group against its schema, then the rules between groups; the first problem is one UserError line.
-    Returns the typed config the run reads."""
+    Returns the typed config the run reads. `here=False` checks a run planned for another machine
+    (`python -m epi.plan`): the rules about this machine's devices are left out."""
     check_root(cfg)
     run = typed(cfg)
-    if run.device == "cuda" and not torch.cuda.is_available():
+    if here and run.device == "cuda" and not torch.cuda.is_available():
         built = "is built without CUDA" if torch.version.cuda is None else "sees no GPU (CUDA_VISIBLE_DEVICES, the driver)"
         raise fail("device", cfg.device, f"this torch {torch.__version__} {built}; use device=cpu, or device=auto to take a GPU when there is one")
     schedule, data, parallel = run.schedule, run.data, run.parallel
@@ -284,7 +323,7 @@ def validate(cfg: DictConfig, known_tasks: set[str]) -> RunConfig:
                             "Strategy.shardable is False: it may read whole tensors); use parallel=ddp, or make it shardable "
                             "(epi/strategies/base.py, Context.shards)")
         on_gpu = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-        if parallel.cpu_offload and not on_gpu:
+        if parallel.cpu_offload and not on_gpu and here:
             raise UserError("parallel.cpu_offload=true moves sharded parameters and optimizer state from GPU to CPU memory; "
                             "this run trains on the CPU already: use parallel.cpu_offload=false")
         if schedule.compile:
@@ -296,8 +335,27 @@ def validate(cfg: DictConfig, known_tasks: set[str]) -> RunConfig:
             raise fail("data.tasks", data.tasks, f"unknown task {task!r}; known tasks: {sorted(known_tasks)}")
     for name, source in (cfg.data.sources or {}).items():
         validate_source(f"data.sources.{name}", source)
+        if name in data.tasks and source.get("train") is None:
+            raise fail("data.tasks", data.tasks, f"{name!r} is evaluation-only (data.sources.{name}.train=null: no training rows); "
+                       f"name it in eval.general.tasks to score it before and after training")
+    check_scoring(run, cfg.data)
     for i, stage in enumerate(schedule.stages or []):
         for task in stage.tasks:
             if task not in data.tasks:
                 raise fail(f"schedule.stages[{i}].tasks", stage.tasks, f"{task!r} is not in data.tasks={data.tasks}")
     return run
+
+
+def check_scoring(run: RunConfig, data: DictConfig) -> None:
+    """The evaluation-only tasks (`eval.general.tasks`) exist and are not trained on, and a task scored by the judge
+    has a judge model: each refused here, before anything is written, not at the first evaluation."""
+    scorers = {name: with_defaults(source).scorer for name, source in (data.sources or {}).items() if name in data.tasks}
+    for name in run.eval.general.tasks:  # the built-in tasks are scored by exact_match
+        if name in data.tasks:
+            raise fail("eval.general.tasks", run.eval.general.tasks, f"{name!r} is in data.tasks: a general check is a task the run never trains on")
+        source = general_source(name, data)
+        validate_source(f"eval.general.tasks[{name}]", source)
+        scorers[name] = with_defaults(source).scorer
+    judged = sorted(name for name, scorer in scorers.items() if scorer in BY_JUDGE)
+    if judged and run.eval.judge.model is None:
+        raise no_judge(judged)

@@ -13,15 +13,18 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from omegaconf import DictConfig
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     ByT5Tokenizer,
     LlamaConfig,
     LlamaForCausalLM,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -55,7 +58,11 @@ def build_model(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
 def _tiny(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A randomly initialised Llama over bytes: needs no download, learns the built-in tasks in minutes."""
     tok = ByT5Tokenizer()
-    config = LlamaConfig(
+    return LlamaForCausalLM(_tiny_config(cfg, tok)), tok
+
+
+def _tiny_config(cfg: DictConfig, tok: PreTrainedTokenizerBase) -> LlamaConfig:
+    return LlamaConfig(
         vocab_size=len(tok),  # 384: bytes + specials + ByT5's extra ids (tok.vocab_size undercounts)
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -68,7 +75,6 @@ def _tiny(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    return LlamaForCausalLM(config), tok
 
 
 def resolve_path(name_or_path: str) -> str:
@@ -86,6 +92,66 @@ def resolve_path(name_or_path: str) -> str:
 
 
 def _pretrained(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    path, kwargs, local = _source(cfg)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, attn_implementation=cfg.attn_implementation, **kwargs
+        )
+    except Exception as e:  # noqa: BLE001 - a local directory that does not load is the user's to fix, whatever raised
+        _loading_failed(cfg, e, local)
+    if cfg.gguf_file:
+        model = _dequantized_copy(model)
+    return model, tok
+
+
+def build_architecture(cfg: DictConfig, config: PretrainedConfig | None = None) -> PreTrainedModel:
+    """The model `build_model` returns (its class, parameters, dtype and gradient checkpointing) with freshly
+    initialised weights, reading nothing but its config: the tiny model's keys, a directory's config.json or a GGUF
+    file's header, or `config` when given. `python -m epi.plan` builds it inside a FakeTensorMode, which allocates
+    no weights, to size a run without loading it."""
+    if cfg.kind == "tiny":
+        config = _tiny_config(cfg, ByT5Tokenizer())
+    elif config is None:
+        path, kwargs, local = _source(cfg)
+        try:
+            config = AutoConfig.from_pretrained(path, **kwargs)
+        except Exception as e:  # noqa: BLE001 - as in _pretrained: the directory is the user's to fix
+            _loading_failed(cfg, e, local)
+    if hasattr(config, "quantization_config"):  # a GGUF file's: the run trains the dequantised copy
+        del config.quantization_config
+    # Built in its dtype (fake parameters cannot be converted after the fact: Module.to swaps them)
+    options = {} if cfg.kind == "tiny" else {"attn_implementation": cfg.attn_implementation,
+                                             "trust_remote_code": bool(cfg.get("trust_remote_code", False))}
+    model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[cfg.dtype], **options)
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    return model
+
+
+def build_tokenizer(cfg: DictConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer `build_model` returns, without the model's weights."""
+    if cfg.kind == "tiny":
+        return ByT5Tokenizer()
+    path, kwargs, local = _source(cfg)
+    try:
+        return AutoTokenizer.from_pretrained(path, **kwargs)
+    except Exception as e:  # noqa: BLE001 - as in _pretrained
+        _loading_failed(cfg, e, local)
+
+
+def _loading_failed(cfg: DictConfig, e: Exception, local: bool) -> NoReturn:
+    """Called while handling `e`: a local directory that does not load is the user's to fix (one line), whatever
+    raised; a hub id's failure other than an OSError is a bug, and keeps its traceback."""
+    if not (local or isinstance(e, OSError)):
+        raise  # noqa: PLE0704 - re-raises `e`, which the caller is handling
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise UserError(f"model.name_or_path={cfg.name_or_path!r}: cannot load a model from it ({type(e).__name__}: {reason})") from e
+
+
+def _source(cfg: DictConfig) -> tuple[str, dict, bool]:
+    """Where an hf model comes from, checked before transformers reads anything: (path, from_pretrained's keyword
+    arguments, whether the path is a local directory)."""
     path = resolve_path(cfg.name_or_path)
     kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
     local = Path(path).is_dir()
@@ -103,19 +169,7 @@ def _pretrained(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
         _refuse_remote_code(cfg.name_or_path, path, local)
     # Never None: transformers would then ask on stdin whether to run the directory's code, and `y` would run it.
     kwargs["trust_remote_code"] = bool(cfg.trust_remote_code)
-    try:
-        tok = AutoTokenizer.from_pretrained(path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, attn_implementation=cfg.attn_implementation, **kwargs
-        )
-    except Exception as e:  # noqa: BLE001 - a local directory that does not load is the user's to fix, whatever raised
-        if not (local or isinstance(e, OSError)):
-            raise
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"model.name_or_path={cfg.name_or_path!r}: cannot load a model from it ({type(e).__name__}: {reason})") from e
-    if cfg.gguf_file:
-        model = _dequantized_copy(model)
-    return model, tok
+    return path, kwargs, local
 
 
 CODE_CONFIGS = ("config.json", "tokenizer_config.json")  # where a model names its own Python classes (auto_map)

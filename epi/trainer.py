@@ -2,7 +2,7 @@
 
 Inside `fit`, each step: `train_step` (epi/step.py: draw, forward/backward, finite check, strategy.after_backward,
 clip, optimizer.step with isolated coordinates held bit-exactly, LR schedule, strategy.after_step) -> log -> eval
--> stage close -> checkpoint. Evaluation, retention, saving and resuming live here too.
+-> stage close -> checkpoint. Evaluation, retention, the general checks, saving and resuming live here too.
 
 Strategies never see the `Trainer`: they get a `TrainerContext` (the `Context` protocol of
 `epi.strategies.base`), whose services train a copy of the model (CPI's probes) on the same `Stepper`,
@@ -23,16 +23,17 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from epi import checkpoint, retention, rundir
+from epi import checkpoint, general, retention, rundir
 from epi.components import build
 from epi.config import RunConfig, typed
 from epi.context import TrainerContext
 from epi.data.contamination import contamination, contamination_warning
-from epi.data.load import encode_tasks, format_stats, load_tasks
+from epi.data.load import encode_tasks, format_stats, load_general, load_tasks
 from epi.data.mixture import MixtureSampler, sampling_weights
 from epi.distributed import init_distributed, pick_device, precision_warning, seed_everything
 from epi.errors import TrainingDiverged, UserError
 from epi.evaluate import average, evaluate, generation_limits
+from epi.judge import judge_for
 from epi.loss import CausalLMLoss, trained_tokens
 from epi.masks import all_finite
 from epi.models import build_model
@@ -69,6 +70,7 @@ class Trainer:
         self._setup_optimizer()
         self._setup_logger(replaying=resume_state is not None)
         self._setup_retention(measure=resume_state is None)
+        self._setup_general(measure=resume_state is None)
         ctx = TrainerContext(cfg=self.cfg, stepper=self.stepper, learner=self.learner, logger=self.logger, run_dir=self.run_dir,
                              tasks=tuple(self.tasks))
         self.context = ctx  # the strategy's view of the run (and its training services)
@@ -103,14 +105,16 @@ class Trainer:
             print(warning, file=sys.stderr)
 
     def _setup_data(self) -> None:
-        """The tasks with their splits; before the model, so a bad dataset fails before a slow model load."""
+        """The tasks with their splits, and the general checks'; before the model, so a bad dataset fails before a slow model load."""
         self.raw_tasks = load_tasks(self.cfg.composed.data)
+        self.raw_general = load_general(self.cfg.eval.general.tasks, self.cfg.composed.data)
 
     def _setup_model(self) -> None:
         self.model, self.tokenizer = build_model(self.cfg.composed.model)
         self.model.to(self.device)
         vocab = self.model.get_output_embeddings().out_features
         CausalLMLoss(self.model, self.cfg.schedule.lm_head).check(vocab, self.device)
+        self.judge = judge_for([*self.raw_tasks.values(), *self.raw_general.values()], self.cfg.eval.judge, self.device)
 
     def _setup_tokenized_data(self) -> None:
         """Training rows fitted to max_len, eval splits filtered alike, and what that cost (printed and logged at step 0)."""
@@ -122,6 +126,7 @@ class Trainer:
         self.trained_counts = {name: [trained_tokens(r["labels"]) for r in rows] for name, rows in self.train_sets.items()}
         self.overlap = contamination(self.raw_tasks)  # eval prompts that are also training prompts
         self.data_stats = {name: {**e.stats, **e.task.input_stats, **self.overlap[name]} for name, e in encoded.items()}
+        self.general_tasks = general.encode_general(self.tokenizer, self.raw_general, cfg.composed.data, cfg.eval.split)
 
     def _setup_retention(self, measure: bool) -> None:
         """Held-out text for general-ability retention (`eval.retention` passages; epi/retention.py), measured
@@ -131,6 +136,12 @@ class Trainer:
         self.retention_before: dict[str, float] | None = None  # a resume restores it from the checkpoint
         if self.retention is not None and measure:
             self.retention_before = self.log_retention(0)
+
+    def _setup_general(self, measure: bool) -> None:
+        """The general checks (`eval.general.tasks`; epi/general.py) scored on the model as loaded, like retention."""
+        self.general_before: dict[str, dict[str, float]] | None = None  # a resume restores it from the checkpoint
+        if self.general_tasks and measure:
+            self.general_before = self.evaluate_general(0)[0]
 
     def _setup_optimizer(self) -> None:
         """The stepper, and the run's learner: the optimizer config node wrapped by the isolation engine."""
@@ -220,6 +231,10 @@ class Trainer:
         if self.retention is not None:
             after = self.log_retention(self.step)
             self.write_retention(after)
+        if self.general_tasks:
+            after, records = self.evaluate_general(self.step)
+            if self.rank == 0:
+                print(general.write_general(self.run_dir, cfg.eval.split, self.general_tasks, self.general_before, after, records))
         for task in self.tasks:  # a few predictions per task on the dashboard; all of them in predictions_<split>.jsonl
             rows = [[r["prompt"], r["reference"], r["prediction"], r["score"], r["loss"]] for r in self.predictions if r["task"] == task]
             self.logger.table(f"predictions/{task}", ["prompt", "reference", "prediction", "score", "loss"], rows[:PREDICTION_SAMPLE])
@@ -287,6 +302,8 @@ class Trainer:
                     max_len=self.cfg.data.max_len,
                     truncate=self.cfg.data.truncate,
                     predictions=records,
+                    execution=e.execution,
+                    judge=self.judge,
                 )
             self._evaluated = (step, results, records)
         if predictions is not None:
@@ -295,6 +312,15 @@ class Trainer:
             self.logger.log(step, split_name, metrics, task=task)
         self.logger.log(step, split_name, {f"avg_{k}": v for k, v in average(results).items()})
         return results
+
+    def evaluate_general(self, step: int) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
+        """The general checks now, logged under split `general` at `step`, with one prediction record per example."""
+        with unsharded_root(self.stepper.root):
+            results, records = general.evaluate_general(self.model, self.tokenizer, self.general_tasks, self.cfg.eval,
+                                                        self.cfg.composed.data, self.judge)
+        for task, metrics in results.items():
+            self.logger.log(step, general.SPLIT, metrics, task=task)
+        return results, records
 
     def log_retention(self, step: int) -> dict[str, float]:
         """Perplexity of the held-out text now, logged under `retention` at `step`."""
@@ -353,6 +379,7 @@ class Trainer:
                 "skipped": self.stepper.skipped,
                 "compute": self.stepper.compute,
                 "retention_before": self.retention_before,
+                "general_before": self.general_before,
                 "config": OmegaConf.to_container(self.cfg.composed, resolve=True),
                 "metrics_lines": self.logger.lines,  # metrics.jsonl up to here belongs to this state
             },
@@ -406,6 +433,7 @@ class Trainer:
         self.stepper.skipped = state["skipped"]
         self.stepper.compute = state["compute"]
         self.retention_before = state.get("retention_before")  # absent from checkpoints written before eval.retention
+        self.general_before = state.get("general_before")  # absent from checkpoints written before eval.general
         self.strategy.load_state_dict(state["strategy"])
         checkpoint.set_rng_state(state["rng"])
         self.step = state["step"]

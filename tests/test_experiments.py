@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from epi.data.load import known_tasks
 from epi.report import write_report
 from epi.strategies import build_strategy
 from tests.helpers import ROOT, TINY, make_cfg, run_script
+from tests.paper_files import write_paper_files
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 
@@ -29,11 +31,21 @@ def swept_runs() -> list[tuple[str, list[str]]]:
 @pytest.mark.parametrize("experiment,overrides", swept_runs())
 def test_every_swept_arm_composes_and_validates(experiment: str, overrides: list[str]) -> None:
     cfg = make_cfg(f"experiment={experiment}", *overrides, tiny=False)
+    if OmegaConf.is_missing(cfg.model, "name_or_path"):  # the paper recipes: the user names the 7B model
+        cfg = make_cfg(f"experiment={experiment}", *overrides, "model.name_or_path=/models/Llama-2-7b-hf", tiny=False)
     validate(cfg, known_tasks(cfg.data))
     build_strategy(cfg.strategy)
 
 
+# The paper recipes on the nano model and stand-in files in the five hub datasets' layouts (tests/paper_files.py),
+# shrunk to CPU size; the HumanEval check is tested on its own (tests/test_execution.py).
+PAPER = ["model=nano", "data.max_len=256", "schedule.batch_size=8", "schedule.grad_accum=1", "schedule.precision=fp32",
+         "schedule.checkpoint_every=0", "schedule.warmup_steps=1", "strategy.probe_steps=2", "eval.general.tasks=[]",
+         "eval.max_new_tokens=8", "eval.batch_size=8"]
 SMOKE = {
+    "cpi_ft_table1": [*PAPER, "+arm=none,multistage_random_k3,cpi", "schedule.steps=6"],
+    "cpi_ft_forgetting": [*PAPER, "+arm=cpi_sequential_equal_compute", "pair=[gsm8k,logiqa]", "stage_steps=4"],
+    "epi_paper": [*PAPER, "+arm=epi", "schedule.steps=6", "strategy.warmup=2", "strategy.refresh_every=2"],
     "table_multitask": ["+arm=none,cpi,expert_math"],
     "table_forgetting": ["+arm=none,cpi_sequential", "pair=[code,math]", "stage_steps=3"],
     "drift": ["schedule.steps=6", "strategy.warmup=2", "strategy.refresh_every=2"],
@@ -59,6 +71,8 @@ def test_experiment_runs_in_a_smoke_setting(experiment: str, tmp_path: Path) -> 
     sweep = tmp_path / "multirun"
     extra = SMOKE[experiment]
     tiny = list(TINY)
+    if "model=nano" in extra:  # a paper recipe: its five tasks from local stand-in files
+        extra = [*write_paper_files(tmp_path / "paper"), *extra]
     # the basic launcher: the arms one after another in one process (joblib's workers would each import torch again
     # on the one core a test worker has; the launcher itself is tested in tests/test_sweeps.py and tests/test_slurm.py)
     proc = run_script("train.py", "-m", f"experiment={experiment}", "seed=0", *tiny, *extra, f"hydra.sweep.dir={sweep}",
@@ -82,5 +96,11 @@ def test_experiment_runs_in_a_smoke_setting(experiment: str, tmp_path: Path) -> 
         assert len(trials) == 2 and all((t / "eval_val.json").is_file() and not (t / "eval_test.json").exists() for t in trials)
         best = OmegaConf.load(sweep / "optimization_results.yaml")
         assert set(best.best_params) == {"strategy.p", "strategy.refresh_every"} and 0 <= best.best_value <= 1
+    if experiment == "cpi_ft_table1":  # the paper's multi-stage row: the five tasks in K=3 stages, no probe trained
+        groups = [json.loads((run / "cpi" / "groups.json").read_text()) for run in sweep.iterdir() if (run / "cpi").is_dir()]
+        by_k = {g["k"]: g["groups"] for g in groups}  # cpi's groups come from its cores at tau (k null)
+        assert set(by_k) == {None, 3} and [len(g) for g in by_k[3]] == [2, 2, 1]
+    if experiment == "cpi_ft_forgetting":
+        assert "delta_A" in text
     if experiment == "drift":
         assert (tmp_path / "report" / "drift.png").is_file()

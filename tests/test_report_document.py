@@ -116,3 +116,13 @@ def test_an_unreadable_or_missing_archive_is_one_line(tmp_path: Path) -> None:
         write_report(tmp_path / "broken.tar.xz", tmp_path / "out")
     with pytest.raises(UserError, match=r"no such archive file"):
         write_report(tmp_path / "missing.tar.xz", tmp_path / "out")
+
+
+def test_a_long_setting_gives_a_plot_file_name_a_file_system_takes() -> None:
+    """A sweep over local data files names them in its overrides: the setting runs to thousands of characters, and a
+    plot named after it could not be written (file names stop at 255 bytes). Cut, with a hash of the whole."""
+    from epi.report.document import _file_part
+
+    long_a, long_b = "arm=cpi " + "data.sources.x.train=/tmp/" + "a" * 400, "arm=cpi " + "data.sources.x.train=/tmp/" + "a" * 399 + "b"
+    assert _file_part("arm=cpi seed=0") == "arm=cpi_seed=0"
+    assert len(_file_part(long_a)) <= 140 and _file_part(long_a) != _file_part(long_b)

@@ -245,7 +245,7 @@ def test_all_examples_dropped_is_an_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "override,needle",
     [
-        ("data.sources.gsm8k.scorer=bleu", "data.sources.gsm8k.scorer='bleu': unknown scorer; valid scorers: ['exact_match', 'numeric', 'option_letter', 'perplexity']"),
+        ("data.sources.gsm8k.scorer=bleu", "data.sources.gsm8k.scorer='bleu': unknown scorer; valid scorers: ['exact_match', 'judge', 'numeric', 'option_letter', 'pass_at_1', 'perplexity']"),
         ("+data.sources.gsm8k.fields.messages=turns", "data.sources.gsm8k.fields=['messages', 'prompt', 'response']: must map"),
         ("data.sources.gsm8k.holdout=0.7", "data.sources.gsm8k.holdout=0.7"),
         ("data.sources.gsm8k.format=xlsx", "data.sources.gsm8k.format='xlsx'"),

@@ -1,6 +1,6 @@
 """Rows -> examples: a task's `fields` map columns to prompt and response (optionally options), or to a chat's
-messages; null or empty values are dropped and counted, numbers and bools converted and counted. Part of
-epi.data.sources.
+messages, and for a code task its tests (optionally their entry point); null or empty prompts and responses are
+dropped and counted, numbers and bools converted and counted. Part of epi.data.sources.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from epi.data.format import Chat
-from epi.data.tasks import Example
+from epi.data.tasks import CodeTests, Example
 from epi.data.text import Row
 from epi.errors import UserError
 
@@ -100,6 +100,24 @@ def _chat(task: str, value: Any, column: str, where: str) -> tuple[tuple[tuple[s
     return tuple(messages), _converted([m["content"] for m in value[: len(messages)]])
 
 
+def _code_tests(task: str, row: Row, fields: DictConfig, origin: str, index: int) -> CodeTests | None:
+    """The row's tests (`fields.tests`: text, or a list of texts such as MBPP's assert lines, joined by newlines) and
+    their entry point (`fields.entry_point`); None when the task maps no tests or the row's are null or empty (a
+    pass_at_1 task refuses such rows in its val/test splits, `Task`)."""
+    if "tests" not in fields:
+        return None
+    where = f"task {task!r}: {origin} row {index + 1}"
+    value = _column(row, fields.tests, "tests", task, origin, index)
+    lines = value if isinstance(value, list) else [value]
+    code = "\n".join(_text(task, v, fields.tests, where) for v in lines if not _is_null(v))
+    if not code.strip():
+        return None
+    entry = None
+    if "entry_point" in fields:
+        entry = _text(task, _column(row, fields.entry_point, "entry_point", task, origin, index), fields.entry_point, where)
+    return CodeTests(code, entry.strip() if entry and entry.strip() else None)
+
+
 def to_example(task: str, row: Row, fields: DictConfig, origin: str, index: int, tally: Tally) -> Example | Chat | None:
     """One row as an example, by the task's field mapping; None, counted in `tally`, for a null or empty prompt or response."""
     where = f"task {task!r}: {origin} row {index + 1}"
@@ -116,7 +134,7 @@ def to_example(task: str, row: Row, fields: DictConfig, origin: str, index: int,
         if chat is None:
             return drop("messages")
         tally.converted += chat[1]
-        return Chat(task, chat[0])
+        return Chat(task, chat[0], _code_tests(task, row, fields, origin, index))
     columns = [fields.prompt] if isinstance(fields.prompt, str) else list(fields.prompt)
     values = [get("prompt", c) for c in columns]
     parts = [t for t in (_text(task, v, c, where) for v, c in zip(values, columns)) if t is not None and t.strip()]
@@ -135,7 +153,7 @@ def to_example(task: str, row: Row, fields: DictConfig, origin: str, index: int,
         response = _text(task, answer, fields.response, where)
         values.append(answer)
     tally.converted += _converted(values)
-    return Example(task, "\n\n".join(parts), response)
+    return Example(task, "\n\n".join(parts), response, _code_tests(task, row, fields, origin, index))
 
 
 def _check_dropped(task: str, origin: str, fields: DictConfig, tally: Tally) -> None:

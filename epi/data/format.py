@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from epi.data.tasks import Example, Task
+from epi.data.tasks import CodeTests, Example, Task
 from epi.errors import UserError
 
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
@@ -33,6 +33,7 @@ class Chat:
 
     task: str
     messages: tuple[Turn, ...]
+    tests: CodeTests | None = None  # a code task's tests, as on `Example`
 
     @property
     def response(self) -> str:
@@ -58,7 +59,7 @@ def with_system_prompt(ex: Example | Chat, system: str) -> Example | Chat:
     messages = turns(ex)
     if any(role == "system" for role, _ in messages):
         return ex
-    return Chat(ex.task, (("system", system), *messages))
+    return Chat(ex.task, (("system", system), *messages), ex.tests)
 
 
 def render(tokenizer, context: tuple[Turn, ...]) -> str:

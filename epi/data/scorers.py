@@ -1,10 +1,17 @@
 """Scorers: compare a decoded model answer with the gold response, 1.0 = correct.
 
 A plain dict of small functions, so a task names its scorer by a string that
-can live in a config file. `perplexity` is the one scorer that reads no text:
-open-ended tasks (Alpaca, UltraChat) have no single right answer and no LLM
-judge here, so evaluation reports exp(response loss) for them instead of
-generating; see `FROM_LOSS`.
+can live in a config file. Three scorers need more than the two texts, and
+evaluation (epi.evaluate) computes them itself:
+
+- `perplexity` reads no text: open-ended tasks (Alpaca, UltraChat) have no single
+  right answer, so by default evaluation reports exp(response loss) for them
+  instead of generating (`FROM_LOSS`);
+- `pass_at_1` runs the generated code with the example's tests in a process of
+  its own: 1.0 when it exits 0 in time (epi.data.execution, `BY_EXECUTION`);
+- `judge` has a local chat model rate an open-ended answer 1-10, opted into per
+  task (`data.sources.<task>.scorer=judge`; epi.judge, `BY_JUDGE`). Its tasks
+  report a `rating`, not a `score`: a 1-10 scale would swamp the 0-1 average.
 """
 
 import re
@@ -49,13 +56,27 @@ def perplexity(prediction: str, reference: str) -> float:
     raise TypeError("the perplexity scorer is computed from the response loss, not from generated text")
 
 
+def pass_at_1(prediction: str, reference: str) -> float:
+    """Never called on text: evaluation runs the generated program with the example's tests (epi.data.execution)."""
+    raise TypeError("the pass_at_1 scorer runs the program with the example's tests, it does not compare texts")
+
+
+def judge(prediction: str, reference: str) -> float:
+    """Never called on text: evaluation has the judge model rate the answer (epi.judge)."""
+    raise TypeError("the judge scorer asks the judge model (eval.judge), it does not compare texts")
+
+
 SCORERS: dict[str, Scorer] = {
     "exact_match": exact_match,
     "numeric": numeric,
     "option_letter": option_letter,
     "perplexity": perplexity,
+    "pass_at_1": pass_at_1,
+    "judge": judge,
 }
 FROM_LOSS = frozenset({"perplexity"})  # scorers evaluated from the loss: no generation, no `score`
+BY_EXECUTION = frozenset({"pass_at_1"})  # the generation run with the example's tests: a 0/1 `score`
+BY_JUDGE = frozenset({"judge"})  # the generation rated 1-10 by the judge model: a `rating`, no `score`
 
 
 def get_scorer(name: str) -> Scorer:

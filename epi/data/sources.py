@@ -5,16 +5,21 @@ come from and which columns hold what (keys it leaves out take `SOURCE_DEFAULTS`
 
 - `hub` + `config` + split names in `train`/`val`/`eval`, or `hub: null` and local files
   (a path, a glob or a list of them; JSONL, JSON, CSV or Parquet, each possibly gzipped,
-  or a `datasets` save_to_disk directory) in `train`/`val`/`eval`;
+  or a `datasets` save_to_disk directory) in `train`/`val`/`eval`; a path `pkg:NAME/FILE`
+  is FILE inside the installed Python package NAME (HumanEval's data file, say), found
+  without importing it;
 - `fields`: `prompt` (a column or a list of columns joined by a blank line) and
   `response`; optionally `options` (a list column, rendered `A. ...` under the prompt,
   the response column then holding the correct option as an index or a letter); or
   `messages` (a list of {role, content}: a multi-turn chat, every assistant turn trained).
+  A code task adds `tests` (the test code, or a list of assert lines) and optionally
+  `entry_point` (the function they check), which the `pass_at_1` scorer runs.
 
 Splits: `val` rows are the val split and `eval` rows the test split; each one left null is
 a `holdout` of the training rows instead (by a hash of the prompt, so no prompt is in two
-splits), val first. Each split is then shuffled with `data.seed` and
-cut to `data.n_<split>`.
+splits), val first. `train: null` makes an evaluation-only task (HumanEval): no training
+split, `eval` rows as the test split and, unless `val` names its own, as the val split too.
+Each split is then shuffled with `data.seed` and cut to `data.n_<split>`.
 
 Values are read as written: a row with a null or empty prompt or response is dropped and
 counted (an error past `MAX_DROPPED` of a file), numbers and bools become text and are
@@ -32,6 +37,7 @@ are gone) and `datasets.load_from_disk` (JSON state files and Arrow files), hub 
 from __future__ import annotations
 
 import glob
+import importlib.util
 import random
 import zlib
 from pathlib import Path
@@ -51,7 +57,7 @@ from epi.data.readers import (
     read_file,
     read_saved_dataset,
 )
-from epi.data.scorers import SCORERS
+from epi.data.scorers import BY_EXECUTION, SCORERS
 from epi.data.tasks import SPLITS, Example, Task
 from epi.data.text import Row, check_json_columns, check_unicode, check_utf8
 from epi.errors import UserError
@@ -67,7 +73,9 @@ __all__ = [
 
 SAVED_SPLITS = {"train": "train", "val": "validation", "eval": "test"}  # the split of a saved DatasetDict each key reads
 FIELD_SETS = ({"prompt", "response"}, {"prompt", "response", "options"}, {"messages"})
-# Every key of a data source and its default: a source need not inherit a task config; `train` and `fields` are required.
+CODE_FIELDS = {"tests", "entry_point"}  # what a code task maps besides one of FIELD_SETS (pass_at_1)
+# Every key of a data source and its default: a source need not inherit a task config; `fields` is required, and
+# `train` unless `eval` names the rows of an evaluation-only task.
 SOURCE_DEFAULTS: dict[str, Any] = {
     "hub": None, "config": None, "train": None, "val": None, "eval": None, "holdout": 0.05, "format": None, "fields": None, "scorer": "exact_match",
 }
@@ -94,10 +102,16 @@ def validate_source(key: str, source: DictConfig) -> None:
     _require(source.scorer in SCORERS, f"{key}.scorer", source.scorer, f"unknown scorer; valid scorers: {sorted(SCORERS)}")
     fields = set(source.fields or {})
     _require(
-        fields in FIELD_SETS, f"{key}.fields", sorted(fields),
-        "must map prompt and response (optionally options), or messages, to columns (e.g. {prompt: question, response: answer})",
+        fields - CODE_FIELDS in FIELD_SETS, f"{key}.fields", sorted(fields),
+        "must map prompt and response (optionally options), or messages, to columns (e.g. {prompt: question, response: answer}); "
+        "a code task also tests (and optionally entry_point)",
     )
-    _require(source.train is not None, f"{key}.train", source.train, "must name a hub split, or local file(s) when hub is null")
+    _require("entry_point" not in fields or "tests" in fields, f"{key}.fields", sorted(fields),
+             "entry_point names the function the tests check: map tests too")
+    _require(source.scorer not in BY_EXECUTION or "tests" in fields, f"{key}.scorer", source.scorer,
+             "runs each example's tests: map the column that holds them with fields.tests")
+    _require(source.train is not None or source.eval is not None, f"{key}.train", source.train,
+             "must name a hub split, or local file(s) when hub is null; null only for an evaluation-only task, whose rows `eval` names")
     _require(0 <= source.holdout < 0.5, f"{key}.holdout", source.holdout, "must be in [0, 0.5), the fraction of training rows held out for val (and test) when no file gives it")
     _require(source.format is None or source.format in FORMATS.values(), f"{key}.format", source.format, f"must be one of {sorted(set(FORMATS.values()))} or null")
 
@@ -106,6 +120,9 @@ def local_files(task: str, key: str, spec: str | list[str]) -> list[Path]:
     """The files (or save_to_disk directories) a `train`/`val`/`eval` entry names: paths or globs, each matching at least one."""
     paths = []
     for pattern in [spec] if isinstance(spec, str) else spec:
+        if pattern.startswith(PACKAGE):
+            paths.append(package_file(task, key, pattern))
+            continue
         found = sorted(glob.glob(str(Path(pattern).expanduser()))) if glob.has_magic(pattern) else [pattern]
         for f in found:
             path = Path(f).expanduser()
@@ -121,6 +138,22 @@ def local_files(task: str, key: str, spec: str | list[str]) -> list[Path]:
             raise UserError(f"data.sources.{task}.{key}={pattern!r}: no file matches")
     return paths
 
+
+
+PACKAGE = "pkg:"  # pkg:NAME/FILE: a file inside an installed Python package, as model.name_or_path=pkg:NAME names its directory
+
+
+def package_file(task: str, key: str, spec: str) -> Path:
+    """The file `pkg:NAME/FILE` names, inside the installed package NAME; the package is found, not imported."""
+    package, _, inner = spec[len(PACKAGE) :].partition("/")
+    found = importlib.util.find_spec(package) if package.isidentifier() else None
+    if found is None or not found.submodule_search_locations:
+        raise UserError(f"data.sources.{task}.{key}={spec!r}: Python package {package!r} is not installed "
+                        f"(pip install {package.replace('_', '-')})")
+    path = Path(found.submodule_search_locations[0]) / inner
+    if not inner or not path.is_file():
+        raise UserError(f"data.sources.{task}.{key}={spec!r}: package {package!r} has no file {inner!r}")
+    return path
 
 
 def _origins(task: str, source: DictConfig, key: str) -> list[tuple[str, list[Row]]]:
@@ -165,7 +198,8 @@ def load_source_task(name: str, source: DictConfig, data: DictConfig) -> Task:
     when anything was, and kept in `Task.input_stats` for the run's log.
     """
     source, tally = with_defaults(source), Tally()
-    train = _examples(name, source, "train", tally)
+    evaluation_only = source.train is None
+    train = [] if evaluation_only else _examples(name, source, "train", tally)
     splits: dict[str, list] = {s: [] for s in SPLITS}
     held_out = [split for split, key in (("val", "val"), ("test", "eval")) if source[key] is None]
     for ex in train:
@@ -175,10 +209,12 @@ def load_source_task(name: str, source: DictConfig, data: DictConfig) -> Task:
     for split, key in (("val", "val"), ("test", "eval")):
         if source[key] is not None:
             splits[split] = _examples(name, source, key, tally)
+    if evaluation_only and source.val is None:
+        splits["val"] = list(splits["test"])  # no other rows to hold out: val is the test rows (HumanEval has no val split)
     for split in SPLITS:
         random.Random(f"{name}:{split}:{data.seed}").shuffle(splits[split])
         splits[split] = splits[split][: data[f"n_{split}"]]
-        if not splits[split]:
+        if not splits[split] and not (evaluation_only and split == "train"):
             raise UserError(
                 f"task {name!r}: no {split} examples (from {len(train)} training rows, holdout={source.holdout}); "
                 f"give more rows, a larger data.sources.{name}.holdout, or its own rows in data.sources.{name}.{'val' if split == 'val' else 'eval'}"

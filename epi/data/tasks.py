@@ -17,7 +17,8 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
-from epi.data.scorers import get_scorer
+from epi.data.scorers import BY_EXECUTION, get_scorer
+from epi.errors import UserError
 
 SPLITS = ("train", "val", "test")
 MAX_EXAMPLE_BYTES = 128  # prompt + response, UTF-8; keeps sequences short for a CPU model
@@ -25,10 +26,20 @@ MAX_PER_SPLIT = 50_000  # every generator's space holds millions of prompts; thi
 
 
 @dataclass(frozen=True)
+class CodeTests:
+    """What decides a code answer under the `pass_at_1` scorer (epi.data.execution.program): test code, and the
+    function it checks (HumanEval's `entry_point`; None for assert-style tests, MBPP's)."""
+
+    code: str
+    entry_point: str | None = None
+
+
+@dataclass(frozen=True)
 class Example:
     task: str
     prompt: str
     response: str
+    tests: CodeTests | None = None  # a code task's tests (data.sources.<task>.fields.tests); None for every other task
 
 
 @dataclass
@@ -42,6 +53,14 @@ class Task:
 
     def __post_init__(self) -> None:
         get_scorer(self.scorer)  # fail at construction, not at the first evaluation
+        if self.scorer in BY_EXECUTION:  # an example without tests could only ever score 0
+            evaluated = [ex for split in ("val", "test") for ex in self.splits.get(split, [])]
+            missing = sum(ex.tests is None for ex in evaluated)
+            if missing:
+                raise UserError(
+                    f"task {self.name!r}: scorer {self.scorer} runs each example's tests, but {missing} of its {len(evaluated)} "
+                    f"val/test examples have none; map the column that holds them with data.sources.{self.name}.fields.tests"
+                )
 
     def score(self, prediction: str, example: Example) -> float:
         return get_scorer(self.scorer)(prediction, example.response)

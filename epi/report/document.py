@@ -9,6 +9,7 @@ named `<archive>/<member path>`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -194,5 +195,13 @@ def _plots(runs: list[Run], split: str, out_dir: Path) -> bool:
     return drift is not None
 
 
+FILE_PART_MAX = 120  # bytes of a setting in a plot's file name: file systems stop at 255, and paths in overrides are long
+
+
 def _file_part(setting: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", setting)
+    """A setting as part of a file name: other characters become `_`; a long one is cut and keeps a hash of the whole,
+    so two settings that share their first 120 characters still get two files."""
+    part = re.sub(r"[^A-Za-z0-9_.=-]+", "_", setting)
+    if len(part) <= FILE_PART_MAX:
+        return part
+    return f"{part[:FILE_PART_MAX]}_{hashlib.sha256(setting.encode()).hexdigest()[:10]}"
