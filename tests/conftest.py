@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 # The suite passes whatever the caller's environment holds (tests/test_environment.py proves it): what a cluster or a
 # shell exports for W&B, Hugging Face, Hydra, threads, GPUs or launchers is cleared here and the few things the tests
@@ -20,6 +21,9 @@ os.environ[PINNED] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["WANDB_SILENT"] = "true"
+# The dequantised SmolLM2 (epi/gguf.py) is cached for the suite's many loads, in the temp directory: not the caller's
+# ~/.cache, and shared by the workers and by later runs of the suite on this machine (a copy is keyed by its file).
+os.environ["EPI_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"epi-tests-{os.getuid()}")
 # No GPU in tests: every number they compare was made on the CPU, and a GPU machine must not change which device
 # device=auto picks (a test that wants CUDA would ask for it).
 os.environ["CUDA_VISIBLE_DEVICES"] = ""

@@ -24,7 +24,7 @@ from epi.strategies.base import Strategy
 from epi.strategies.cpi import CPI
 from epi import run as train_script
 from epi.errors import UserError
-from tests.helpers import CPI_FAST, EPI_FAST, ROOT, TINY, make_cfg, run_script, two_ranks_and_one_process
+from tests.helpers import CPI_FAST, EPI_FAST, ROOT, TINY, make_cfg, two_ranks_and_one_process
 
 pytestmark = pytest.mark.slow
 
@@ -66,8 +66,7 @@ def watched_fsdp_epi(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_fsdp_epi_holds_isolated_shards_bit_for_bit_and_selects_the_unsharded_masks(tmp_path: Path, watched_fsdp_epi: Path) -> None:
     """(a), (b): WatchedEPI asserts after every step that each isolated coordinate of this rank's shards holds its
     value exactly (AdamW decay 0.5, refreshes every 3 steps); the run's losses and mask statistics equal one process's."""
-    single = run_script("train.py", *FSDP_EPI, WATCHED, f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
-    assert single.returncode == 0, single.stderr[-4000:]
+    train_script.train(make_cfg(*FSDP_EPI, WATCHED), tmp_path / "one")  # one process, in this one
     runs = {"fsdp": watched_fsdp_epi, "one": tmp_path / "one"}
 
     def logged(run: str, split: str, metric: str) -> list[float]:
@@ -191,9 +190,7 @@ def test_fsdp_cpi_probes_cores_fusion_and_stages_equal_one_process(tmp_path: Pat
     common = [*TINY, *CPI_FAST, "strategy._target_=tests.test_fsdp.ShardWatchedCPI", "parallel=fsdp", "threads=1", "schedule.steps=10"]
     sharded = torchrun(tmp_path, *common, f"strategy.cache_dir={tmp_path / 'cache_fsdp'}", f"hydra.run.dir={tmp_path / 'fsdp'}")
     assert sharded.returncode == 0, sharded.stderr[-4000:]
-    single = run_script("train.py", *common, f"strategy.cache_dir={tmp_path / 'cache_one'}", f"hydra.run.dir={tmp_path / 'one'}",
-                        cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
-    assert single.returncode == 0, single.stderr[-4000:]
+    train_script.train(make_cfg(*common, f"strategy.cache_dir={tmp_path / 'cache_one'}"), tmp_path / "one")  # one process, in this one
     assert len(list((tmp_path / "cache_fsdp").glob("*.rank1of2.pt"))) == 5  # each rank cached its shards of each probe
 
     def artifact(run: str, name: str) -> dict:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from epi.activations import step_peak
 from epi.config import validate
@@ -293,3 +294,20 @@ def test_ddp_and_fsdp_ranks_hold_what_the_plan_predicts(tmp_path: Path) -> None:
         assert isolation[0] == isolation[1] > 0, (name, isolation)
     assert ranks[0]["ddp-epi"]["buckets"] == ranks[0]["ddp-epi"]["planned_buckets"] > 0
     assert ranks[0]["fsdp-epi"]["measured"]["params"] > ranks[1]["fsdp-epi"]["measured"]["params"]  # rank 0: the largest shards
+
+
+RECIPES = ("cpi_ft_table1", "cpi_ft_forgetting", "epi_paper")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", RECIPES)
+def test_every_arm_of_every_paper_recipe_is_planned(experiment: str) -> None:
+    """`python -m epi.plan experiment=<recipe> +arm=<arm>` prints a plan for each arm the recipe sweeps (here on the
+    nano model: the 7B is planned above; a recipe's stages, probes and steps are its own)."""
+    params = OmegaConf.load(ROOT / "conf" / "experiment" / f"{experiment}.yaml").hydra.sweeper.params
+    for arm in str(params["+arm"]).split(","):
+        text = render(make_plan(compose_run([f"experiment={experiment}", f"+arm={arm}", "model=nano", "data.max_len=256"])))
+        assert f"strategy={'multistage' if arm.startswith('multistage') else arm.split('_')[0]}," in text, (arm, text)
+        assert re.search(r"^fit: yes", text, re.M) and re.search(r"^compute: [\d,]+ optimizer steps", text, re.M), (arm, text)
+        if arm == "cpi":
+            assert "+ cpi probes: 5 tasks x 100 steps" in text, text
