@@ -23,7 +23,7 @@ from epi.data.tasks import SPLITS, Example, Task
 from epi.errors import UserError
 from epi.logging import read_metrics
 from epi.trainer import Trainer
-from tests.helpers import ROOT, TINY, make_cfg, run_script
+from tests.helpers import ROOT, TINY, make_cfg, run_main
 from tests.paper_files import write_jsonl
 from tests.test_sources import CHAT, bad_data, one_task
 
@@ -456,7 +456,7 @@ def test_eval_example_is_kept_when_its_last_prompt_fits() -> None:
         ("directory", "is a directory, not a file; name the files in it"),
     ],
 )
-def test_cli_bad_data_input_exits_2_with_one_line(tmp_path: Path, bad: str, needle: str) -> None:
+def test_cli_bad_data_input_exits_2_with_one_line(capfd: pytest.CaptureFixture, tmp_path: Path, bad: str, needle: str) -> None:
     (tmp_path / "latin1.jsonl").write_bytes('{"question": "caf\u00e9", "answer": "1"}\n'.encode("latin-1"))
     good = write_jsonl(tmp_path / "good.jsonl", ROWS)
     args = {
@@ -465,7 +465,7 @@ def test_cli_bad_data_input_exits_2_with_one_line(tmp_path: Path, bad: str, need
         "directory": one_task(tmp_path),
     }[bad]
     run = tmp_path / "run"
-    proc = run_script("train.py", *TINY, *args, f"hydra.run.dir={run}", cwd=tmp_path)
+    proc = run_main("train.py", *TINY, *args, f"hydra.run.dir={run}", cwd=tmp_path, capfd=capfd)
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and needle in last
@@ -473,11 +473,11 @@ def test_cli_bad_data_input_exits_2_with_one_line(tmp_path: Path, bad: str, need
 
 
 @pytest.mark.slow
-def test_cli_lone_surrogate_exits_2_with_one_line(tmp_path: Path) -> None:
+def test_cli_lone_surrogate_exits_2_with_one_line(capfd: pytest.CaptureFixture, tmp_path: Path) -> None:
     """The reported crash: a UnicodeEncodeError traceback (exit 1) from the holdout hash, long after reading."""
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in ROWS) + '{"question": "bad \\ud800", "answer": "x"}\n')
-    proc = run_script("train.py", *TINY, *one_task(path), f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    proc = run_main("train.py", *TINY, *one_task(path), f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, capfd=capfd)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f"error: {path}:41: " + SURROGATE.format(column="question", escape="\\ud800")

@@ -13,7 +13,7 @@ from epi.data.load import known_tasks
 from epi.errors import UserError
 from epi.models import build_model
 from epi.trainer import Trainer
-from tests.helpers import TINY, make_cfg, run_script
+from tests.helpers import TINY, make_cfg, run_main, run_script
 
 
 @pytest.mark.parametrize(
@@ -67,7 +67,7 @@ def test_experiment_variables_are_known_keys() -> None:
 
 
 @pytest.mark.slow
-def test_weights_made_non_finite_by_a_finite_loss_step_are_never_checkpointed(tmp_path: Path) -> None:
+def test_weights_made_non_finite_by_a_finite_loss_step_are_never_checkpointed(capfd: pytest.CaptureFixture, tmp_path: Path) -> None:
     """lr=1e300 is a finite config value, but AdamW's fp32 update makes every weight inf at step 1 while that step's
     loss and gradient norm are finite: the run stops there (exit 3) and writes no checkpoint of that state."""
     run = tmp_path / "run"
@@ -94,11 +94,11 @@ def test_cli_exits_non_zero_with_one_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_corrupt_checkpoint_is_reported_and_left_intact(tmp_path: Path) -> None:
+def test_corrupt_checkpoint_is_reported_and_left_intact(capfd: pytest.CaptureFixture, tmp_path: Path) -> None:
     bad = tmp_path / "old" / checkpoint.FILENAME
     bad.parent.mkdir()
     bad.write_bytes(b"not a checkpoint")
-    proc = run_script("train.py", *TINY, f"resume={bad.parent}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    proc = run_main("train.py", *TINY, f"resume={bad.parent}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, capfd=capfd)
     assert proc.returncode == 2
     assert "is corrupt or unreadable" in proc.stderr and "left untouched" in proc.stderr
     assert bad.read_bytes() == b"not a checkpoint"
@@ -154,9 +154,9 @@ def test_bad_strategy_values_name_the_key(strategy: str, override: str, needle: 
 
 
 @pytest.mark.slow
-def test_bad_strategy_value_writes_nothing(tmp_path: Path) -> None:
+def test_bad_strategy_value_writes_nothing(capfd: pytest.CaptureFixture, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    proc = run_script("train.py", *TINY, "strategy=epi", "strategy.p=1.5", f"hydra.run.dir={run}", cwd=tmp_path)
+    proc = run_main("train.py", *TINY, "strategy=epi", "strategy.p=1.5", f"hydra.run.dir={run}", cwd=tmp_path, capfd=capfd)
     assert proc.returncode == 2 and "strategy.p=1.5" in proc.stderr
     assert {p.name for p in run.iterdir()} <= {".hydra", "train.log", "run.lock"}  # Hydra's own record only
 
@@ -174,10 +174,10 @@ def test_empty_or_broken_model_directory_is_one_line(tmp_path: Path, config_json
 
 
 @pytest.mark.slow
-def test_device_cuda_without_cuda_is_one_line(tmp_path: Path) -> None:
+def test_device_cuda_without_cuda_is_one_line(capfd: pytest.CaptureFixture, tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    proc = run_script("train.py", *TINY, "device=cuda", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    proc = run_main("train.py", *TINY, "device=cuda", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, capfd=capfd)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: device='cuda': this torch ")
 

@@ -18,7 +18,7 @@ import yaml
 from epi.data.load import load_tasks
 from epi.data.local import expand_root
 from epi.errors import UserError
-from tests.helpers import TINY, make_cfg, run_script
+from tests.helpers import TINY, make_cfg, run_main
 from tests.paper_files import write_jsonl
 
 N = 60  # training rows per folder
@@ -95,9 +95,9 @@ LINES = [
 
 
 @pytest.mark.slow
-def test_cli_trains_on_every_folder_and_prints_each_mapping(tree: Path, tmp_path: Path) -> None:
+def test_cli_trains_on_every_folder_and_prints_each_mapping(capfd: pytest.CaptureFixture, tree: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    proc = run_script("train.py", *TINY, "data=local", f"data.root={tree}", f"hydra.run.dir={run}", cwd=tmp_path)
+    proc = run_main("train.py", *TINY, "data=local", f"data.root={tree}", f"hydra.run.dir={run}", cwd=tmp_path, capfd=capfd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = proc.stdout.splitlines()
     assert [line for line in printed if line.startswith("task '")] == [line.format(root=tree) for line in LINES]
@@ -108,14 +108,14 @@ def test_cli_trains_on_every_folder_and_prints_each_mapping(tree: Path, tmp_path
 
 
 @pytest.mark.slow
-def test_user_data_config_from_config_dir_picks_a_subset(tree: Path, tmp_path: Path) -> None:
+def test_user_data_config_from_config_dir_picks_a_subset(capfd: pytest.CaptureFixture, tree: Path, tmp_path: Path) -> None:
     """docs/data.md's route for a researcher's own defaults: conf/data/<mine>.yaml outside the repo, on --config-dir."""
     (tmp_path / "my_conf/data").mkdir(parents=True)
     (tmp_path / "my_conf/data/mine.yaml").write_text(
         f"defaults:\n  - local\n  - _self_\n\nroot: {tree}\ntasks: [qa, chat]\nweights: {{qa: 2}}\n"
     )
     run = tmp_path / "run"
-    proc = run_script("train.py", f"--config-dir={tmp_path / 'my_conf'}", "data=mine", *TINY, f"hydra.run.dir={run}", cwd=tmp_path)
+    proc = run_main("train.py", f"--config-dir={tmp_path / 'my_conf'}", "data=mine", *TINY, f"hydra.run.dir={run}", cwd=tmp_path, capfd=capfd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [line.split(" (")[0] for line in proc.stdout.splitlines() if line.startswith("task '")] == ["task 'qa'", "task 'chat'"]
     saved = yaml.safe_load((run / "config.yaml").read_text())["data"]
@@ -153,9 +153,9 @@ MESSAGES = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["two_train", "no_train", "no_fields", "missing_root"])
-def test_cli_ambiguous_tree_exits_2_with_one_line(tmp_path: Path, case: str) -> None:
+def test_cli_ambiguous_tree_exits_2_with_one_line(capfd: pytest.CaptureFixture, tmp_path: Path, case: str) -> None:
     root, run = tmp_path / "tasks", tmp_path / "run"
-    proc = run_script("train.py", *TINY, *broken(root, case), f"hydra.run.dir={run}", cwd=tmp_path)
+    proc = run_main("train.py", *TINY, *broken(root, case), f"hydra.run.dir={run}", cwd=tmp_path, capfd=capfd)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == [f"error: {MESSAGES[case].format(root=root)}"]
     assert {p.name for p in run.iterdir()} <= {".hydra", "train.log", "run.lock"}

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from epi import plots, report
 from epi.rundir import setting_name
 from epi.errors import UserError
-from tests.helpers import eval_report, run_script
+from tests.helpers import eval_report, run_main
 
 
 def fake_run(root: Path, name: str, *, group: str, seed: int, tasks: list[str], scores: dict[str, float],
@@ -96,13 +96,13 @@ def test_eval_py_runs_writes_tables_and_plots(runs: Path, tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
-def test_eval_py_runs_with_no_runs_fails_clearly(tmp_path: Path) -> None:
-    proc = run_script("eval.py", f"runs={tmp_path}", f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path)
+def test_eval_py_runs_with_no_runs_fails_clearly(capfd: pytest.CaptureFixture, tmp_path: Path) -> None:
+    proc = run_main("eval.py", f"runs={tmp_path}", f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path, capfd=capfd)
     assert proc.returncode == 2 and "no run directories" in proc.stderr
 
 
 @pytest.mark.slow
-def test_core_overlap_is_averaged_over_seeds_and_drawn(runs: Path, tmp_path: Path) -> None:
+def test_core_overlap_is_averaged_over_seeds_and_drawn(capfd: pytest.CaptureFixture, runs: Path, tmp_path: Path) -> None:
     for seed, off in ((0, 0.2), (1, 0.4)):
         run = fake_run(runs, f"cpi{seed}", group="strategy=cpi", seed=seed, tasks=["a", "b"], scores={"a": 0.5, "b": 0.5})
         (run / "cpi").mkdir()
@@ -112,7 +112,7 @@ def test_core_overlap_is_averaged_over_seeds_and_drawn(runs: Path, tmp_path: Pat
     assert report.core_overlap(groups["strategy=cpi"]) == (["a", "b"], [[1.0, pytest.approx(0.3)], [pytest.approx(0.3), 1.0]])
     assert report.core_overlap(groups["strategy=none"]) is None
     out = tmp_path / "out"
-    proc = run_script("eval.py", f"runs={runs}", f"hydra.run.dir={out}", cwd=tmp_path)
+    proc = run_main("eval.py", f"runs={runs}", f"hydra.run.dir={out}", cwd=tmp_path, capfd=capfd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "overlap_strategy=cpi.png").is_file()
 
@@ -124,7 +124,7 @@ def test_runs_listed_in_sweep_order(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_missing_stage_evaluation_is_marked_not_closed_up(tmp_path: Path) -> None:
+def test_a_missing_stage_evaluation_is_marked_not_closed_up(capfd: pytest.CaptureFixture, tmp_path: Path) -> None:
     """Stage 1's evaluation is lost: row 1 stays a gap, the run is left out of BWT and named in the report."""
     run = fake_run(tmp_path / "runs", "0", group="seq", seed=0, tasks=["a", "b", "c"], scores={"a": 0.1, "b": 0.2, "c": 0.9},
                    stages=[["a"], ["b"], ["c"]], matrix=[{"a": 0.9, "b": 0.0, "c": 0.0}, {"a": 0.5, "b": 0.8, "c": 0.0}, {"a": 0.1, "b": 0.2, "c": 0.9}])
@@ -134,7 +134,7 @@ def test_a_missing_stage_evaluation_is_marked_not_closed_up(tmp_path: Path) -> N
     assert loaded.matrix[1] is None and loaded.matrix[2] == {"a": 0.1, "b": 0.2, "c": 0.9}
     assert loaded.missing_stages == [1] and report.transfer(loaded) is None
     out = tmp_path / "out"
-    proc = run_script("eval.py", f"runs={tmp_path / 'runs'}", f"hydra.run.dir={out}", cwd=tmp_path)
+    proc = run_main("eval.py", f"runs={tmp_path / 'runs'}", f"hydra.run.dir={out}", cwd=tmp_path, capfd=capfd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = (out / "report.md").read_text()
     assert "Runs left out of the transfer numbers" in md and "stage(s) [1]" in md

@@ -22,7 +22,7 @@ from epi.errors import UserError
 from epi.logging import read_metrics
 from epi.models import build_model
 from epi.trainer import Trainer
-from tests.helpers import TINY, TINY_MODEL, make_cfg, run_script
+from tests.helpers import TINY, TINY_MODEL, make_cfg, run_main, run_script
 from tests.paper_files import write_jsonl, write_paper_files
 from tests.test_data import CHAT_TEMPLATE
 
@@ -278,7 +278,7 @@ def test_hub_dataset_without_network_fails_fast_with_local_file_fix(tmp_path: Pa
         ("unknown_model", "model.name_or_path='no-such-org/no-such-model' is not a local directory"),
     ],
 )
-def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path: Path, bad: str, needle: str) -> None:
+def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(capfd: pytest.CaptureFixture, tmp_path: Path, bad: str, needle: str) -> None:
     good = write_jsonl(tmp_path / "good.jsonl", [{"question": f"{i} + 1", "answer": f"#### {i + 1}"} for i in range(20)])
     (tmp_path / "bad.jsonl").write_text('{"question": "a", "answer": "1"}\nnot json\n')
     write_jsonl(tmp_path / "missing.jsonl", [{"question": "a", "solution": "1"}])
@@ -292,7 +292,7 @@ def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path: Path, 
     }[bad]
     run = tmp_path / "run"
     base = [o for o in TINY if o not in TINY_MODEL] if bad == "unknown_model" else TINY
-    proc = run_script("train.py", *base, *args, f"hydra.run.dir={run}", cwd=tmp_path)
+    proc = run_main("train.py", *base, *args, f"hydra.run.dir={run}", cwd=tmp_path, capfd=capfd)
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and needle in last
