@@ -30,6 +30,10 @@ from epi.report.jobs import evaluate_model
 from epi.trainer import Trainer
 from tests.helpers import ROOT, make_cfg
 
+# One xdist worker runs this file: its programs run as one user (`nobody` under root) whose process limit they share,
+# so the fork bomb, filling it, would make another test's legitimate fork fail on the other worker.
+pytestmark = pytest.mark.xdist_group("sandbox_user")
+
 FAST = ExecutionLimits(timeout_s=2)
 ADD = CodeTests("assert add(1, 2) == 3\nassert add(-1, 1) == 0")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -209,22 +210,28 @@ def test_fsdp_cpi_probes_cores_fusion_and_stages_equal_one_process(tmp_path: Pat
     assert len(artifact("fsdp", "groups")["groups"]) == 5 and watched == [0.0] * 2 + [1.0] * 2 + [2.0] * 2 + [3.0] * 2 + [4.0] * 2
 
 
+@pytest.fixture(scope="module")
+def crashed_fsdp_epi(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """FSDP_EPI SIGKILLed in its second checkpoint (step 10: the shards written, checkpoint.pt not yet renamed;
+    tests/killer): resumed by (d), tampered with (in a copy) by the shard-refusal test."""
+    tmp = tmp_path_factory.mktemp("fsdp_crashed")
+    killer = {"PYTHONPATH": f"{ROOT}:{ROOT / 'tests' / 'killer'}", "EPI_KILL_AT_SAVE": "2"}
+    crashed = torchrun(tmp, *FSDP_EPI, f"hydra.run.dir={tmp / 'crashed'}", env=killer)
+    assert crashed.returncode != 0
+    shards = sorted(p.name for p in (tmp / "crashed" / "checkpoint.shards").iterdir())
+    assert shards == ["step_00000005", "step_00000010"]  # step 10's is complete, but checkpoint.pt still names step 5
+    return tmp / "crashed"
+
+
 @pytest.mark.distributed
 @pytest.mark.xdist_group("fsdp_epi")
-def test_fsdp_kill_and_resume_gives_bit_identical_weights(tmp_path: Path, watched_fsdp_epi: Path) -> None:
-    """(d): a sharded EPI run SIGKILLed in its second checkpoint (step 10: the shards written, checkpoint.pt not yet
-    renamed; tests/killer) resumes from the step-5 checkpoint (masks, strategy state, AdamW shards and each rank's
-    RNG from checkpoint.shards/) and ends with exactly the weights of the run that was never stopped (the watched
-    run: WatchedEPI only reads)."""
+def test_fsdp_kill_and_resume_gives_bit_identical_weights(tmp_path: Path, watched_fsdp_epi: Path, crashed_fsdp_epi: Path) -> None:
+    """(d): the crashed sharded EPI run resumes from the step-5 checkpoint (masks, strategy state, AdamW shards and
+    each rank's RNG from checkpoint.shards/) and ends with exactly the weights of the run that was never stopped (the
+    watched run: WatchedEPI only reads)."""
     from safetensors.torch import load_file
 
-    common = FSDP_EPI
-    killer = {"PYTHONPATH": f"{ROOT}:{ROOT / 'tests' / 'killer'}", "EPI_KILL_AT_SAVE": "2"}
-    crashed = torchrun(tmp_path, *common, f"hydra.run.dir={tmp_path / 'crashed'}", env=killer)
-    assert crashed.returncode != 0
-    shards = sorted(p.name for p in (tmp_path / "crashed" / "checkpoint.shards").iterdir())
-    assert shards == ["step_00000005", "step_00000010"]  # step 10's is complete, but checkpoint.pt still names step 5
-    resumed = torchrun(tmp_path, *common, f"resume={tmp_path / 'crashed'}", f"hydra.run.dir={tmp_path / 'resumed'}")
+    resumed = torchrun(tmp_path, *FSDP_EPI, f"resume={crashed_fsdp_epi}", f"hydra.run.dir={tmp_path / 'resumed'}")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     a, b = (load_file(run / "model" / "model.safetensors") for run in (watched_fsdp_epi, tmp_path / "resumed"))
     assert a.keys() == b.keys()
@@ -249,18 +256,14 @@ def test_fsdp_refuses_what_it_cannot_run_in_one_line(tmp_path: Path, overrides: 
     assert not list(tmp_path.rglob("metrics.jsonl")) and not list(tmp_path.rglob("checkpoint.pt"))
 
 
-# A 2-rank sharded run that keeps its checkpoint: what an attacker's copy of a run directory starts from.
-SHARDED_RUN = [*TINY, "parallel=fsdp", "strategy=none", "threads=1", "schedule.steps=4", "schedule.checkpoint_every=2",
-               "keep_checkpoint=true"]
-
-
 def _checkpoint_files(run: Path) -> dict[str, bytes]:
     return {str(p.relative_to(run)): p.read_bytes() for p in [run / "checkpoint.pt", *(run / "checkpoint.shards").rglob("*")]
             if p.is_file()}
 
 
 @pytest.mark.distributed
-def test_fsdp_resume_refuses_shards_that_would_run_code(tmp_path: Path) -> None:
+@pytest.mark.xdist_group("fsdp_epi")
+def test_fsdp_resume_refuses_shards_that_would_run_code(tmp_path: Path, crashed_fsdp_epi: Path) -> None:
     """DCP's reader unpickles .metadata with plain pickle.load and the non-tensor items of the .distcp files with
     torch.load(weights_only=False): a crafted file ran `os.system` on resume. Now each rank refuses it in the one line
     a crafted checkpoint.pt gets, the payload never runs, and the checkpoint is left as it was. The restricted reader
@@ -269,13 +272,11 @@ def test_fsdp_resume_refuses_shards_that_would_run_code(tmp_path: Path) -> None:
     from tests.test_safe_loading import REFUSED, craft_metadata
 
     run = tmp_path / "run"
-    proc = torchrun(tmp_path, *SHARDED_RUN, f"hydra.run.dir={run}")  # finished, its sharded step-4 checkpoint kept
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    shutil.copytree(crashed_fsdp_epi, run)  # an attacker's copy of a run directory: the crashed run's, step 5 named
     marker = tmp_path / "ran"
-    (shards,) = (run / "checkpoint.shards").iterdir()
-    file = craft_metadata(shards, marker)
+    file = craft_metadata(run / "checkpoint.shards" / "step_00000005", marker)
     before = _checkpoint_files(run)
-    proc = torchrun(tmp_path, *SHARDED_RUN, f"resume={run}", f"hydra.run.dir={run}")
+    proc = torchrun(tmp_path, *FSDP_EPI, f"resume={run}", f"hydra.run.dir={run}")
     assert not marker.exists()
     assert proc.returncode != 0 and re.search(r"exitcode\s*:\s*2\b", proc.stderr), proc.stderr[-4000:]  # torchrun: 1; the rank: 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

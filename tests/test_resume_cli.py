@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from epi import checkpoint
 from epi.logging import read_metrics
-from tests.helpers import ROOT, TINY, run_script
+from tests.helpers import ROOT, TINY, run_main, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -34,13 +34,15 @@ def killed_at_save(n: int, hash_seed: int) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
-def test_sigkill_mid_checkpoint_then_cli_resume_is_bit_identical(strategy: str, tmp_path: Path) -> None:
+def test_sigkill_mid_checkpoint_then_cli_resume_is_bit_identical(strategy: str, tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     args = [*TINY, *STRATEGIES[strategy], "schedule.steps=10", "schedule.checkpoint_every=2"]
     cache = {d: [f"strategy.cache_dir={tmp_path / d / 'cache'}"] if strategy == "cpi" else [] for d in ("straight", "run")}  # EPI has none
     # (each run its own CPI probe cache: the killed run's first attempt probes as the straight run did, and its resumes
     # read the probes back from that cache)
-    # Each process gets another string-hash seed: nothing may depend on set order (CPI's core ties once did).
-    straight = run_script("train.py", *args, *cache["straight"], f"hydra.run.dir={tmp_path / 'straight'}", cwd=tmp_path, env={"PYTHONHASHSEED": "1"})
+    # Each process gets another string-hash seed: nothing may depend on set order (CPI's core ties once did). The killed
+    # attempts are processes of their own; the straight run and the last resume run train.py's main in this process
+    # (run_main: the same command line, under the test worker's own hash seed).
+    straight = run_main("train.py", *args, *cache["straight"], f"hydra.run.dir={tmp_path / 'straight'}", cwd=tmp_path, capfd=capfd)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     run = tmp_path / "run"
@@ -53,7 +55,7 @@ def test_sigkill_mid_checkpoint_then_cli_resume_is_bit_identical(strategy: str, 
     assert second.returncode == -signal.SIGKILL
     assert (run / "checkpoint.pt.tmp").is_file() and checkpoint.load(str(run))["step"] == 4
 
-    last = run_script("train.py", *resume, cwd=tmp_path, env={"PYTHONHASHSEED": "4"})
+    last = run_main("train.py", *resume, cwd=tmp_path, capfd=capfd)
     assert last.returncode == 0, last.stderr[-3000:]
     a, b = (load_file(d / "model" / "model.safetensors") for d in (tmp_path / "straight", run))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -15,7 +15,7 @@ import pytest
 from epi import rundir
 from epi.errors import RunDirTaken
 from epi.logging import read_metrics
-from tests.helpers import ROOT, TINY, run_script
+from tests.helpers import ROOT, TINY, run_main
 
 
 def digest(directory: Path) -> dict[str, str]:
@@ -51,10 +51,10 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_train_py_refuses_a_directory_another_run_holds(tmp_path: Path) -> None:
-    with rundir.hold(tmp_path / "run") as lock:
+def test_train_py_refuses_a_directory_another_run_holds(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    with rundir.hold(tmp_path / "run") as lock:  # an flock: a second open file is refused, in this process as in another
         lock.claim()
-        proc = run_script("train.py", *TINY, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+        proc = run_main("train.py", *TINY, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, capfd=capfd)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'run'} is in use by another run (pid {os.getpid()} ")
     assert {p.name for p in (tmp_path / "run").iterdir()} <= {rundir.LOCK, "train.log"}  # no .hydra/, no metrics (Hydra's empty job log)
@@ -76,20 +76,22 @@ def test_two_runs_started_at_once_into_one_directory_leave_one_run(tmp_path: Pat
 
 
 @pytest.mark.slow
-def test_a_refused_run_changes_nothing_of_the_finished_run_there(tmp_path: Path) -> None:
+def test_a_refused_run_changes_nothing_of_the_finished_run_there(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    # In-process (run_main): the same composition, run directory and exit codes as `python train.py`, without five
+    # interpreters' start-up; test_two_runs_started_at_once_into_one_directory_leave_one_run crosses the process boundary.
     sweep = tmp_path / "sweep"
     common = ["-m", *TINY, "strategy=none", f"hydra.sweep.dir={sweep}", "hydra/launcher=basic"]
-    first = run_script("train.py", *common, "seed=0", cwd=tmp_path)
+    first = run_main("train.py", *common, "seed=0", cwd=tmp_path, capfd=capfd)
     assert first.returncode == 0, first.stderr[-3000:]
     job = sweep / "0"
     before = digest(job)
     assert ".hydra/overrides.yaml" in before and rundir.LOCK in before
     time.sleep(0.01)
     attempts = [
-        run_script("train.py", *TINY, "strategy=none", "seed=1", f"hydra.run.dir={job}", cwd=tmp_path),  # a new run there
-        run_script("train.py", *TINY, "strategy=none", "seed=1", "resume=auto", f"hydra.run.dir={job}", cwd=tmp_path),  # not its own run
-        run_script("train.py", *common, "seed=1", cwd=tmp_path),  # the sweep again, another seed: job 0 refused
-        run_script("train.py", *TINY, "strategy=none", f"resume={job}", f"hydra.run.dir={job}", cwd=tmp_path),  # finished: nothing to resume
+        run_main("train.py", *TINY, "strategy=none", "seed=1", f"hydra.run.dir={job}", cwd=tmp_path, capfd=capfd),  # a new run there
+        run_main("train.py", *TINY, "strategy=none", "seed=1", "resume=auto", f"hydra.run.dir={job}", cwd=tmp_path, capfd=capfd),  # not its own run
+        run_main("train.py", *common, "seed=1", cwd=tmp_path, capfd=capfd),  # the sweep again, another seed: job 0 refused
+        run_main("train.py", *TINY, "strategy=none", f"resume={job}", f"hydra.run.dir={job}", cwd=tmp_path, capfd=capfd),  # finished: nothing to resume
     ]
     for proc in attempts[:2] + attempts[3:]:
         assert proc.returncode == 2, proc.stderr[-2000:]
@@ -99,11 +101,11 @@ def test_a_refused_run_changes_nothing_of_the_finished_run_there(tmp_path: Path)
 
 
 @pytest.mark.slow
-def test_a_directory_holding_a_run_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+def test_a_directory_holding_a_run_is_refused_and_left_as_it_was(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"step": 1}\n')
-    proc = run_script("train.py", *TINY, "strategy=none", f"hydra.run.dir={run}", cwd=tmp_path)
+    proc = run_main("train.py", *TINY, "strategy=none", f"hydra.run.dir={run}", cwd=tmp_path, capfd=capfd)
     assert proc.returncode == 2
     assert "already holds a run (metrics.jsonl)" in proc.stderr.strip().splitlines()[-1]
     assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n' and not (run / "config.yaml").exists()

@@ -28,7 +28,7 @@ from epi.distributed import export_launcher_env, first_host, master_port
 from epi.errors import UserError
 from epi.logging import WANDB_ID, carry_wandb_id, read_metrics, wandb_id
 from epi.strategies.none import NoIsolation
-from tests.helpers import ROOT, TINY, make_cfg, run_script
+from tests.helpers import ROOT, TINY, make_cfg, run_main, run_script
 from tests.test_resume_cli import killed_at_save
 
 pytestmark = pytest.mark.slurm
@@ -228,8 +228,10 @@ def wandb_runs(run: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_a_killed_run_resumes_by_the_same_command_or_a_requeue_into_one_wandb_run(tmp_path: Path) -> None:
-    straight = run_script("train.py", *TINY, *EPI, f"hydra.run.dir={tmp_path / 'straight'}", cwd=tmp_path)
+def test_a_killed_run_resumes_by_the_same_command_or_a_requeue_into_one_wandb_run(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    # The attempts that are killed or requeued cross the process boundary (each with its own hash seed); the run never
+    # stopped and the final no-op run in this process (run_main: the same main, exit code and output).
+    straight = run_main("train.py", *TINY, *EPI, f"hydra.run.dir={tmp_path / 'straight'}", cwd=tmp_path, capfd=capfd)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     run = tmp_path / "run"
@@ -257,7 +259,7 @@ def test_a_killed_run_resumes_by_the_same_command_or_a_requeue_into_one_wandb_ru
     assert wandb_runs(run) == [run_id] * 3  # three attempts, one W&B run
 
     model = {p.name: p.stat().st_mtime_ns for p in (run / "model").iterdir()}
-    done = run_script("train.py", *command, cwd=tmp_path)  # once more: the run is finished, nothing is redone
+    done = run_main("train.py", *command, cwd=tmp_path, capfd=capfd)  # once more: the run is finished, nothing is redone
     assert done.returncode == 0 and "nothing to do (resume=auto)" in done.stdout, done.stderr[-3000:]
     assert wandb_runs(run) == [run_id] * 3 and {p.name: p.stat().st_mtime_ns for p in (run / "model").iterdir()} == model
 
