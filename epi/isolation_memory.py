@@ -22,7 +22,7 @@ from typing import Literal
 
 from epi.masks import layer_of, participating, under
 from epi.memory import Shapes
-from epi.optim import _OWNER_DTYPES  # the engine's owner-bit integer, by number of tasks
+from epi.optim import owner_dtype
 from epi.strategies import Stage, Strategy
 from epi.strategies.badam import BAdam, infer_blocks
 from epi.strategies.cpi import CPI
@@ -115,7 +115,7 @@ def step_stash(shapes: Shapes, run: RunShape, isolated: int, bound: Bound) -> li
 
 
 def owner_size(tasks: int) -> int:
-    return next(dtype for dtype, width in _OWNER_DTYPES if tasks <= width).itemsize
+    return owner_dtype(tasks).itemsize
 
 
 def packed(shapes: Shapes, names: list[str]) -> int:

@@ -34,6 +34,13 @@ from epi.sharding import Shards, local
 MOMENT_POLICIES = ("track", "reset")
 # The smallest integer type that holds one owner bit per task, by the number of tasks it holds (int64: 63, its sign bit unused).
 _OWNER_DTYPES = ((torch.uint8, 8), (torch.int16, 15), (torch.int32, 31), (torch.int64, 63))
+
+
+def owner_dtype(tasks: int) -> torch.dtype:
+    """The integer type of the exclusive coordinates' owner bits for `tasks` tasks (one bit each): what the engine
+    stores and what the plan (epi/isolation_memory.py) counts."""
+    return next(d for d, width in _OWNER_DTYPES if tasks <= width)
+
 # State entries that carry momentum, zeroed on release under "reset".
 _MOMENTUM_KEYS = ("exp_avg", "momentum_buffer")
 
@@ -145,7 +152,7 @@ class IsolatedOptimizer:
         tasks = list(masks)
         if len(tasks) > 63:
             raise ValueError(f"exclusive isolation keeps a bit per task in an int64: at most 63 tasks, got {len(tasks)}")
-        bits_dtype = next(d for d, width in _OWNER_DTYPES if len(tasks) <= width)
+        bits_dtype = owner_dtype(len(tasks))
         per_name: dict[str, list[tuple[Tensor, int]]] = {}
         for k, (task, task_masks) in enumerate(masks.items()):
             for name, mask in task_masks.items():

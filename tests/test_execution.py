@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
 
 from epi.config import validate
-from epi.data.execution import STDERR_TAIL, ExecutionLimits, code_of, program, run, run_all
+from epi.data.execution import STDERR_TAIL, ExecutionLimits, body_of, code_of, program, run, run_all
 from epi.data.format import Chat, with_system_prompt
 from epi.data.load import known_tasks, load_general
 from epi.data.sources import load_source_task, package_file, validate_source
@@ -133,6 +133,22 @@ def test_the_program_is_built_by_humaneval_or_mbpp_convention() -> None:
     continued, repeated, mbpp = run_all([program(stub, "    return a + b\n", humaneval), program(stub, fenced, humaneval),
                                          program("Write add.", fenced, ADD)], FAST)
     assert continued.passed and repeated.passed and mbpp.passed  # a whole function after the stub redefines it
+
+
+def test_a_base_models_completion_ends_where_the_humaneval_harness_cuts_it() -> None:
+    """A base model goes on after the body: another definition of the function, a test, a print. The harness's stop
+    sequences end the completion at the first new top-level statement; a fenced answer and MBPP code are not cut."""
+    humaneval = CodeTests("def check(candidate):\n    assert candidate(1, 2) == 3\n", "add")
+    stub = 'def add(a, b):\n    """Add."""\n'
+    body = "    # the sum\n    if a is None:\n        return b\n    return a + b\n"
+    redefined = f"{body}\n\ndef add(a, b):\n    return a - b\n"
+    assert body_of(redefined) == body + "\n" and program(stub, redefined, humaneval) == f"{stub}{body}\n\n{humaneval.code}\ncheck(add)\n"
+    continued = [redefined, f"{body}\nif __name__ == '__main__':\n    raise SystemExit(1)\n", f"{body}\nprint(add(1, 1)); raise SystemExit(1)\n",
+                 f"{body}\n# a test\nassert add(1, 1) == 3\n", f"{body}\nclass Broken(:\n"]
+    assert all(r.passed for r in run_all([program(stub, c, humaneval) for c in continued], FAST))
+    fenced = "```python\ndef add(a, b):\n    return a + b\n\ndef unused():\n    pass\n```"
+    assert "def unused" in program(stub, fenced, humaneval)  # a fenced block is a whole unit: helpers stay
+    assert program("Write add.", "def add(a, b):\n    return a + b\n", ADD).startswith("def add")  # MBPP: not cut
 
 
 def test_a_pass_at_1_task_without_tests_is_refused_in_one_line() -> None:

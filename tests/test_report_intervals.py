@@ -1,4 +1,5 @@
-"""eval.py runs=...: intervals over seeds, the paired bootstrap against the baseline, retention columns.
+"""eval.py runs=...: intervals over seeds, the paired bootstrap against the baseline, retention columns, the general
+checks before and after.
 
 Fabricated run directories with known per-example scores, so every number below is checked by hand."""
 
@@ -227,6 +228,48 @@ def test_retention_columns_mean_and_interval(tmp_path: Path) -> None:
     assert "| strategy=epi | 1 | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.500 ± 0.000 | – | – | – | – | – |" in md
     assert "Retention left out" not in md
     assert (out / "scores.csv").read_text().splitlines()[0].endswith(",retention_ppl_after_mean,retention_ppl_after_std,retention_ppl_after_ci_low,retention_ppl_after_ci_high")
+
+
+def general(run: Path, before: dict[str, float] | None, after: dict[str, float], split: str = "test") -> None:
+    """general.json as epi.general.write_general writes it (a pass_at_1 check has a score and no loss)."""
+    data = {"split": split, "before": None if before is None else {t: {"score": v} for t, v in before.items()},
+            "after": {t: {"score": v} for t, v in after.items()}}
+    (run / "general.json").write_text(json.dumps(data))
+
+
+def test_general_checks_before_after_and_change_over_seeds(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    for seed, (before, after) in enumerate(((0.10, 0.06), (0.12, 0.10))):
+        general(fake_run(root, f"n{seed}", group="strategy=none", seed=seed, tasks=["a"], scores={"a": 0.5}), {"humaneval": before},
+                {"humaneval": after})
+    general(fake_run(root, "e0", group="strategy=epi", seed=0, tasks=["a"], scores={"a": 0.5}), None, {"humaneval": 0.2})  # no before
+    fake_run(root, "r0", group="strategy=random", seed=0, tasks=["a"], scores={"a": 0.5})  # no checks at all
+    out, md = eval_report(root, tmp_path)
+    assert "## General ability (eval.general.tasks" in md and "The test split, mean ± std over seeds" in md
+    assert "| setting | seeds | humaneval before | humaneval after | humaneval Δ |" in md
+    # before 0.10, 0.12; after 0.06, 0.10; Δ -0.04, -0.02 (s = 0.014142: half-width 12.7062 * 0.014142 / sqrt(2) = 0.127062)
+    assert "| strategy=none | 2 | 0.110 ± 0.014 | 0.080 ± 0.028 | -0.030 ± 0.014 |" in md
+    assert "| strategy=none | 2 | 0.110 [-0.017, 0.237] | 0.080 [-0.174, 0.334] | -0.030 [-0.157, 0.097] |" in md
+    assert "| strategy=epi | 1 | – | 0.200 ± 0.000 | – |" in md  # no before: no change either
+    assert "| strategy=random | 1 | – | – | – |" in md
+    assert (out / "general.csv").read_text().startswith("setting,seeds,humaneval_before_mean,")
+    data = json.loads((out / "report.json").read_text())["general"]
+    assert data["split"] == "test" and data["columns"] == ["humaneval before", "humaneval after", "humaneval Δ"]
+
+
+def test_general_checks_on_different_splits_are_not_averaged(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    general(fake_run(root, "0", group="strategy=none", seed=0, tasks=["a"], scores={"a": 0.5}), {"h": 0.1}, {"h": 0.2}, split="test")
+    general(fake_run(root, "1", group="strategy=none", seed=1, tasks=["a"], scores={"a": 0.5}), {"h": 0.1}, {"h": 0.2}, split="val")
+    _, md = eval_report(root, tmp_path)
+    assert "Left out: the runs scored their general checks on different splits" in md
+
+
+def test_a_report_without_general_checks_has_no_such_section(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    fake_run(root, "0", group="strategy=none", seed=0, tasks=["a"], scores={"a": 0.5})
+    out, md = eval_report(root, tmp_path)
+    assert "General ability" not in md and not (out / "general.csv").exists()
 
 
 @pytest.mark.slow

@@ -48,6 +48,10 @@ NOBODY = 65534  # the unprivileged uid (and gid) a program runs as when the eval
 STDERR_TAIL = 600  # characters of a program's stderr kept for its record
 ENV_PATH = "/usr/local/bin:/usr/bin:/bin"
 _FENCE = re.compile(r"```[^\n`]*\n(.*?)(?:```|\Z)", re.S)  # a fenced block, closed or cut off by the generation limit
+# Where a completion of a function's body ends: the stop sequences of the HumanEval paper (Chen et al. 2021, sec. 2.3)
+# and its harness, a new top-level statement. A base model does not stop after the body; what it writes next (another
+# function, a test, a print) is not its answer and could redefine or break the function.
+BODY_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 
 # Run by the child's interpreter before the program: limits, no new privileges, `nobody` under root; then the
 # program as __main__. argv: program path, address space, CPU seconds, processes, file size (bytes). If a step fails the
@@ -109,14 +113,21 @@ def program(prompt: str, completion: str, tests: CodeTests) -> str:
 
     With an entry point (HumanEval): the prompt is the start of the program (a signature and docstring), so the
     program is prompt + completion + tests + `check(<entry point>)`; a fenced block is a unit of its own and goes on a
-    new line (a whole function repeated after the prompt's stub redefines it). Without one (MBPP): the prompt is prose,
+    new line (a whole function repeated after the prompt's stub redefines it); an unfenced completion continues the
+    body and ends at its first BODY_STOPS, as the HumanEval harness cuts a base model's completion. Without one (MBPP): the prompt is prose,
     the tests are assert statements, and the program is the completion's code + tests.
     """
     code = code_of(completion)
     if tests.entry_point is None:
         return f"{code}\n{tests.code}\n"
-    head = prompt + "\n" if _FENCE.search(completion) else prompt
-    return f"{head}{code}\n{tests.code}\ncheck({tests.entry_point})\n"
+    fenced = _FENCE.search(completion) is not None
+    head = prompt + "\n" if fenced else prompt
+    return f"{head}{code if fenced else body_of(code)}\n{tests.code}\ncheck({tests.entry_point})\n"
+
+
+def body_of(completion: str) -> str:
+    """An unfenced completion of a function's body, up to its first BODY_STOPS (the whole of it when none occurs)."""
+    return completion[: min((i for i in (completion.find(stop) for stop in BODY_STOPS) if i >= 0), default=len(completion))]
 
 
 def run(source: str, limits: ExecutionLimits) -> Execution:

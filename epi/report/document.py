@@ -1,9 +1,9 @@
 """The whole report over a set of runs, built in-process: `write_report(runs, out_dir, ...)`.
 
 Per-setting scores (mean ± std over seeds, then their 95% t intervals), normalised score, compute, retention, the
-paired comparison with the baseline setting, transfer, the runs that did not finish, plots: markdown (REPORT_MD),
-JSON (REPORT_JSON), CSV (SCORES_CSV, TRANSFER_CSV) and PNGs in `out_dir`. `runs` are directories (a multirun dir,
-run dirs) or archives of them (epi.archive: a `.tar.xz` reads as the directory it was packed from; its runs are
+general checks before and after, the paired comparison with the baseline setting, transfer, the runs that did not
+finish, plots: markdown (REPORT_MD), JSON (REPORT_JSON), CSV (SCORES_CSV, GENERAL_CSV, TRANSFER_CSV, TRANSITIONS_CSV)
+and PNGs in `out_dir`. `runs` are directories (a multirun dir, run dirs) or archives of them (epi.archive: a `.tar.xz` reads as the directory it was packed from; its runs are
 named `<archive>/<member path>`).
 """
 
@@ -22,7 +22,7 @@ from epi.plots import plot_drift, plot_overlap, plot_scores_over_steps, plot_tas
 from epi.report.runs import COMPUTE, Run, Unfinished, by_setting, load_runs, shorten
 from epi.report.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, TRANSFER, compare_to_baseline, summarize, transfer
 from epi.report.tables import (
-    COMPARISON_COLUMNS, comparison_rows, core_overlap, csv, fmt_interval, fmt_paired, left_out_of_normalised, markdown, retention_columns,
+    COMPARISON_COLUMNS, comparison_rows, core_overlap, csv, fmt_interval, fmt_paired, general_table, left_out_of_normalised, markdown, retention_columns,
     retention_corpora, retention_mismatch, score_curves, score_table, to_json,
 )
 from epi.report.transitions import COLUMNS as TRANSITION_COLUMNS
@@ -30,7 +30,7 @@ from epi.report.transitions import PAIRED_COLUMNS as PAIRED_TRANSITION_COLUMNS
 from epi.report.transitions import PairedTransitions, by_example
 
 REPORT_MD, REPORT_JSON, SCORES_CSV, TRANSFER_CSV = "report.md", "report.json", "scores.csv", "transfer.csv"
-TRANSITIONS_CSV = "transitions.csv"
+TRANSITIONS_CSV, GENERAL_CSV = "transitions.csv", "general.csv"
 
 
 @dataclass
@@ -82,6 +82,11 @@ def _write(paths: list[Path], shown: Callable[[Path], Path], out_dir: Path, spli
     sections = [scores]
     (out_dir / SCORES_CSV).write_text(csv(columns, rows))
 
+    general_split, general_columns, general_rows = general_table(runs)
+    if general_columns:
+        sections.append(_general_section(general_split, general_columns, general_rows))
+        (out_dir / GENERAL_CSV).write_text(csv(["setting", "seeds", *general_columns], general_rows))
+
     baselines, comparisons, not_compared = compare_to_baseline(runs, split, baseline)
     if comparisons or not_compared:  # a baseline with no other setting: nothing to pair
         sections.append(_paired_section(split, baselines, comparisons, not_compared))
@@ -119,7 +124,8 @@ def _write(paths: list[Path], shown: Callable[[Path], Path], out_dir: Path, spli
         "split": split,
         "scores": rows,  # a mean over seeds is {mean, std, n, ci_low, ci_high}
         "left_out_of_normalised": left_out,
-        "retention_corpora": retention_corpora(runs, shown),  # corpus_sha256 -> runs; more than one: no retention columns
+        "retention_corpora": retention_corpora(runs, shown),
+        "general": {"split": general_split, "columns": general_columns, "rows": general_rows},  # corpus_sha256 -> runs; more than one: no retention columns
         "baseline": baselines,
         "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "stratified_by": "task", "interval": "95% percentile"},
         "vs_baseline": comparisons,
@@ -127,13 +133,22 @@ def _write(paths: list[Path], shown: Callable[[Path], Path], out_dir: Path, spli
         "transfer": transfers,
         "per_example_forgetting": {"settings": per_example, "vs_baseline": paired_transitions, "left_out": transitions_left_out},
         "runs": [{"path": str(shown(r.path)), "setting": r.setting, "seed": r.seed, "scores": r.scores, "compute": r.compute,
-                  "retention": r.retention, "accuracy_matrix": r.matrix, "missing_stages": r.missing_stages, "stages": r.stages} for r in runs],
+                  "retention": r.retention, "general": r.general, "accuracy_matrix": r.matrix, "missing_stages": r.missing_stages, "stages": r.stages} for r in runs],
         "unfinished": [{"path": str(shown(u.path)), "name": u.name, "overrides": u.overrides, "error": u.error} for u in unfinished],
     }
     (out_dir / REPORT_MD).write_text(text + "\n")
     (out_dir / REPORT_JSON).write_text(json.dumps(data, indent=2, default=to_json) + "\n")
     return Report(text, json.loads(json.dumps(data, default=to_json)), columns, rows, runs, unfinished,
                   list(out_dir.glob("*.png")), drift)
+
+
+def _general_section(split: str | None, columns: list[str], rows: list[dict]) -> str:
+    head = "## General ability (eval.general.tasks: evaluation-only checks, before and after training)\n\n"
+    if split is None:
+        return head + "Left out: the runs scored their general checks on different splits; their scores do not compare."
+    return (head + f"The {split} split, mean ± std over seeds; Δ is after − before within each run:\n\n"
+            + markdown(["setting", "seeds", *columns], rows)
+            + "\n\n95% intervals over seeds (as above):\n\n" + markdown(["setting", "seeds", *columns], rows, fmt_interval))
 
 
 def _paired_section(split: str, baselines: list[str], comparisons: list, not_compared: dict[str, str]) -> str:

@@ -42,6 +42,7 @@ class Run:
     losses: list[dict[str, float] | None] = field(default_factory=list)  # after each stage: task -> test loss, like `matrix`
     compute: dict[str, float] = field(default_factory=dict)  # COMPUTE column -> value; empty for runs from before it was logged
     retention: dict | None = None  # rundir.RETENTION as written (Trainer.write_retention); None when the run measured none
+    general: dict | None = None  # rundir.GENERAL as written (epi.general.write_general): split, before, after; None: no checks
     overrides: list[str] = field(default_factory=list)  # the group's overrides, `+` stripped, kept whole: `shorten` relabels `setting`
 
     @property
@@ -130,7 +131,7 @@ def load_run(path: Path, split: str) -> Run:
     # a run trained before bookkeeping overrides left the group (setting_name) still joins its setting
     overrides = [p for p in split_overrides(cfg.logger.group or "default") if not is_bookkeeping(p)]
     group = ",".join(overrides) or "default"
-    retention = path / rundir.RETENTION
+    retention, general = path / rundir.RETENTION, path / rundir.GENERAL
     return Run(
         path=path,
         setting=group,
@@ -143,6 +144,7 @@ def load_run(path: Path, split: str) -> Run:
         losses=[after_loss.get(k) for k in expected],
         compute=_compute(events),
         retention=json.loads(retention.read_text()) if retention.is_file() else None,
+        general=json.loads(general.read_text()) if general.is_file() else None,
         overrides=[p.lstrip("+") for p in split_overrides(group)],
     )
 

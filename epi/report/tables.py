@@ -11,6 +11,8 @@ Definitions (also in the README):
 - retention: the held-out perplexity before and after training (rundir.RETENTION), mean over seeds;
   none when a run of the setting lacks it, and for every setting when the runs' corpora differ
   (corpus_sha256): perplexities of different text do not compare.
+- general checks: each evaluation-only task's score (eval.general.tasks, rundir.GENERAL) before and after
+  training and its change, mean over seeds; none for a setting unless every seed scored it on the same split.
 """
 
 from __future__ import annotations
@@ -108,6 +110,31 @@ def retention_stat(group: list[Run], side: str) -> Stat | None:
     part of the seeds would misstate it, as for compute)."""
     values = [(r.retention or {}).get(side) for r in group]
     return None if None in values else summarize([v["perplexity"] for v in values])
+
+
+def general_table(runs: list[Run]) -> tuple[str | None, list[str], list[dict]]:
+    """The general checks' split, columns and rows per setting: `<task> before`, `<task> after` and `<task> Δ` (after −
+    before per seed), each a `Stat` over the setting's seeds, or None unless every seed has it. No columns when no
+    run has checks; split None when the runs scored them on different splits (then no row is filled: they do not
+    compare)."""
+    checked = [r.general for r in runs if r.general]
+    tasks = sorted({t for g in checked for t in g["after"] if "score" in g["after"][t]})
+    if not tasks:
+        return None, [], []
+    splits = {g["split"] for g in checked}
+    split = splits.pop() if len(splits) == 1 else None
+    columns = [f"{t} {side}" for t in tasks for side in ("before", "after", "Δ")]
+    rows = []
+    for setting, group in by_setting(runs).items():
+        row: dict = {"setting": setting, "seeds": len(group)}
+        for t in tasks:
+            sides = {side: [((r.general or {}).get(side) or {}).get(t, {}).get("score") for r in group] for side in ("before", "after")}
+            for side, values in sides.items():
+                row[f"{t} {side}"] = summarize(values) if split and None not in values else None
+            both = split and None not in sides["before"] + sides["after"]
+            row[f"{t} Δ"] = summarize([a - b for a, b in zip(sides["after"], sides["before"])]) if both else None
+        rows.append(row)
+    return split, columns, rows
 
 
 def score_curves(runs: list[Run], split: str) -> dict[str, dict[str, dict[int, list[float]]]]:
