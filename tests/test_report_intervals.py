@@ -1,5 +1,5 @@
 """eval.py runs=...: intervals over seeds, the paired bootstrap against the baseline, retention columns, the general
-checks before and after.
+checks before and after, the unscored tasks' ratings and perplexities.
 
 Fabricated run directories with known per-example scores, so every number below is checked by hand."""
 
@@ -265,11 +265,35 @@ def test_general_checks_on_different_splits_are_not_averaged(tmp_path: Path) -> 
     assert "Left out: the runs scored their general checks on different splits" in md
 
 
+def test_judged_ratings_unparseable_counts_and_perplexities_get_their_own_table(tmp_path: Path) -> None:
+    """A judged task and a perplexity-scored task have no score (a dash in the score table, not in `avg`); their own
+    metrics are tabulated over seeds."""
+    root = tmp_path / "runs"
+    for seed, (rating, bad, ppl) in enumerate(((6.0, 1, 12.0), (8.0, 3, 14.0))):
+        run = fake_run(root, f"n{seed}", group="strategy=none", seed=seed, tasks=["a", "chat", "text"], scores={"a": 0.5})
+        results = {"a": {"score": 0.5, "loss": 1.0}, "chat": {"rating": rating, "judge_unparseable": bad, "loss": 1.0},
+                   "text": {"perplexity": ppl, "loss": 2.5}}
+        (run / "eval_test.json").write_text(json.dumps(results))
+    run = fake_run(root, "e0", group="strategy=epi", seed=0, tasks=["a", "chat", "text"], scores={"a": 0.7})
+    results = {"a": {"score": 0.7, "loss": 1.0}, "chat": {"judge_unparseable": 4, "loss": 1.0}, "text": {"perplexity": 9.0, "loss": 2.2}}
+    (run / "eval_test.json").write_text(json.dumps(results))  # the judge parsed none of its judgements: no rating
+    out, md = eval_report(root, tmp_path)
+    assert "| strategy=none | 2 | 0.500 ± 0.000 | – | – | 0.500 ± 0.000 |" in md  # a, chat, text, avg: avg is a's alone
+    assert "## Tasks without a score (test split" in md
+    assert "| setting | seeds | chat rating | chat judge_unparseable | text perplexity |" in md
+    assert "| strategy=none | 2 | 7.000 ± 1.414 | 2.000 ± 1.414 | 13.000 ± 1.414 |" in md
+    assert "| strategy=epi | 1 | – | 4.000 ± 0.000 | 9.000 ± 0.000 |" in md
+    assert "| strategy=none | 2 | 7.000 [-5.706, 19.706] |" in md
+    assert (out / "unscored.csv").read_text().startswith("setting,seeds,chat_rating_mean,")
+    assert json.loads((out / "report.json").read_text())["unscored"]["columns"] == ["chat rating", "chat judge_unparseable", "text perplexity"]
+
+
 def test_a_report_without_general_checks_has_no_such_section(tmp_path: Path) -> None:
     root = tmp_path / "runs"
     fake_run(root, "0", group="strategy=none", seed=0, tasks=["a"], scores={"a": 0.5})
     out, md = eval_report(root, tmp_path)
     assert "General ability" not in md and not (out / "general.csv").exists()
+    assert "Tasks without a score" not in md and not (out / "unscored.csv").exists()
 
 
 @pytest.mark.slow

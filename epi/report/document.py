@@ -1,10 +1,11 @@
 """The whole report over a set of runs, built in-process: `write_report(runs, out_dir, ...)`.
 
 Per-setting scores (mean ± std over seeds, then their 95% t intervals), normalised score, compute, retention, the
-general checks before and after, the paired comparison with the baseline setting, transfer, the runs that did not
-finish, plots: markdown (REPORT_MD), JSON (REPORT_JSON), CSV (SCORES_CSV, GENERAL_CSV, TRANSFER_CSV, TRANSITIONS_CSV)
-and PNGs in `out_dir`. `runs` are directories (a multirun dir, run dirs) or archives of them (epi.archive: a `.tar.xz` reads as the directory it was packed from; its runs are
-named `<archive>/<member path>`).
+unscored tasks' ratings and perplexities, the general checks before and after, the paired comparison with the
+baseline setting, transfer, the runs that did not finish, plots: markdown (REPORT_MD), JSON (REPORT_JSON), CSV
+(SCORES_CSV, UNSCORED_CSV, GENERAL_CSV, TRANSFER_CSV, TRANSITIONS_CSV) and PNGs in `out_dir`. `runs` are directories
+(a multirun dir, run dirs) or archives of them (epi.archive: a `.tar.xz` reads as the directory it was packed from;
+its runs are named `<archive>/<member path>`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from epi.plots import plot_drift, plot_overlap, plot_scores_over_steps, plot_tas
 from epi.report.runs import COMPUTE, Run, Unfinished, by_setting, load_runs, shorten
 from epi.report.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, TRANSFER, compare_to_baseline, summarize, transfer
 from epi.report.tables import (
-    COMPARISON_COLUMNS, comparison_rows, core_overlap, csv, fmt_interval, fmt_paired, general_table, left_out_of_normalised, markdown, retention_columns,
+    COMPARISON_COLUMNS, comparison_rows, core_overlap, csv, fmt_interval, fmt_paired, general_table, left_out_of_normalised, markdown, unscored_table, retention_columns,
     retention_corpora, retention_mismatch, score_curves, score_table, to_json,
 )
 from epi.report.transitions import COLUMNS as TRANSITION_COLUMNS
@@ -30,7 +31,7 @@ from epi.report.transitions import PAIRED_COLUMNS as PAIRED_TRANSITION_COLUMNS
 from epi.report.transitions import PairedTransitions, by_example
 
 REPORT_MD, REPORT_JSON, SCORES_CSV, TRANSFER_CSV = "report.md", "report.json", "scores.csv", "transfer.csv"
-TRANSITIONS_CSV, GENERAL_CSV = "transitions.csv", "general.csv"
+TRANSITIONS_CSV, GENERAL_CSV, UNSCORED_CSV = "transitions.csv", "general.csv", "unscored.csv"
 
 
 @dataclass
@@ -82,6 +83,14 @@ def _write(paths: list[Path], shown: Callable[[Path], Path], out_dir: Path, spli
     sections = [scores]
     (out_dir / SCORES_CSV).write_text(csv(columns, rows))
 
+    unscored_columns, unscored_rows = unscored_table(runs)
+    if unscored_columns:
+        sections.append(
+            f"## Tasks without a score ({split} split, mean ± std over seeds)\n\nA judged task's mean rating (1–10, over the "
+            "judgements the judge could parse) and the count it could not parse; a perplexity-scored task's perplexity. "
+            "Neither is part of `avg`.\n\n" + markdown(["setting", "seeds", *unscored_columns], unscored_rows)
+            + "\n\n95% intervals over seeds (as above):\n\n" + markdown(["setting", "seeds", *unscored_columns], unscored_rows, fmt_interval))
+        (out_dir / UNSCORED_CSV).write_text(csv(["setting", "seeds", *unscored_columns], unscored_rows))
     general_split, general_columns, general_rows = general_table(runs)
     if general_columns:
         sections.append(_general_section(general_split, general_columns, general_rows))
@@ -125,6 +134,7 @@ def _write(paths: list[Path], shown: Callable[[Path], Path], out_dir: Path, spli
         "scores": rows,  # a mean over seeds is {mean, std, n, ci_low, ci_high}
         "left_out_of_normalised": left_out,
         "retention_corpora": retention_corpora(runs, shown),
+        "unscored": {"columns": unscored_columns, "rows": unscored_rows},
         "general": {"split": general_split, "columns": general_columns, "rows": general_rows},  # corpus_sha256 -> runs; more than one: no retention columns
         "baseline": baselines,
         "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "stratified_by": "task", "interval": "95% percentile"},
@@ -132,7 +142,7 @@ def _write(paths: list[Path], shown: Callable[[Path], Path], out_dir: Path, spli
         "not_compared": not_compared,
         "transfer": transfers,
         "per_example_forgetting": {"settings": per_example, "vs_baseline": paired_transitions, "left_out": transitions_left_out},
-        "runs": [{"path": str(shown(r.path)), "setting": r.setting, "seed": r.seed, "scores": r.scores, "compute": r.compute,
+        "runs": [{"path": str(shown(r.path)), "setting": r.setting, "seed": r.seed, "scores": r.scores, "unscored": r.unscored, "compute": r.compute,
                   "retention": r.retention, "general": r.general, "accuracy_matrix": r.matrix, "missing_stages": r.missing_stages, "stages": r.stages} for r in runs],
         "unfinished": [{"path": str(shown(u.path)), "name": u.name, "overrides": u.overrides, "error": u.error} for u in unfinished],
     }

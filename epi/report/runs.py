@@ -20,7 +20,10 @@ from epi.rundir import is_bookkeeping
 from epi.errors import UserError
 from epi.logging import read_metrics
 
-COMPUTE = {"steps": "optimizer_steps", "tokens": "trained_tokens"}  # score-table column: metric of the `compute` split
+COMPUTE = {"steps": "optimizer_steps", "tokens": "trained_tokens"}
+# What an unscored task reports instead of a score (epi.evaluate.summary): a judge's mean rating (1-10) and the judgements
+# it could not parse, or the perplexity of its references
+UNSCORED = ("rating", "judge_unparseable", "perplexity")  # score-table column: metric of the `compute` split
 # train.py's own record of a failure, then Hydra's job log; train.py prints `error: ...` to
 # stderr, which Hydra does not copy into the job log and the joblib launcher does not keep
 ERROR_FILES = (rundir.ERROR, rundir.LOG)
@@ -36,6 +39,7 @@ class Run:
     seed: int
     tasks: list[str]
     scores: dict[str, float]  # final score per task
+    unscored: dict[str, dict[str, float]] = field(default_factory=dict)  # task without a score -> its UNSCORED metrics, final
     stages: list[list[str]] = field(default_factory=list)  # tasks trained in each stage
     matrix: list[dict[str, float] | None] = field(default_factory=list)  # after each stage: task -> score; None = not evaluated
     missing_stages: list[int] = field(default_factory=list)  # stages whose after-stage evaluation is not in the metrics
@@ -137,7 +141,8 @@ def load_run(path: Path, split: str) -> Run:
         setting=group,
         seed=int(cfg.seed),
         tasks=list(cfg.data.tasks),
-        scores={t: r["score"] for t, r in final.items() if "score" in r},  # perplexity-scored tasks have none
+        scores={t: r["score"] for t, r in final.items() if "score" in r},  # perplexity- and judge-scored tasks have none
+        unscored={t: {m: r[m] for m in UNSCORED if m in r} for t, r in final.items() if "score" not in r},
         stages=stages,
         matrix=[after.get(k) for k in expected],
         missing_stages=[k for k in expected if k not in after],

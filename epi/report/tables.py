@@ -11,6 +11,8 @@ Definitions (also in the README):
 - retention: the held-out perplexity before and after training (rundir.RETENTION), mean over seeds;
   none when a run of the setting lacks it, and for every setting when the runs' corpora differ
   (corpus_sha256): perplexities of different text do not compare.
+- unscored tasks: a judged task's mean rating (1-10, over the judgements the judge could parse) and how many it could
+  not parse, a perplexity-scored task's perplexity; final, mean over seeds; never part of `avg` (other scales).
 - general checks: each evaluation-only task's score (eval.general.tasks, rundir.GENERAL) before and after
   training and its change, mean over seeds; none for a setting unless every seed scored it on the same split.
 """
@@ -26,7 +28,7 @@ from pathlib import Path
 
 from epi.errors import UserError
 from epi.logging import read_metrics
-from epi.report.runs import COMPUTE, CPI_OVERLAP, Run, by_setting
+from epi.report.runs import COMPUTE, CPI_OVERLAP, UNSCORED, Run, by_setting
 from epi.report.stats import Comparison, Paired, Stat, summarize
 
 RETENTION = {"retention ppl before": "before", "retention ppl after": "after"}  # score-table column: side of rundir.RETENTION
@@ -110,6 +112,21 @@ def retention_stat(group: list[Run], side: str) -> Stat | None:
     part of the seeds would misstate it, as for compute)."""
     values = [(r.retention or {}).get(side) for r in group]
     return None if None in values else summarize([v["perplexity"] for v in values])
+
+
+def unscored_table(runs: list[Run]) -> tuple[list[str], list[dict]]:
+    """Columns `<task> <metric>` for each task without a score and each UNSCORED metric some run reports for it, and
+    rows per setting: a `Stat` over the setting's seeds, or None unless every seed reports it."""
+    present = {(t, m) for r in runs for t, metrics in r.unscored.items() for m in metrics}
+    pairs = [(t, m) for t in sorted({t for t, _ in present}) for m in UNSCORED if (t, m) in present]
+    rows = []
+    for setting, group in by_setting(runs).items():
+        row: dict = {"setting": setting, "seeds": len(group)}
+        for t, m in pairs:
+            values = [r.unscored.get(t, {}).get(m) for r in group]
+            row[f"{t} {m}"] = summarize(values) if None not in values else None
+        rows.append(row)
+    return [f"{t} {m}" for t, m in pairs], rows
 
 
 def general_table(runs: list[Run]) -> tuple[str | None, list[str], list[dict]]:
