@@ -34,15 +34,14 @@ from epi.sharding import Shards, local
 MOMENT_POLICIES = ("track", "reset")
 # The smallest integer type that holds one owner bit per task, by the number of tasks it holds (int64: 63, its sign bit unused).
 _OWNER_DTYPES = ((torch.uint8, 8), (torch.int16, 15), (torch.int32, 31), (torch.int64, 63))
+# State entries that carry momentum, zeroed on release under "reset".
+_MOMENTUM_KEYS = ("exp_avg", "momentum_buffer")
 
 
 def owner_dtype(tasks: int) -> torch.dtype:
     """The integer type of the exclusive coordinates' owner bits for `tasks` tasks (one bit each): what the engine
     stores and what the plan (epi/isolation_memory.py) counts."""
     return next(d for d, width in _OWNER_DTYPES if tasks <= width)
-
-# State entries that carry momentum, zeroed on release under "reset".
-_MOMENTUM_KEYS = ("exp_avg", "momentum_buffer")
 
 
 def clip_coefficient(total_norm: Tensor | float, max_norm: float) -> Tensor | float:

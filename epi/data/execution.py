@@ -104,8 +104,14 @@ class Execution:
 def code_of(completion: str) -> str:
     """The code in a generated answer: its first fenced block (```python ... ```, closed or cut off) if it has one,
     else the answer as it is (a completion that continues the prompt)."""
+    block = _fenced(completion)
+    return completion if block is None else block
+
+
+def _fenced(completion: str) -> str | None:
+    """The first fenced block's code, closed or cut off by the generation limit; None when the answer has none."""
     found = _FENCE.search(completion)
-    return found.group(1) if found else completion
+    return found.group(1) if found else None
 
 
 def program(prompt: str, completion: str, tests: CodeTests) -> str:
@@ -114,15 +120,14 @@ def program(prompt: str, completion: str, tests: CodeTests) -> str:
     With an entry point (HumanEval): the prompt is the start of the program (a signature and docstring), so the
     program is prompt + completion + tests + `check(<entry point>)`; a fenced block is a unit of its own and goes on a
     new line (a whole function repeated after the prompt's stub redefines it); an unfenced completion continues the
-    body and ends at its first BODY_STOPS, as the HumanEval harness cuts a base model's completion. Without one (MBPP): the prompt is prose,
-    the tests are assert statements, and the program is the completion's code + tests.
+    body and ends at its first BODY_STOPS, as the HumanEval harness cuts a base model's completion. Without one
+    (MBPP): the prompt is prose, the tests are assert statements, and the program is the completion's code + tests.
     """
-    code = code_of(completion)
+    block = _fenced(completion)
     if tests.entry_point is None:
-        return f"{code}\n{tests.code}\n"
-    fenced = _FENCE.search(completion) is not None
-    head = prompt + "\n" if fenced else prompt
-    return f"{head}{code if fenced else body_of(code)}\n{tests.code}\ncheck({tests.entry_point})\n"
+        return f"{completion if block is None else block}\n{tests.code}\n"
+    code = f"{prompt}{body_of(completion)}" if block is None else f"{prompt}\n{block}"
+    return f"{code}\n{tests.code}\ncheck({tests.entry_point})\n"
 
 
 def body_of(completion: str) -> str:

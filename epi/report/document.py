@@ -23,8 +23,8 @@ from epi.plots import plot_drift, plot_overlap, plot_scores_over_steps, plot_tas
 from epi.report.runs import COMPUTE, Run, Unfinished, by_setting, load_runs, shorten
 from epi.report.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, TRANSFER, compare_to_baseline, summarize, transfer
 from epi.report.tables import (
-    COMPARISON_COLUMNS, comparison_rows, core_overlap, csv, fmt_interval, fmt_paired, general_table, left_out_of_normalised, markdown, unscored_table, retention_columns,
-    retention_corpora, retention_mismatch, score_curves, score_table, to_json,
+    COMPARISON_COLUMNS, comparison_rows, core_overlap, csv, fmt_interval, fmt_paired, general_table, left_out_of_normalised, markdown,
+    retention_columns, retention_corpora, retention_mismatch, score_curves, score_table, to_json, unscored_table,
 )
 from epi.report.transitions import COLUMNS as TRANSITION_COLUMNS
 from epi.report.transitions import PAIRED_COLUMNS as PAIRED_TRANSITION_COLUMNS
@@ -88,8 +88,7 @@ def _write(paths: list[Path], shown: Callable[[Path], Path], out_dir: Path, spli
         sections.append(
             f"## Tasks without a score ({split} split, mean ± std over seeds)\n\nA judged task's mean rating (1–10, over the "
             "judgements the judge could parse) and the count it could not parse; a perplexity-scored task's perplexity. "
-            "Neither is part of `avg`.\n\n" + markdown(["setting", "seeds", *unscored_columns], unscored_rows)
-            + "\n\n95% intervals over seeds (as above):\n\n" + markdown(["setting", "seeds", *unscored_columns], unscored_rows, fmt_interval))
+            "Neither is part of `avg`.\n\n" + _with_intervals(["setting", "seeds", *unscored_columns], unscored_rows))
         (out_dir / UNSCORED_CSV).write_text(csv(["setting", "seeds", *unscored_columns], unscored_rows))
     general_split, general_columns, general_rows = general_table(runs)
     if general_columns:
@@ -107,9 +106,7 @@ def _write(paths: list[Path], shown: Callable[[Path], Path], out_dir: Path, spli
             transfers.append({"setting": setting, "seeds": len(values), **{k: summarize([v[k] for v in values]) for k in TRANSFER}})
     if transfers:
         sections.append(
-            "## Sequential training: backward transfer and forgetting\n\n" + markdown(["setting", "seeds", *TRANSFER], transfers)
-            + "\n\n95% intervals over seeds (as above):\n\n" + markdown(["setting", "seeds", *TRANSFER], transfers, fmt_interval)
-        )
+            "## Sequential training: backward transfer and forgetting\n\n" + _with_intervals(["setting", "seeds", *TRANSFER], transfers))
         (out_dir / TRANSFER_CSV).write_text(csv(["setting", "seeds", *TRANSFER], transfers))
     per_example, paired_transitions, transitions_left_out = by_example(runs, split, baseline)
     if per_example or transitions_left_out:
@@ -133,9 +130,9 @@ def _write(paths: list[Path], shown: Callable[[Path], Path], out_dir: Path, spli
         "split": split,
         "scores": rows,  # a mean over seeds is {mean, std, n, ci_low, ci_high}
         "left_out_of_normalised": left_out,
-        "retention_corpora": retention_corpora(runs, shown),
+        "retention_corpora": retention_corpora(runs, shown),  # corpus_sha256 -> runs; more than one: no retention columns
         "unscored": {"columns": unscored_columns, "rows": unscored_rows},
-        "general": {"split": general_split, "columns": general_columns, "rows": general_rows},  # corpus_sha256 -> runs; more than one: no retention columns
+        "general": {"split": general_split, "columns": general_columns, "rows": general_rows},
         "baseline": baselines,
         "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "stratified_by": "task", "interval": "95% percentile"},
         "vs_baseline": comparisons,
@@ -152,13 +149,17 @@ def _write(paths: list[Path], shown: Callable[[Path], Path], out_dir: Path, spli
                   list(out_dir.glob("*.png")), drift)
 
 
+def _with_intervals(columns: list[str], rows: list[dict]) -> str:
+    """A table of means ± std over seeds, then the same rows as 95% intervals (the score table's second table)."""
+    return markdown(columns, rows) + "\n\n95% intervals over seeds (as above):\n\n" + markdown(columns, rows, fmt_interval)
+
+
 def _general_section(split: str | None, columns: list[str], rows: list[dict]) -> str:
     head = "## General ability (eval.general.tasks: evaluation-only checks, before and after training)\n\n"
     if split is None:
         return head + "Left out: the runs scored their general checks on different splits; their scores do not compare."
-    return (head + f"The {split} split, mean ± std over seeds; Δ is after − before within each run:\n\n"
-            + markdown(["setting", "seeds", *columns], rows)
-            + "\n\n95% intervals over seeds (as above):\n\n" + markdown(["setting", "seeds", *columns], rows, fmt_interval))
+    return head + f"The {split} split, mean ± std over seeds; Δ is after − before within each run:\n\n" + _with_intervals(
+        ["setting", "seeds", *columns], rows)
 
 
 def _paired_section(split: str, baselines: list[str], comparisons: list, not_compared: dict[str, str]) -> str:
@@ -189,8 +190,7 @@ def _transitions_section(rows: list[dict], paired: list[PairedTransitions], left
         "of arXiv 2510.17776); counts and their share of those examples, mean ± std over seeds."
     )
     if rows:
-        text += ("\n\n" + markdown(TRANSITION_COLUMNS, rows) + "\n\n95% intervals over seeds (as above):\n\n"
-                 + markdown(TRANSITION_COLUMNS, rows, fmt_interval))
+        text += "\n\n" + _with_intervals(TRANSITION_COLUMNS, rows)
     if paired:
         text += (
             "\n\nAgainst the baseline, example by example: Δ = arm − baseline indicator per example matched by (task, prompt, "

@@ -20,10 +20,10 @@ from epi.rundir import is_bookkeeping
 from epi.errors import UserError
 from epi.logging import read_metrics
 
-COMPUTE = {"steps": "optimizer_steps", "tokens": "trained_tokens"}
+COMPUTE = {"steps": "optimizer_steps", "tokens": "trained_tokens"}  # score-table column: metric of the `compute` split
 # What an unscored task reports instead of a score (epi.evaluate.summary): a judge's mean rating (1-10) and the judgements
 # it could not parse, or the perplexity of its references
-UNSCORED = ("rating", "judge_unparseable", "perplexity")  # score-table column: metric of the `compute` split
+UNSCORED = ("rating", "judge_unparseable", "perplexity")
 # train.py's own record of a failure, then Hydra's job log; train.py prints `error: ...` to
 # stderr, which Hydra does not copy into the job log and the joblib launcher does not keep
 ERROR_FILES = (rundir.ERROR, rundir.LOG)

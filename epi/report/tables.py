@@ -107,11 +107,15 @@ def retention_mismatch(runs: list[Run], shown: Callable[[Path], Path] = Path) ->
     return f"Retention left out: the runs measured it on different held-out text (corpus_sha256 {named}); their perplexities do not compare."
 
 
+def every_seed(values: list[float | None]) -> Stat | None:
+    """`summarize` of a setting's per-seed values; None unless every seed has one (a mean over part of the seeds would
+    misstate it, as for compute)."""
+    return None if None in values else summarize(values)
+
+
 def retention_stat(group: list[Run], side: str) -> Stat | None:
-    """Perplexity `side` ("before" / "after") over a setting's seeds; None unless every seed has it (a mean over
-    part of the seeds would misstate it, as for compute)."""
-    values = [(r.retention or {}).get(side) for r in group]
-    return None if None in values else summarize([v["perplexity"] for v in values])
+    """Perplexity `side` ("before" / "after") over a setting's seeds (`every_seed`)."""
+    return every_seed([((r.retention or {}).get(side) or {}).get("perplexity") for r in group])
 
 
 def unscored_table(runs: list[Run]) -> tuple[list[str], list[dict]]:
@@ -123,35 +127,36 @@ def unscored_table(runs: list[Run]) -> tuple[list[str], list[dict]]:
     for setting, group in by_setting(runs).items():
         row: dict = {"setting": setting, "seeds": len(group)}
         for t, m in pairs:
-            values = [r.unscored.get(t, {}).get(m) for r in group]
-            row[f"{t} {m}"] = summarize(values) if None not in values else None
+            row[f"{t} {m}"] = every_seed([r.unscored.get(t, {}).get(m) for r in group])
         rows.append(row)
     return [f"{t} {m}" for t, m in pairs], rows
 
 
+def general_score(run: Run, side: str, task: str) -> float | None:
+    """A general check's score `side` ("before" / "after") in `run`; None when the run has no such check or side."""
+    results = (run.general or {}).get(side) or {}
+    return results.get(task, {}).get("score")
+
+
 def general_table(runs: list[Run]) -> tuple[str | None, list[str], list[dict]]:
     """The general checks' split, columns and rows per setting: `<task> before`, `<task> after` and `<task> Δ` (after −
-    before per seed), each a `Stat` over the setting's seeds, or None unless every seed has it. No columns when no
-    run has checks; split None when the runs scored them on different splits (then no row is filled: they do not
-    compare)."""
+    before per seed), each over the setting's seeds (`every_seed`). No columns when no run has checks; split None
+    when the runs scored them on different splits (then no row is filled: they do not compare)."""
     checked = [r.general for r in runs if r.general]
     tasks = sorted({t for g in checked for t in g["after"] if "score" in g["after"][t]})
     if not tasks:
         return None, [], []
     splits = {g["split"] for g in checked}
     split = splits.pop() if len(splits) == 1 else None
-    columns = [f"{t} {side}" for t in tasks for side in ("before", "after", "Δ")]
     rows = []
     for setting, group in by_setting(runs).items():
         row: dict = {"setting": setting, "seeds": len(group)}
         for t in tasks:
-            sides = {side: [((r.general or {}).get(side) or {}).get(t, {}).get("score") for r in group] for side in ("before", "after")}
-            for side, values in sides.items():
-                row[f"{t} {side}"] = summarize(values) if split and None not in values else None
-            both = split and None not in sides["before"] + sides["after"]
-            row[f"{t} Δ"] = summarize([a - b for a, b in zip(sides["after"], sides["before"])]) if both else None
+            before, after = ([general_score(r, side, t) for r in group] if split else [None] for side in ("before", "after"))
+            changes = [None if None in (b, a) else a - b for b, a in zip(before, after)]
+            row |= {f"{t} before": every_seed(before), f"{t} after": every_seed(after), f"{t} Δ": every_seed(changes)}
         rows.append(row)
-    return split, columns, rows
+    return split, [f"{t} {side}" for t in tasks for side in ("before", "after", "Δ")], rows
 
 
 def score_curves(runs: list[Run], split: str) -> dict[str, dict[str, dict[int, list[float]]]]:
