@@ -22,7 +22,6 @@ from typing import Literal
 
 from epi.masks import layer_of, participating, under
 from epi.memory import Shapes
-from epi.optim import owner_dtype
 from epi.strategies import Stage, Strategy
 from epi.strategies.badam import BAdam, infer_blocks
 from epi.strategies.cpi import CPI
@@ -114,10 +113,6 @@ def step_stash(shapes: Shapes, run: RunShape, isolated: int, bound: Bound) -> li
     return [Held("engine: isolated gradients and values kept across the inner step", per * isolated, True, "step", bound)] if isolated else []
 
 
-def owner_size(tasks: int) -> int:
-    return owner_dtype(tasks).itemsize
-
-
 def packed(shapes: Shapes, names: list[str]) -> int:
     """Bytes of `epi.masks.pack` of bool masks of these parameters' shards: one bit per coordinate, per tensor rounded up."""
     return sum(math.ceil(shapes.local(n) / 8) for n in names)
@@ -154,8 +149,8 @@ def _evolving(strategy: EvolvingIsolation, shapes: Shapes, run: RunShape, copy_b
     tasks = len(run.tasks)
     if cfg.mode == "exclusive":
         union = min(tasks * k, n_local)
-        held.append(Held(f"engine: owned coordinates of {tasks} task(s), int64 index + {owner_size(tasks)}-byte owner bits",
-                         (INDEX + owner_size(tasks)) * union, True, "run", bound if tasks == 1 else "at most",
+        held.append(Held(f"engine: owned coordinates of {tasks} task(s), int64 index grouped by owner set",
+                         INDEX * union, True, "run", bound if tasks == 1 else "at most",
                          why or "how many coordinates the tasks' top-p sets share: at most tasks x k"))
         held.append(Held("each task's first mask, int32 indices (drift)", tasks * 4 * k, False, "run", bound, why))
         held.append(Held("engine: coordinates held in a step (owners absent), index and value", (INDEX + 4) * union, True,
@@ -191,7 +186,7 @@ def _cpi(strategy: CPI, shapes: Shapes, run: RunShape, copy_bytes: int) -> list[
         why = ("the union of the earlier groups' cores, from the second stage on: at most (tasks - 1) x k; "
                "the groups are found by probing")
         if cfg.mode == "exclusive":
-            held.append(Held("engine: earlier groups' cores, int64 index + owner bits", (INDEX + owner_size(tasks - 1)) * earlier,
+            held.append(Held("engine: earlier groups' cores, int64 index grouped by owner set", INDEX * earlier,
                              True, "run", "at most", why))
         else:
             held.append(Held("engine: earlier groups' cores, int64 flat indices", INDEX * earlier, True, "run", "at most", why))

@@ -324,7 +324,7 @@ def churn(old: Masks, new: Masks, shards: Shards | None = None) -> dict[str, int
 
 
 def churn_indices(old: dict[str, Tensor], new: dict[str, Tensor], shards: Shards | None = None) -> dict[str, int]:
-    """`churn` of masks given as sorted, unique flat indices per parameter (no mask is materialised)."""
+    """`churn` of masks given as unique flat indices per parameter, in any order (no mask is materialised)."""
     counts = {"protected": 0, "released": 0, "kept": 0}
     for name in old.keys() | new.keys():
         o = old.get(name, torch.empty(0, dtype=torch.int64))

@@ -24,6 +24,8 @@ shapes and its indices point into them, so no rank ever gathers a whole paramete
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -32,16 +34,9 @@ from epi.masks import Masks, churn, churn_indices, pack, unpack
 from epi.sharding import Shards, local
 
 MOMENT_POLICIES = ("track", "reset")
-# The smallest integer type that holds one owner bit per task, by the number of tasks it holds (int64: 63, its sign bit unused).
-_OWNER_DTYPES = ((torch.uint8, 8), (torch.int16, 15), (torch.int32, 31), (torch.int64, 63))
+MAX_EXCLUSIVE_TASKS = 63  # a coordinate's owners are summed as bits of an int64 when the coordinates are set (its sign bit unused)
 # State entries that carry momentum, zeroed on release under "reset".
 _MOMENTUM_KEYS = ("exp_avg", "momentum_buffer")
-
-
-def owner_dtype(tasks: int) -> torch.dtype:
-    """The integer type of the exclusive coordinates' owner bits for `tasks` tasks (one bit each): what the engine
-    stores and what the plan (epi/isolation_memory.py) counts."""
-    return next(d for d, width in _OWNER_DTYPES if tasks <= width)
 
 
 def clip_coefficient(total_norm: Tensor | float, max_norm: float) -> Tensor | float:
@@ -70,13 +65,14 @@ class IsolatedOptimizer:
         self.moments = moments
         self.shards = shards  # parallel=fsdp: where the local shards lie (churn counts are summed over ranks)
         self.index: dict[str, Tensor] = {}  # flat indices of isolated elements, per parameter with any
-        # Exclusive isolation, stored once for all tasks: per parameter the sorted flat indices owned by any task
-        # (`_exclusive`) and, per such coordinate, a bit per task that owns it (`_owners`, bit k = `_tasks[k]`).
-        # 9 bytes per owned coordinate whatever the number of tasks; every per-task or per-batch set (a task's own
-        # coordinates, those it must not reach, those a batch holds) is derived from it when needed, not cached.
+        # Exclusive isolation, stored once for all tasks: per parameter the flat indices owned by any task, grouped by
+        # the set of tasks that owns them (`_exclusive`, ascending within a group) and the groups as runs
+        # (`_groups`: owner bits, start, stop; bit k = `_tasks[k]`). 8 bytes per owned coordinate whatever the number
+        # of tasks; every per-task or per-batch set (a task's own coordinates, those it must not reach, those a batch
+        # holds) is a few runs of it, joined when needed, not cached: no per-step search of the coordinates.
         self._tasks: list[str] = []
         self._exclusive: dict[str, Tensor] = {}
-        self._owners: dict[str, Tensor] = {}
+        self._groups: dict[str, list[tuple[int, int, int]]] = {}
         self._task_stash: dict[str, tuple[Tensor, Tensor | None]] = {}  # shielded (indices, grads) between begin_task and end_task
         self._stash: dict[str, Tensor] = {}  # isolated grads, compact, between hide and step
         self._hidden = False
@@ -149,33 +145,45 @@ class IsolatedOptimizer:
         if self._hidden or self._task_stash:
             raise RuntimeError("set_exclusive inside a step would mismatch the stashed grads")
         tasks = list(masks)
-        if len(tasks) > 63:
-            raise ValueError(f"exclusive isolation keeps a bit per task in an int64: at most 63 tasks, got {len(tasks)}")
-        bits_dtype = owner_dtype(len(tasks))
+        if len(tasks) > MAX_EXCLUSIVE_TASKS:
+            raise ValueError(f"exclusive isolation sums a bit per task in an int64: at most {MAX_EXCLUSIVE_TASKS} tasks, got {len(tasks)}")
         per_name: dict[str, list[tuple[Tensor, int]]] = {}
         for k, (task, task_masks) in enumerate(masks.items()):
             for name, mask in task_masks.items():
                 mask = self._checked(name, mask)
                 if mask.any():
                     per_name.setdefault(name, []).append((mask.reshape(-1).nonzero().squeeze(1), 1 << k))
-        exclusive, owners = {}, {}
+        exclusive, groups = {}, {}
         for name, parts in per_name.items():
             idx = torch.cat([i for i, _ in parts])
             bits = torch.cat([torch.full_like(i, bit) for i, bit in parts])
-            exclusive[name], inverse = torch.unique(idx, sorted=True, return_inverse=True)
+            unique, inverse = torch.unique(idx, sorted=True, return_inverse=True)
             # each task lists a coordinate once, so summing distinct powers of two is their bitwise or
-            owners[name] = torch.zeros_like(exclusive[name]).scatter_add_(0, inverse, bits).to(bits_dtype)
+            owners = torch.zeros_like(unique).scatter_add_(0, inverse, bits)
+            owners, order = torch.sort(owners, stable=True)  # stable: ascending indices within each owner set
+            exclusive[name] = unique[order]
+            sets, sizes = torch.unique_consecutive(owners, return_counts=True)
+            stops = sizes.cumsum(0).tolist()
+            groups[name] = [(bits, stop - size, stop) for bits, size, stop in zip(sets.tolist(), sizes.tolist(), stops)]
         counts = churn_indices(self._exclusive, exclusive, self.shards)
-        self._tasks, self._exclusive, self._owners = tasks, exclusive, owners
+        self._tasks, self._exclusive, self._groups = tasks, exclusive, groups
         return counts
 
-    def _select(self, keep) -> dict[str, Tensor]:
-        """Flat indices, per parameter, of the exclusive coordinates whose owner bits satisfy `keep`."""
+    def _select(self, keep: Callable[[int], bool]) -> dict[str, Tensor]:
+        """Flat indices, per parameter, of the exclusive coordinates whose owner bits satisfy `keep`: the runs of the
+        owner sets it keeps, adjacent runs merged, joined in one tensor (a view of the stored indices when one run)."""
         out = {}
         for name, idx in self._exclusive.items():
-            chosen = idx[keep(self._owners[name])]
-            if chosen.numel():
-                out[name] = chosen
+            spans: list[list[int]] = []
+            for bits, start, stop in self._groups[name]:
+                if not keep(bits):
+                    continue
+                if spans and spans[-1][1] == start:
+                    spans[-1][1] = stop
+                else:
+                    spans.append([start, stop])
+            if spans:
+                out[name] = idx[spans[0][0]:spans[0][1]] if len(spans) == 1 else torch.cat([idx[a:b] for a, b in spans])
         return out
 
     def _owned_by_none_of(self, tasks) -> dict[str, Tensor]:

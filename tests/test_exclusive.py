@@ -153,6 +153,36 @@ def test_exclusive_state_is_under_a_byte_per_parameter_for_five_tasks(tmp_path: 
     assert (engine.isolation_bytes() + nbytes(strategy.state_dict())) / n < 1.0
 
 
+def test_the_engine_keeps_8_bytes_per_owned_coordinate_and_derives_every_set_from_them() -> None:
+    """Three tasks' overlapping masks on two parameters: the engine holds the union once (8 bytes per coordinate,
+    nothing else), and each set a step asks for (a task's own, what it must not reach, what a batch holds) is
+    exactly the set the masks define, whatever order the stored runs put them in."""
+    weight, bias = nn.Parameter(torch.zeros(30, 20)), nn.Parameter(torch.zeros(30))
+    engine = IsolatedOptimizer(torch.optim.AdamW([weight, bias]), {"w": weight, "b": bias})
+    gen = torch.Generator().manual_seed(0)
+    masks = {t: {"w": torch.rand(30, 20, generator=gen) < 0.2, "b": torch.rand(30, generator=gen) < 0.3} for t in "xyz"}
+    engine.set_exclusive(masks)
+    union = {n: masks["x"][n] | masks["y"][n] | masks["z"][n] for n in ("w", "b")}
+    assert engine.isolation_bytes() == 8 * sum(int(u.sum()) for u in union.values())
+
+    def as_set(index: dict[str, torch.Tensor]) -> set[tuple[str, int]]:
+        pairs = [(n, int(i)) for n, idx in index.items() for i in idx]
+        assert len(pairs) == len(set(pairs))  # no coordinate twice
+        return set(pairs)
+
+    def defined(keep) -> set[tuple[str, int]]:  # keep(owners of the coordinate) -> bool
+        return {(n, i) for n in ("w", "b") for i in union[n].reshape(-1).nonzero().squeeze(1).tolist()
+                if keep({t for t in "xyz" if masks[t][n].reshape(-1)[i]})}
+
+    for task in "xyz":
+        assert as_set(engine.owned[task]) == defined(lambda owners: task in owners)
+        assert as_set(engine.shielded(task)) == defined(lambda owners: task not in owners)
+    assert as_set(engine.shielded("other")) == defined(lambda owners: True)
+    for present in ({"x"}, {"x", "z"}, {"y", "other"}):
+        assert as_set(engine._exclusive_held(frozenset(present))) == defined(lambda owners: not owners & present)
+    assert engine._exclusive_held(frozenset("xyz")) == {}
+
+
 def test_exclusive_cpi_lets_a_groups_cores_move_under_its_own_tasks_only(tmp_path: Path) -> None:
     cfg = make_cfg("strategy=cpi", "strategy.mode=exclusive", "strategy.probe_steps=2", "strategy.tau=1.01", "strategy.p=0.1",
                    f"strategy.cache_dir={tmp_path / 'cache'}", "schedule.steps=10", "schedule.batch_size=2", "optimizer.weight_decay=0.5")
