@@ -224,7 +224,7 @@ class IsolatedOptimizer:
         return self._owned_by_none_of(present)
 
     def isolation_bytes(self) -> int:
-        """Bytes of every tensor the engine holds beyond the inner optimizer and the parameters: masks, owner bits,
+        """Bytes of every tensor the engine holds beyond the inner optimizer and the parameters: masks, owned coordinates,
         stashes and anything a later change might cache (counted from the attributes, so none is missed)."""
         return sum(nbytes(value) for key, value in vars(self).items() if key not in ("optimizer", "named_params", "shards"))
 
