@@ -9,13 +9,16 @@ not inflate the gradient-clipping norm.
 Two readings of "isolating task-critical parameters" (PAPERS.md):
 - freeze (`set_masks`): an isolated coordinate is held for every task;
 - exclusive (`set_exclusive`): a coordinate critical to task t is updated by t's gradient
-  only. Either one backward of the whole batch sums each linear weight's gradient task by task
-  without the coordinates each task does not own (`epi.task_split`, `shielded(t)`), or the step
+  only. Either one backward of the whole batch sums each linear weight's gradient task by task,
+  each owned coordinate its owners' terms only (`epi.task_split`, `ownership(tasks)`), or the step
   runs task-homogeneous micro-batches and `begin_task(t)`/`end_task(t)` around t's backward put
   back the gradient of every coordinate t does not own but another task does; either way t's
   contribution never reaches it; and a step whose batch holds none of a
   coordinate's owners holds its value, as a frozen one. Its optimizer state therefore
   integrates its owners' gradients only (zero in the steps it is held).
+
+Coordinates are read and written with `torch.take` and `Tensor.put_` (flat row-major indices, each once): on
+CPU they cost a fifth of `index_copy_`/`index_fill_` for the same coordinates (`bench/RESULTS.md`).
 
 Under FSDP (`parallel=fsdp`) parameters, gradients and optimizer state are DTensors: the engine
 works on this rank's local shard of each (`epi.sharding.local`), its masks have the local shards'
@@ -24,7 +27,8 @@ shapes and its indices point into them, so no rank ever gathers a whole paramete
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -43,6 +47,29 @@ def clip_coefficient(total_norm: Tensor | float, max_norm: float) -> Tensor | fl
     """The factor `torch.nn.utils.clip_grad_norm_` scaled the gradients by."""
     coef = max_norm / (total_norm + 1e-6)
     return coef.clamp(max=1.0) if isinstance(coef, Tensor) else min(coef, 1.0)
+
+
+@dataclass(frozen=True)
+class Ownership:
+    """One parameter's exclusive coordinates as the tasks of one batch reach them, the tasks taken in the batch's
+    order (flat indices; None where empty). A coordinate's gradient is the sum, in that order, of the terms of its
+    owners in the batch, and zero when none of them is in it. `epi.task_split` adds the tasks' terms into one running
+    sum in place; the sets say where that sum must be mended, so only the owners' terms remain:
+    - `zero[j]`: before task j's term (j > 0), the coordinates whose first owner in the batch is task j (the earlier
+      tasks' terms there are dropped);
+    - `guard[j]`: read before task j's term and written back after it: owned by a task before j and one after j, not
+      by j (the partial sum of the owners so far is kept through j's term);
+    - `save[j]`: read after task j's term, written back at the end: the coordinates whose last owner in the batch is
+      task j, unless j is the last task (after it nothing is added);
+    - `absent`: owned by no task of the batch: zero at the end (the step holds them).
+    Each owned coordinate is in at most one `zero`, one `save` and `absent` set, so the sets are about the size of
+    the owned coordinates, where shielding each task from what it does not own reads and writes each owned coordinate
+    once per task that does not own it."""
+
+    zero: list[Tensor | None]
+    guard: list[Tensor | None]
+    save: list[Tensor | None]
+    absent: Tensor | None
 
 
 class IsolatedOptimizer:
@@ -174,16 +201,9 @@ class IsolatedOptimizer:
         owner sets it keeps, adjacent runs merged, joined in one tensor (a view of the stored indices when one run)."""
         out = {}
         for name, idx in self._exclusive.items():
-            spans: list[list[int]] = []
-            for bits, start, stop in self._groups[name]:
-                if not keep(bits):
-                    continue
-                if spans and spans[-1][1] == start:
-                    spans[-1][1] = stop
-                else:
-                    spans.append([start, stop])
-            if spans:
-                out[name] = idx[spans[0][0]:spans[0][1]] if len(spans) == 1 else torch.cat([idx[a:b] for a, b in spans])
+            joined = _join(idx, [(start, stop) for bits, start, stop in self._groups[name] if keep(bits)])
+            if joined is not None:
+                out[name] = joined
         return out
 
     def _owned_by_none_of(self, tasks) -> dict[str, Tensor]:
@@ -197,6 +217,35 @@ class IsolatedOptimizer:
         task and not by `task` (every owned coordinate, for a task that owns nothing)."""
         return self._owned_by_none_of({task})
 
+    def ownership(self, order: Sequence[str | None]) -> dict[str, Ownership]:
+        """For a batch whose tasks' terms are summed in `order`: per parameter with exclusive coordinates, where the
+        running sum must be mended (`Ownership`). Each set is the stored runs of a few owner sets, joined."""
+        bits = [1 << self._tasks.index(task) if task in self._tasks else 0 for task in order]
+        roles: dict[int, tuple[int | None, list[int], int | None] | None] = {}  # per owner set, for this order
+        out: dict[str, Ownership] = {}
+        for name, idx in self._exclusive.items():
+            zero: list[list[tuple[int, int]]] = [[] for _ in order]
+            guard: list[list[tuple[int, int]]] = [[] for _ in order]
+            save: list[list[tuple[int, int]]] = [[] for _ in order]
+            absent: list[tuple[int, int]] = []
+            for owners, start, stop in self._groups[name]:
+                if owners not in roles:
+                    roles[owners] = _roles(owners, bits)
+                role = roles[owners]
+                if role is None:
+                    absent.append((start, stop))
+                    continue
+                first, between, final = role
+                if first is not None:
+                    zero[first].append((start, stop))
+                for j in between:
+                    guard[j].append((start, stop))
+                if final is not None:
+                    save[final].append((start, stop))
+            out[name] = Ownership([_join(idx, spans) for spans in zero], [_join(idx, spans) for spans in guard],
+                                  [_join(idx, spans) for spans in save], _join(idx, absent))
+        return out
+
     def begin_task(self, task: str | None) -> None:
         """Before the backward of a micro-batch of `task` alone: remember the gradients its backward must not
         change (coordinates another task owns and `task` does not). No-op without exclusive coordinates."""
@@ -205,7 +254,7 @@ class IsolatedOptimizer:
         self._task_stash = {}
         for name, idx in self.shielded(task).items():
             grad = self.named_params[name].grad
-            self._task_stash[name] = (idx, None if grad is None else local(grad).view(-1)[idx].clone())
+            self._task_stash[name] = (idx, None if grad is None else torch.take(local(grad), idx))
 
     def end_task(self, task: str | None) -> None:
         """After that backward: put those gradients back, so `task`'s contribution never reaches them."""
@@ -216,7 +265,7 @@ class IsolatedOptimizer:
             if grad is None:
                 continue
             grad = local(grad)
-            grad.view(-1).index_copy_(0, idx, torch.zeros_like(grad.view(-1)[idx]) if before is None else before)
+            grad.put_(idx, grad.new_zeros(idx.numel()) if before is None else before)
         self._task_stash = {}
 
     def _exclusive_held(self, present: frozenset[str]) -> dict[str, Tensor]:
@@ -261,10 +310,10 @@ class IsolatedOptimizer:
             grad = self.named_params[name].grad
             if grad is None:
                 continue
-            flat = local(grad).view(-1)
+            grad = local(grad)
             if self.moments == "track":
-                self._stash[name] = flat[idx]
-            flat.index_fill_(0, idx, 0)
+                self._stash[name] = torch.take(grad, idx)
+            grad.put_(idx, grad.new_zeros(idx.numel()))
         self._hidden = True
 
     @torch.no_grad()
@@ -278,14 +327,14 @@ class IsolatedOptimizer:
         """
         self.hide_isolated_grads()
         for name, values in self._stash.items():
-            local(self.named_params[name].grad).view(-1).index_copy_(0, self.index[name], values * clip_coef)
+            local(self.named_params[name].grad).put_(self.index[name], values * clip_coef)
         hold = list(self.index.items())
         if self._tasks:
             hold += list(self._exclusive_held(tasks).items())
-        held = [(name, idx, local(self.named_params[name]).view(-1)[idx]) for name, idx in hold]
+        held = [(name, idx, torch.take(local(self.named_params[name]), idx)) for name, idx in hold]
         self.optimizer.step()
         for name, idx, values in held:
-            local(self.named_params[name]).view(-1).index_copy_(0, idx, values)
+            local(self.named_params[name]).put_(idx, values)
         self._stash.clear()
         self._hidden = False
 
@@ -311,3 +360,28 @@ class IsolatedOptimizer:
         self.index = {}  # masks are restored as they were, no release policy applies
         self.set_masks(unpack(state["masks"]))
         self.set_exclusive({task: unpack(packed) for task, packed in state.get("exclusive", {}).items()})
+
+
+def _roles(owners: int, bits: list[int]) -> tuple[int | None, list[int], int | None] | None:
+    """Where a coordinate owned by the tasks `owners` (bits) is mended in a batch of the tasks `bits`, in order: the
+    task before whose term it is zeroed, those through whose terms it is guarded, the task after whose term it is saved
+    (None: not needed); None when no owner is in the batch."""
+    at = [j for j, bit in enumerate(bits) if bit & owners]
+    if not at:
+        return None
+    between = [j for j in range(at[0] + 1, at[-1]) if j not in at]
+    return (at[0] if at[0] > 0 else None), between, (at[-1] if at[-1] < len(bits) - 1 else None)
+
+
+def _join(idx: Tensor, spans: list[tuple[int, int]]) -> Tensor | None:
+    """The slices `spans` (ascending) of `idx` as one tensor, adjacent ones merged (a view when that leaves one
+    slice; None when none)."""
+    merged: list[list[int]] = []
+    for start, stop in spans:
+        if merged and merged[-1][1] == start:
+            merged[-1][1] = stop
+        else:
+            merged.append([start, stop])
+    if not merged:
+        return None
+    return idx[merged[0][0]:merged[0][1]] if len(merged) == 1 else torch.cat([idx[a:b] for a, b in merged])

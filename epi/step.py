@@ -227,7 +227,7 @@ class Stepper:
         if not engine.exclusive:
             yield
         elif micro.split is not None:
-            with split_by_rows(micro.split, {task: engine.shielded(task) for task in micro.split.rows}):
+            with split_by_rows(micro.split, engine.ownership(list(micro.split.rows))):
                 yield
         else:
             (task,) = micro.tasks

@@ -10,8 +10,8 @@ The gradient of a linear weight is a sum over rows, dW = Σ_rows dYᵀ·X, and t
 independent (no row attends to another), so the backward of the whole batch already holds every task's
 dY and X. Here each linear layer whose weight has exclusive coordinates runs its forward with the weight
 detached (autograd still computes dX through it, but not dW), keeps X, and when dY arrives sums
-dYᵀ·X task by task over the task's rows, zeroing in each task's term the coordinates it must not
-reach, then adds the result to the weight's `.grad`. The same products as one weight gradient (the rows
+dYᵀ·X task by task over the task's rows, each exclusive coordinate its owners' terms only (the engine's
+`ownership`), then adds the result to the weight's `.grad`. The same products as one weight gradient (the rows
 are split, not repeated), one forward and one backward of the whole batch, and the result equals the
 micro-batch path's to float rounding (the sums run in another order; `tests/test_exclusive.py`).
 
@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from epi.optim import Ownership
 
 TASK_SPLITS = ("rows", "micro_batches")  # isolation.task_split
 
@@ -81,21 +83,21 @@ def rows_unavailable(model: nn.Module, owned: set[str], world: int, compiled: bo
 
 
 @contextmanager
-def split_by_rows(split: RowSplit, shielded: dict[str, dict[str, Tensor]]) -> Iterator[None]:
+def split_by_rows(split: RowSplit, ownership: dict[str, Ownership]) -> Iterator[None]:
     """Within the block, a forward and backward of one batch leaves in `.grad` of each parameter of
-    `split.layers` the sum over tasks of that task's gradient (from its rows `split.rows[task]`), with
-    `shielded[task][name]` (flat indices) taken out of its term. Every other parameter's gradient is
-    autograd's, unchanged."""
+    `split.layers` the sum over tasks of that task's gradient (from its rows `split.rows[task]`), each
+    exclusive coordinate its owners' terms only: `ownership[name]` is the engine's `ownership(list(split.rows))`.
+    Every other parameter's gradient is autograd's, unchanged."""
     try:
         for module, attrs in split.layers.items():
-            module.forward = _split_forward(module, attrs, shielded, split.rows)  # an instance attribute shadows nn.Linear.forward
+            module.forward = _split_forward(module, attrs, ownership, split.rows)  # an instance attribute shadows nn.Linear.forward
         yield
     finally:
         for module in split.layers:
             vars(module).pop("forward", None)
 
 
-def _split_forward(module: nn.Linear, attrs: dict[str, str], shielded: dict[str, dict[str, Tensor]],
+def _split_forward(module: nn.Linear, attrs: dict[str, str], ownership: dict[str, Ownership],
                    ranges: dict[str, tuple[int, int]]):
     def forward(x: Tensor) -> Tensor:
         weight, bias = module.weight, module.bias
@@ -103,7 +105,7 @@ def _split_forward(module: nn.Linear, attrs: dict[str, str], shielded: dict[str,
                                  bias.detach() if "bias" in attrs else bias)
         if torch.is_grad_enabled():
             saved = x.detach()
-            y.register_hook(lambda dy: _accumulate(module, attrs, saved, dy, shielded, ranges))
+            y.register_hook(lambda dy: _accumulate(module, attrs, saved, dy, ownership, ranges))
         return y
 
     return forward
@@ -111,37 +113,47 @@ def _split_forward(module: nn.Linear, attrs: dict[str, str], shielded: dict[str,
 
 @torch.no_grad()
 def _accumulate(module: nn.Linear, attrs: dict[str, str], x: Tensor, dy: Tensor,
-                shielded: dict[str, dict[str, Tensor]], ranges: dict[str, tuple[int, int]]) -> None:
-    """dW (and db) summed task by task over each task's rows, each term without its shielded coordinates.
+                ownership: dict[str, Ownership], ranges: dict[str, tuple[int, int]]) -> None:
+    """dW (and db) summed task by task over each task's rows, each exclusive coordinate its owners' terms only.
 
-    Each term is accumulated in place (`addmm_`: no weight-sized temporary and extra add per task); the
-    coordinates it must not reach are read before and written back after, so they keep the other tasks' sum."""
+    The terms go into one running sum in place (`addmm_`: no weight-sized temporary and extra add per task), which is
+    mended at the owned coordinates only where `Ownership` says: zeroed before a coordinate's first owner in the batch,
+    kept through a task between two of its owners, and its owners' sum saved after the last of them and written back at
+    the end. The sums run in the same order as with each task's term shielded from what it does not own, so the result
+    is the same, bit for bit, at about a third of the coordinates read and written. Read and written with `take` and
+    `put_` (flat indices, each once): on CPU `index_copy_` and `index_fill_` cost 4-5x as much (`bench/RESULTS.md`)."""
     if x.shape[0] != max(stop for _, stop in ranges.values()):
         raise RuntimeError(f"task_split=rows: a linear layer's input has {x.shape[0]} rows, not the batch's examples")
     totals: dict[str, Tensor] = {}
-    for task, (start, stop) in ranges.items():
+    saved: list[tuple[Tensor, Tensor, Tensor]] = []  # (running sum, coordinates, their owners' sum)
+    for j, (start, stop) in enumerate(ranges.values()):
         rows_dy = dy[start:stop].reshape(-1, dy.shape[-1])
         rows_x = x[start:stop].reshape(-1, x.shape[-1]).to(dy.dtype)  # under autocast: the bf16 input the product used
-
-        def term(attr: str) -> Tensor:  # this task's gradient of `attr`, in the parameter's dtype
-            value = rows_dy.t().mm(rows_x) if attr == "weight" else rows_dy.sum(0)
-            return value.to(getattr(module, attr).dtype)
-
         for attr, name in attrs.items():
-            idx = shielded.get(task, {}).get(name)
+            sets = ownership.get(name)
             total = totals.get(attr)
-            if total is None:  # the first task's term starts the sum
-                totals[attr] = total = term(attr)
-                if idx is not None:
-                    total.view(-1).index_fill_(0, idx, 0)
-                continue
-            kept = total.view(-1)[idx] if idx is not None else None
-            if attr == "weight" and total.dtype == dy.dtype:
-                total.addmm_(rows_dy.t(), rows_x)
+            if total is None:  # the first task's term starts the sum: nothing to mend before it
+                value = rows_dy.t().mm(rows_x) if attr == "weight" else rows_dy.sum(0)
+                totals[attr] = total = value.to(getattr(module, attr).dtype)
             else:
-                total.add_(term(attr))
-            if kept is not None:
-                total.view(-1).index_copy_(0, idx, kept)
+                zero, guard = (sets.zero[j], sets.guard[j]) if sets else (None, None)
+                if zero is not None:
+                    total.put_(zero, total.new_zeros(zero.numel()))
+                kept = torch.take(total, guard) if guard is not None else None
+                if attr == "weight" and total.dtype == dy.dtype:
+                    total.addmm_(rows_dy.t(), rows_x)
+                else:
+                    value = rows_dy.t().mm(rows_x) if attr == "weight" else rows_dy.sum(0)
+                    total.add_(value.to(total.dtype))
+                if kept is not None:
+                    total.put_(guard, kept)
+            if sets and sets.save[j] is not None:
+                saved.append((total, sets.save[j], torch.take(total, sets.save[j])))
+    for total, idx, values in saved:
+        total.put_(idx, values)
     for attr, total in totals.items():
+        sets = ownership.get(attrs[attr])
+        if sets and sets.absent is not None:
+            total.put_(sets.absent, total.new_zeros(sets.absent.numel()))
         param = getattr(module, attr)
         param.grad = total if param.grad is None else param.grad.add_(total)
