@@ -60,8 +60,11 @@ class TrainerContext:
     def set_masks(self, masks: Masks) -> dict[str, int]:
         return self._engine.set_masks(masks)
 
-    def exclusive_masks(self) -> dict[str, Masks]:
-        return self._engine.exclusive_masks
+    def exclusive_index(self) -> dict[str, dict[str, Tensor]]:
+        return self._engine.owned
+
+    def owner_counts(self) -> dict[str, dict[frozenset[str], int]]:
+        return self._engine.owner_counts
 
     def set_exclusive(self, masks: dict[str, Masks]) -> dict[str, int]:
         return self._engine.set_exclusive(masks)

@@ -299,15 +299,28 @@ def _get(masks: Masks, name: str, like: Tensor) -> Tensor:
 
 def jaccard(a: Masks, b: Masks, shards: Shards | None = None) -> float:
     """|A ∩ B| / |A ∪ B| over all elements; two empty masks overlap fully (1.0). `shards`: over every rank's shards."""
-    inter = union_count = 0
+    both = size_a = size_b = 0
     for name in sorted(a.keys() | b.keys()):
         x = _get(a, name, b.get(name))
         y = _get(b, name, x)
-        both = int(torch.count_nonzero(x & y))  # count_nonzero: ~4x a bool .sum(), which widens to int64 first
-        inter += both
-        union_count += int(torch.count_nonzero(x)) + int(torch.count_nonzero(y)) - both
-    inter, union_count = _count([inter, union_count], shards)
-    return inter / union_count if union_count else 1.0
+        both += int(torch.count_nonzero(x & y))  # count_nonzero: ~4x a bool .sum(), which widens to int64 first
+        size_a += int(torch.count_nonzero(x))
+        size_b += int(torch.count_nonzero(y))
+    return jaccard_counts(both, size_a, size_b, shards)
+
+
+def jaccard_counts(both: int, size_a: int, size_b: int, shards: Shards | None = None) -> float:
+    """`jaccard` from |A ∩ B|, |A| and |B| (this rank's, summed over ranks under `shards`): 1.0 for two empty sets."""
+    both, size_a, size_b = _count([both, size_a, size_b], shards)
+    either = size_a + size_b - both
+    return both / either if either else 1.0
+
+
+def hits(index: dict[str, Tensor], masks: Masks) -> int:
+    """How many of the coordinates `index` (flat indices per parameter) are True in `masks`: |A ∩ B| with A as
+    indices, read at A's coordinates only."""
+    return sum(int(torch.count_nonzero(masks[name].reshape(-1)[idx.long().to(masks[name].device)]))
+               for name, idx in index.items() if name in masks and idx.numel())
 
 
 def churn(old: Masks, new: Masks, shards: Shards | None = None) -> dict[str, int]:
@@ -346,12 +359,18 @@ def mask_stats(masks: Masks, numels: dict[str, int] | None = None, shards: Shard
     """
     whole = {n: shards.numel[n] if shards else m.numel() for n, m in masks.items()}
     numels = {**numels, **{n: c for n, c in whole.items() if n not in numels}} if numels is not None else whole
-    isolated = dict(zip(numels, _count([int(torch.count_nonzero(masks[n])) if n in masks else 0 for n in numels], shards)))
+    return count_stats({n: int(torch.count_nonzero(m)) for n, m in masks.items()}, numels, shards)
+
+
+def count_stats(isolated: dict[str, int], numels: dict[str, int], shards: Shards | None = None) -> dict[str, float]:
+    """`mask_stats` from each parameter's count of isolated coordinates (this rank's, summed over ranks under
+    `shards`); `numels`: the whole element count of every trainable parameter, `isolated`'s names among them."""
+    counts = dict(zip(numels, _count([isolated.get(n, 0) for n in numels], shards)))
     total = sum(numels.values())
-    stats = {"isolated_fraction": sum(isolated.values()) / total if total else 0.0}
+    stats = {"isolated_fraction": sum(counts.values()) / total if total else 0.0}
     for layer, names in _groups(numels).items():
         size = sum(numels[n] for n in names)
-        stats[f"frac/{layer}"] = sum(isolated[n] for n in names) / size if size else 0.0
+        stats[f"frac/{layer}"] = sum(counts[n] for n in names) / size if size else 0.0
     return stats
 
 

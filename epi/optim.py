@@ -153,6 +153,12 @@ class IsolatedOptimizer:
         return {task: self._select(lambda bits, bit=1 << k: bits & bit != 0) for k, task in enumerate(self._tasks)}
 
     @property
+    def owner_counts(self) -> dict[str, dict[frozenset[str], int]]:
+        """Per parameter, how many exclusive coordinates each set of tasks owns together (the stored runs' lengths)."""
+        return {name: {frozenset(t for k, t in enumerate(self._tasks) if bits >> k & 1): stop - start
+                       for bits, start, stop in runs} for name, runs in self._groups.items()}
+
+    @property
     def exclusive_masks(self) -> dict[str, Masks]:
         """Each task's exclusive coordinates as bool masks."""
         return {task: self._as_masks(index) for task, index in self.owned.items()}

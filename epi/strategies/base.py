@@ -74,8 +74,13 @@ class Context(Protocol):
     def set_masks(self, masks: Masks) -> dict[str, int]:
         """Replace the isolation (bool masks of the parameters' shapes); returns churn counts."""
 
-    def exclusive_masks(self) -> dict[str, Masks]:
-        """The task-exclusive coordinates now in force: task -> masks (True = that task's alone)."""
+    def exclusive_index(self) -> dict[str, dict[str, Tensor]]:
+        """The task-exclusive coordinates now in force: task -> flat indices per parameter (that task's alone, or
+        shared with the other tasks that own them; this rank's shards)."""
+
+    def owner_counts(self) -> dict[str, dict[frozenset[str], int]]:
+        """Per parameter, how many exclusive coordinates each set of tasks owns together (this rank's shards): every
+        task's size, every pair's overlap and the union's size follow from it without a mask."""
 
     def set_exclusive(self, masks: dict[str, Masks]) -> dict[str, int]:
         """Replace the task-exclusive coordinates (task -> masks): each moves under its tasks' gradients

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from itertools import combinations
 from typing import Annotated, Any, Literal
 
 import torch
@@ -37,18 +38,21 @@ from torch import Tensor
 from epi.errors import TrainingDiverged, UserError
 from epi.masks import (
     METHODS,
-    from_indices,
-    indices,
-    union,
     NORMALIZE_METHODS,
-    NonFiniteScores,
     SCOPES,
     Masks,
+    NonFiniteScores,
+    count_stats,
+    from_indices,
+    hits,
+    indices,
     jaccard,
+    jaccard_counts,
     mask_stats,
     normalize,
     pack,
     top_p,
+    union,
     unpack,
 )
 from epi.schema import Schema, at_least, within
@@ -181,40 +185,52 @@ class EvolvingIsolation(Strategy):
     def _refresh_exclusive(self, step: int) -> None:
         """Every task of the current stage gets its own top-p from its own importance; the others keep theirs.
         Logged per task: its mask's size and drift (Jaccard with its first and previous mask) and its overlap
-        with every other task's mask; and for the union, what `refresh` logs."""
+        with every other task's mask; and for the union, what `refresh` logs. The sizes and overlaps are counted
+        from the engine's owner sets and the drift at the earlier masks' coordinates, not from masks compared whole."""
         tic = time.perf_counter()
-        old = {t: {n: m.cpu() for n, m in masks.items()} for t, masks in self.ctx.exclusive_masks().items()}
-        new = dict(old)
-        for task in self.stage_tasks or self.ctx.tasks:
-            new[task] = {n: m.cpu() for n, m in self._select(self.task_importance(task, step), step).items()}
+        shards = self.ctx.shards
+        old = self.ctx.exclusive_index()
+        shapes = {n: local(p).shape for n, p in self.ctx.named_params.items()}
+        stage = self.stage_tasks or self.ctx.tasks
+        new: dict[str, Masks] = {}  # in the engine's task order, then the stage's new tasks (the order of its owner bits)
+        for task in [*old, *(t for t in stage if t not in old)]:
+            new[task] = ({n: m.cpu() for n, m in self._select(self.task_importance(task, step), step).items()} if task in stage
+                         else from_indices(old[task], shapes))  # a task outside the stage keeps its mask
+        for task, masks in new.items():
+            if task not in self.first_index:
+                self.first_index[task] = indices(masks)
+        kept_prev = {task: hits(old[task], masks) for task, masks in new.items() if task in old}
+        kept_first = {task: hits(self.first_index[task], masks) for task, masks in new.items()}
         counts = self.ctx.set_exclusive(new)
         self.refreshes += 1
-        shards = self.ctx.shards
-        shapes = {n: local(p).shape for n, p in self.ctx.named_params.items()}
-        pairs: dict[frozenset[str], float] = {}  # the overlap matrix is symmetric: each pair once
-        for task, masks in new.items():
-            first = from_indices(self.first_index.setdefault(task, indices(masks)), shapes)
+        owners = self.ctx.owner_counts()
+        size = {task: {n: sum(c for tasks, c in sets.items() if task in tasks) for n, sets in owners.items()} for task in new}
+        total = {task: sum(per_param.values()) for task, per_param in size.items()}
+        shared: dict[frozenset[str], int] = {}  # per pair of tasks, the coordinates both own
+        for sets in owners.values():
+            for tasks, c in sets.items():
+                for pair in combinations(sorted(tasks), 2):
+                    shared[frozenset(pair)] = shared.get(frozenset(pair), 0) + c
+        for task in new:
+            before = sum(int(i.numel()) for i in old.get(task, {}).values())
+            first = sum(int(i.numel()) for i in self.first_index[task].values())
             self.ctx.log(step, "mask", {
-                "isolated_fraction": mask_stats(masks, self.numels, shards)["isolated_fraction"],
-                "jaccard_prev": jaccard(old[task], masks, shards) if task in old else 1.0,
-                "jaccard_first": jaccard(first, masks, shards),
+                "isolated_fraction": count_stats(size[task], self.numels, shards)["isolated_fraction"],
+                "jaccard_prev": jaccard_counts(kept_prev[task], before, total[task], shards) if task in old else 1.0,
+                "jaccard_first": jaccard_counts(kept_first[task], first, total[task], shards),
             }, task=task)
-            overlap = {}
-            for other, theirs in new.items():
-                if other != task:
-                    pair = frozenset((task, other))
-                    if pair not in pairs:
-                        pairs[pair] = jaccard(masks, theirs, shards)
-                    overlap[other] = pairs[pair]
+            overlap = {other: jaccard_counts(shared.get(frozenset((task, other)), 0), total[task], total[other], shards)
+                       for other in new if other != task}
             self.ctx.log(step, "mask_overlap", overlap, task=task)
-        together, before = union(*new.values()), union(*old.values()) if old else {}
+        together = union(*new.values())
         if self.first_mask is None:
             self.first_mask = pack(together)
+        kept, protected, released = counts["kept"], counts["protected"], counts["released"]  # summed over ranks already
         self.ctx.log(step, "mask", {
-            **mask_stats(together, self.numels, shards),
-            "protected": counts["protected"],
-            "released": counts["released"],
-            "jaccard_prev": jaccard(before, together, shards) if old else 1.0,
+            **count_stats({n: sum(sets.values()) for n, sets in owners.items()}, self.numels, shards),
+            "protected": protected,
+            "released": released,
+            "jaccard_prev": jaccard_counts(kept, kept + released, kept + protected) if old else 1.0,
             "jaccard_first": jaccard(unpack(self.first_mask), together, shards),
             "refresh_seconds": time.perf_counter() - tic,
         })
@@ -306,9 +322,9 @@ class EPI(EvolvingIsolation):
         for draw in range(self.cfg.calibration_batches):
             grads = self.ctx.task_gradient(task, step, draw)
             for name, param in self.params.items():
-                g, param = grads[name].float(), local(param)
-                signal = g * g if self.cfg.signal == "sq_grad" else (g * param).abs() if self.cfg.signal == "taylor" else g.abs()
-                raw[name] = raw[name] + signal if name in raw else signal
+                g, param = grads[name].float(), local(param)  # handed over, not the parameter's: the signal is taken in place
+                signal = g.mul_(g) if self.cfg.signal == "sq_grad" else g.mul_(param).abs_() if self.cfg.signal == "taylor" else g.abs_()
+                raw[name] = raw[name].add_(signal) if name in raw else signal
             del grads
         return normalize(raw, self.cfg.norm, self.ctx.shards)
 
