@@ -117,6 +117,40 @@ def test_exclusive_epi_in_the_real_loop_holds_absent_tasks_coordinates(tmp_path:
     assert {e["metric"] for e in overlap} == set(trainer.tasks)
 
 
+
+def test_the_exclusive_refresh_logs_what_the_masks_compared_whole_give(tmp_path: Path) -> None:
+    """The refresh counts each task's size, drift and overlaps from the engine's owner sets and at the earlier masks'
+    coordinates: at every refresh the logged numbers equal `mask_stats` and `jaccard` over the whole masks."""
+    from epi.masks import from_indices, jaccard, mask_stats, union
+
+    trainer = Trainer(make_cfg(*EXCLUSIVE, "schedule.batch_size=4"), tmp_path)
+    engine, strategy, refresh = trainer.optimizer, trainer.strategy, trainer.strategy.refresh
+    seen = []
+
+    def watched(step: int) -> None:
+        before = engine.exclusive_masks
+        refresh(step)
+        seen.append((step, before, engine.exclusive_masks, dict(strategy.first_index)))
+
+    strategy.refresh = watched
+    trainer.fit()
+    logged = {(e["step"], e.get("task"), e["split"], e["metric"]): e["value"] for e in read_metrics(tmp_path)
+              if e["split"] in ("mask", "mask_overlap")}
+    shapes = {n: p.shape for n, p in engine.named_params.items()}
+    assert len(seen) >= 3 and any(logged[(step, t, "mask", "jaccard_prev")] < 1 for step, _, after, _ in seen[1:] for t in after)
+    for step, before, after, first in seen:
+        for task, masks in after.items():
+            assert logged[(step, task, "mask", "isolated_fraction")] == mask_stats(masks, strategy.numels)["isolated_fraction"]
+            assert logged[(step, task, "mask", "jaccard_prev")] == (jaccard(before[task], masks) if task in before else 1.0)
+            assert logged[(step, task, "mask", "jaccard_first")] == jaccard(from_indices(first[task], shapes), masks)
+            for other, theirs in after.items():
+                if other != task:
+                    assert logged[(step, task, "mask_overlap", other)] == jaccard(masks, theirs)
+        together = union(*after.values())
+        for key, value in mask_stats(together, strategy.numels).items():
+            assert logged[(step, None, "mask", key)] == value
+        assert logged[(step, None, "mask", "jaccard_prev")] == (jaccard(union(*before.values()), together) if before else 1.0)
+
 def test_the_loss_stays_token_weighted_when_the_batch_is_split_by_task(tmp_path: Path) -> None:
     """Until the first mask both runs train the same; at the step after it the exclusive run computes its loss
     from task-homogeneous micro-batches, the other from one batch: the same number."""
