@@ -271,7 +271,10 @@ class IsolatedOptimizer:
             if grad is None:
                 continue
             grad = local(grad)
-            grad.put_(idx, grad.new_zeros(idx.numel()) if before is None else before)
+            if before is None:
+                zero_at(grad, idx)
+            else:
+                grad.put_(idx, before)
         self._task_stash = {}
 
     def _exclusive_held(self, present: frozenset[str]) -> dict[str, Tensor]:
@@ -319,7 +322,7 @@ class IsolatedOptimizer:
             grad = local(grad)
             if self.moments == "track":
                 self._stash[name] = torch.take(grad, idx)
-            grad.put_(idx, grad.new_zeros(idx.numel()))
+            zero_at(grad, idx)
         self._hidden = True
 
     @torch.no_grad()
@@ -366,6 +369,11 @@ class IsolatedOptimizer:
         self.index = {}  # masks are restored as they were, no release policy applies
         self.set_masks(unpack(state["masks"]))
         self.set_exclusive({task: unpack(packed) for task, packed in state.get("exclusive", {}).items()})
+
+
+def zero_at(tensor: Tensor, idx: Tensor) -> None:
+    """Zero `tensor` at the flat indices `idx` (each once), in place: `put_`, a fifth of `index_fill_`'s cost on CPU."""
+    tensor.put_(idx, tensor.new_zeros(idx.numel()))
 
 
 def _roles(owners: int, bits: list[int]) -> tuple[int | None, list[int], int | None] | None:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from epi.optim import Ownership
+from epi.optim import Ownership, zero_at
 
 TASK_SPLITS = ("rows", "micro_batches")  # isolation.task_split
 
@@ -129,22 +129,25 @@ def _accumulate(module: nn.Linear, attrs: dict[str, str], x: Tensor, dy: Tensor,
     for j, (start, stop) in enumerate(ranges.values()):
         rows_dy = dy[start:stop].reshape(-1, dy.shape[-1])
         rows_x = x[start:stop].reshape(-1, x.shape[-1]).to(dy.dtype)  # under autocast: the bf16 input the product used
+
+        def term(attr: str) -> Tensor:  # this task's gradient of `attr`, in the parameter's dtype
+            value = rows_dy.t().mm(rows_x) if attr == "weight" else rows_dy.sum(0)
+            return value.to(getattr(module, attr).dtype)
+
         for attr, name in attrs.items():
             sets = ownership.get(name)
             total = totals.get(attr)
             if total is None:  # the first task's term starts the sum: nothing to mend before it
-                value = rows_dy.t().mm(rows_x) if attr == "weight" else rows_dy.sum(0)
-                totals[attr] = total = value.to(getattr(module, attr).dtype)
+                totals[attr] = total = term(attr)
             else:
                 zero, guard = (sets.zero[j], sets.guard[j]) if sets else (None, None)
                 if zero is not None:
-                    total.put_(zero, total.new_zeros(zero.numel()))
+                    zero_at(total, zero)
                 kept = torch.take(total, guard) if guard is not None else None
                 if attr == "weight" and total.dtype == dy.dtype:
                     total.addmm_(rows_dy.t(), rows_x)
                 else:
-                    value = rows_dy.t().mm(rows_x) if attr == "weight" else rows_dy.sum(0)
-                    total.add_(value.to(total.dtype))
+                    total.add_(term(attr))
                 if kept is not None:
                     total.put_(guard, kept)
             if sets and sets.save[j] is not None:
@@ -154,6 +157,6 @@ def _accumulate(module: nn.Linear, attrs: dict[str, str], x: Tensor, dy: Tensor,
     for attr, total in totals.items():
         sets = ownership.get(attrs[attr])
         if sets and sets.absent is not None:
-            total.put_(sets.absent, total.new_zeros(sets.absent.numel()))
+            zero_at(total, sets.absent)
         param = getattr(module, attr)
         param.grad = total if param.grad is None else param.grad.add_(total)

@@ -225,12 +225,12 @@ class EvolvingIsolation(Strategy):
         together = union(*new.values())
         if self.first_mask is None:
             self.first_mask = pack(together)
-        kept, protected, released = counts["kept"], counts["protected"], counts["released"]  # summed over ranks already
+        kept = counts["kept"]  # the churn counts are summed over ranks already
         self.ctx.log(step, "mask", {
             **count_stats({n: sum(sets.values()) for n, sets in owners.items()}, self.numels, shards),
-            "protected": protected,
-            "released": released,
-            "jaccard_prev": jaccard_counts(kept, kept + released, kept + protected) if old else 1.0,
+            "protected": counts["protected"],
+            "released": counts["released"],
+            "jaccard_prev": jaccard_counts(kept, kept + counts["released"], kept + counts["protected"]) if old else 1.0,
             "jaccard_first": jaccard(unpack(self.first_mask), together, shards),
             "refresh_seconds": time.perf_counter() - tic,
         })
