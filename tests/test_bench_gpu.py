@@ -24,9 +24,10 @@ RATIOS = {
 }
 
 
-def test_quick_prints_every_side_and_the_ratios() -> None:
+@pytest.mark.parametrize("packing", [False, True])
+def test_quick_prints_every_side_and_the_ratios(packing: bool) -> None:
     out = subprocess.run(
-        [sys.executable, "bench/bench_gpu.py", "--quick", "--threads", "1"],
+        [sys.executable, "bench/bench_gpu.py", "--quick", "--threads", "1", *(["--packing"] if packing else [])],
         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -41,6 +42,12 @@ def test_quick_prints_every_side_and_the_ratios() -> None:
         assert cells[10] == "n/a", cells  # MFU: CPU without --peak-flops
         assert (cells[11] == "–") if name == "trainer" else float(cells[11]) >= 0, cells
     assert float(rows["none"][11]) == 0 and float(rows["epi"][11]) > 0 and float(rows["cpi-stage"][11]) > 0
+    padding = {name: float(cells[8].rstrip("%")) for name, cells in rows.items()}
+    if packing:  # the project's sides pack the task-mixed batches that `trainer` pads, in the same order
+        assert "packed task-mixed batches (trainer: padded, stream order), attention sdpa" in lines[0], lines[0]
+        assert max(padding[name] for name in ("none", "epi", "cpi-stage")) < padding["trainer"] / 4, padding
+    else:
+        assert "length-grouped batches, attention sdpa" in lines[0], lines[0]
 
     found = {key: [line for line in lines if line.startswith(prefix)] for key, prefix in RATIOS.items()}
     assert all(len(hits) == 1 for hits in found.values()), found

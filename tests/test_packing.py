@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from epi.data.format import IGNORE_INDEX, collate, pack, plan_rows
+from epi.errors import UserError
 from epi.loss import CausalLMLoss
 from epi.models import build_model
 from epi.trainer import Trainer
@@ -101,9 +102,12 @@ def test_packed_loss_and_gradients_equal_the_padded_ones_smollm2() -> None:
         assert float((packed[1][name] - grad).norm() / grad.norm().clamp_min(1e-12)) < 1e-4, name
 
 
-def test_no_example_attends_across_its_boundary() -> None:
-    """Changing one packed example's tokens changes no other example's logits (the ones after it included)."""
-    model, tok = build_model(make_cfg(tiny=True).model)
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_no_example_attends_across_its_boundary(attention: str) -> None:
+    """Changing one packed example's tokens changes no other example's logits (the ones after it included), under
+    each attention that trains on a CPU (`model.attn_implementation`)."""
+    model, tok = build_model(make_cfg(f"model.attn_implementation={attention}", tiny=True).model)
+    assert model.config._attn_implementation == attention
     model.eval()
     batch = examples(model.config.vocab_size)
     packed = pack(batch, plan_rows([len(x["input_ids"]) for x in batch], 64), tok.pad_token_id)  # one row: all six
@@ -124,6 +128,17 @@ def test_no_example_attends_across_its_boundary() -> None:
             assert not torch.allclose(a[lo:hi], b[lo:hi])  # the changed example did change
         else:
             torch.testing.assert_close(a[lo:hi], b[lo:hi], rtol=0, atol=1e-6, msg=f"example {i}")
+
+
+@pytest.mark.parametrize(("attention", "why"), [("flex_attention", "FlexAttention has no backward pass on the CPU"),
+                                                ("flash_attention_2", "FlashAttention runs on CUDA only")])
+def test_an_attention_that_cannot_train_on_the_cpu_is_refused_before_the_model_loads(tmp_path: Path, monkeypatch, attention: str, why: str) -> None:
+    def never(*args: object) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("epi.trainer.build_model", never)
+    with pytest.raises(UserError, match=f"^model.attn_implementation={attention}: {why}; on cpu train with sdpa"):
+        Trainer(make_cfg(f"model.attn_implementation={attention}", "device=cpu"), tmp_path)
 
 
 def test_isolation_stays_bit_exact_on_packed_batches(tmp_path: Path) -> None:
