@@ -5,6 +5,7 @@
     python bench/bench_isolation.py --models smollm2_135m --batch-size 8 --steps 10
     python bench/bench_isolation.py --models tiny --mode exclusive   # task-exclusive isolation (target <= 1.10)
     python bench/bench_isolation.py --models tiny --mode exclusive --task-split micro_batches   # its reference backward
+    python bench/bench_isolation.py --models tiny --mode exclusive --packing   # both sides on packed batches (data.packing)
 
 
 (after the README's install: `epi` is imported from the installed package, conf/ from this checkout).
@@ -42,9 +43,9 @@ tensor_bytes = nbytes  # the name bench_gpu.py imports
 
 
 def build(model: str, strategy: str, refresh_every: int, batch_size: int, workdir: Path, mode: str = "freeze",
-          task_split: str = "rows") -> Trainer:
+          task_split: str = "rows", packing: bool = False) -> Trainer:
     overrides = [f"model={model}", f"strategy={strategy}", "logger=jsonl", "device=cpu", "data.n_train=512", "data.n_val=8",
-                 "data.n_test=8", f"schedule.batch_size={batch_size}", f"isolation.task_split={task_split}"]
+                 "data.n_test=8", f"schedule.batch_size={batch_size}", f"isolation.task_split={task_split}", f"data.packing={packing}"]
     if strategy != "none":
         overrides += ["strategy.warmup=1", f"strategy.refresh_every={refresh_every}", f"strategy.mode={mode}"]
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
@@ -55,10 +56,10 @@ def build(model: str, strategy: str, refresh_every: int, batch_size: int, workdi
 
 
 def bench(model: str, steps: int, refresh_every: int, refreshes: int, repeats: int, batch_size: int, mode: str,
-          task_split: str = "rows") -> dict[str, float]:
+          task_split: str = "rows", packing: bool = False) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        base = build(model, "none", refresh_every, batch_size, Path(tmp))
-        epi = build(model, "epi", refresh_every, batch_size, Path(tmp), mode, task_split)
+        base = build(model, "none", refresh_every, batch_size, Path(tmp), packing=packing)
+        epi = build(model, "epi", refresh_every, batch_size, Path(tmp), mode, task_split, packing)
         base.train_step(1)
         epi.train_step(1)  # warmup=1: the first mask is in place after this step
         epi.strategy.cfg.refresh_every = 10**9  # no refresh inside a timed step: refreshes are timed separately below
@@ -108,16 +109,17 @@ def main() -> None:
     parser.add_argument("--mode", choices=("freeze", "exclusive"), default="freeze", help="strategy.mode of the EPI side")
     parser.add_argument("--task-split", choices=("rows", "micro_batches"), default="rows",
                         help="isolation.task_split of the EPI side (exclusive mode: how the tasks' gradients are kept apart)")
+    parser.add_argument("--packing", action="store_true", help="both sides on packed batches (data.packing=true)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, refresh_every={args.refresh_every}, batch {args.batch_size}x<=128 tokens, "
           f"the default AdamW (fused) and LM head (trained positions), {args.repeats} blocks, EPI mode={args.mode}"
-          + (f", task_split={args.task_split}" if args.mode == "exclusive" else ""))
+          + (f", task_split={args.task_split}" if args.mode == "exclusive" else "") + (", packed batches" if args.packing else ""))
     print("| model | params | step none (s) | step epi (s) | refresh (s) | ratio (amortised), median [range] | extra bytes/param | isolated |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for model in args.models:
         steps = args.steps or (60 if model == "tiny" else 20)
-        r = bench(model, steps, args.refresh_every, args.refreshes, args.repeats, args.batch_size, args.mode, args.task_split)
+        r = bench(model, steps, args.refresh_every, args.refreshes, args.repeats, args.batch_size, args.mode, args.task_split, args.packing)
         print(
             f"| {model} | {r['params'] / 1e6:.1f}M | {r['step_none_s']:.3f} | {r['step_epi_s']:.3f} | {r['refresh_s']:.3f} "
             f"| {r['ratio']:.3f} [{r['ratio_min']:.3f}, {r['ratio_max']:.3f}] | {r['extra_bytes_per_param']:.3f} | {r['isolated_fraction']:.4f} |",

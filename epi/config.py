@@ -91,7 +91,7 @@ class IsolationConfig(Schema):
     """The isolation engine (epi/optim.py): how isolated coordinates are held, whatever the strategy isolates."""
 
     moments: Literal[MOMENT_POLICIES]  # track: moments of isolated coordinates follow their true gradients | reset
-    task_split: Literal[TASK_SPLITS]  # exclusive isolation: one backward split by rows, or one micro-batch per task (epi/task_split.py)
+    task_split: Literal[TASK_SPLITS]  # exclusive isolation: one backward, summed per task over its tokens (rows), or one micro-batch per task (epi/task_split.py)
 
 
 @dataclass

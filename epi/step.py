@@ -72,7 +72,7 @@ class MicroBatch:
 
     batch: dict[str, Tensor] | None  # this rank's rows, collated; None when it has none
     tasks: frozenset[str]  # the tasks of its rows
-    split: RowSplit | None = None  # task_split=rows: the layers split by task and each task's rows in `batch`
+    split: RowSplit | None = None  # task_split=rows: the layers split by task and each task's tokens in `batch`
 
 
 @dataclass
@@ -222,12 +222,12 @@ class Stepper:
     @contextmanager
     def _shielding(self, learner: Learner, micro: MicroBatch) -> Iterator[None]:
         """Around one micro-batch's backward under exclusive isolation: keep each task's gradient from the
-        coordinates it does not own, per task's rows (`split_by_rows`) or around a one-task micro-batch."""
+        coordinates it does not own, per task's tokens (`split_by_rows`) or around a one-task micro-batch."""
         engine = learner.optimizer
         if not engine.exclusive:
             yield
         elif micro.split is not None:
-            with split_by_rows(micro.split, engine.ownership(list(micro.split.rows))):
+            with split_by_rows(micro.split, engine.ownership(list(micro.split.tokens))):
                 yield
         else:
             (task,) = micro.tasks
@@ -267,7 +267,8 @@ class Stepper:
         examples of one batch k times as large. Under `schedule.group_by_length` the pool of
         length-grouped batches ends with the current weights (`learner.horizon`). Under exclusive
         isolation each task's gradient must be kept from the coordinates it does not own: with
-        `isolation.task_split=rows` each micro-batch's rows are ordered by task (`MicroBatch.split`), else
+        `isolation.task_split=rows` each micro-batch's examples are ordered by task and its backward split by
+        each task's tokens (`MicroBatch.split`; packed rows mix the tasks), else
         the same examples run as task-homogeneous micro-batches of at most batch_size (`_by_task`).
         """
         s = self.cfg.schedule
@@ -289,13 +290,10 @@ class Stepper:
                 chunk = sorted(chunk, key=lambda pick: pick[0])  # stable: each task's rows contiguous, in draw order
                 tasks = [task for task, _ in chunk]
                 examples = self._rows(chunk)
-                plan = self._plan(examples, tasks) if self.cfg.data.packing else None  # packed rows, each of one task's examples
-                owners = [tasks[row[0]] for row in plan] if plan is not None else tasks
-                rows, start = {}, 0
-                for task, group in itertools.groupby(owners):
-                    stop = start + len(list(group))
-                    rows[task], start = (start, stop), stop
-                micro_batches.append(MicroBatch(self.shard(examples, plan), frozenset(rows), RowSplit(layers, rows)))
+                plan = self._plan(examples) if self.cfg.data.packing else None  # packed rows mix the tasks
+                batch = self.shard(examples, plan)
+                at, order = self._task_tokens(tasks, examples, plan, batch["input_ids"].shape[1])
+                micro_batches.append(MicroBatch(batch, frozenset(at), RowSplit(layers, at, batch["input_ids"].numel(), order)))
         else:
             micro_batches = [MicroBatch(self.shard(self._rows(chunk)), frozenset([task])) for task, chunk in self._by_task(picks, s.batch_size)]
         return micro_batches, tokens, trained
@@ -303,9 +301,34 @@ class Stepper:
     def _rows(self, picks: list[tuple[str, int]]) -> list[dict[str, list[int]]]:
         return [self.train_sets[task][i] for task, i in picks]
 
-    def _plan(self, rows: list[dict[str, list[int]]], keys: list[str] | None = None) -> list[list[int]]:
-        """The packed rows of at most data.max_len tokens for `rows` (`plan_rows`; `keys`: a row never mixes two)."""
-        return plan_rows([len(x["input_ids"]) for x in rows], self.cfg.data.max_len, keys)
+    def _plan(self, rows: list[dict[str, list[int]]]) -> list[list[int]]:
+        """The packed rows of at most data.max_len tokens for `rows` (`plan_rows`)."""
+        return plan_rows([len(x["input_ids"]) for x in rows], self.cfg.data.max_len)
+
+    def _task_tokens(self, tasks: list[str], rows: list[dict[str, list[int]]], plan: list[list[int]] | None,
+                     width: int) -> tuple[dict[str, slice], Tensor | None]:
+        """Each task's tokens in the micro-batch's (rows x `width`) token grid flattened (`RowSplit`), tasks in sorted
+        order (`tasks` is sorted). Padded: a task's examples are whole rows, one after another, a slice of the grid. Packed
+        (`plan`): the spans its examples fill in rows that mix tasks, gathered task by task in `order`, each task a
+        slice of that; the padding after a row's last example is in no task's (its tokens carry no gradient)."""
+        if plan is None:
+            out, start = {}, 0
+            for task, group in itertools.groupby(tasks):
+                stop = start + len(list(group))
+                out[task], start = slice(start * width, stop * width), stop
+            return out, None
+        spans: dict[str, list[Tensor]] = {task: [] for task in tasks}
+        for r, row in enumerate(plan):
+            first = r * width
+            for i in row:
+                n = len(rows[i]["input_ids"])
+                spans[tasks[i]].append(torch.arange(first, first + n))
+                first += n
+        out, start = {}, 0
+        for task, parts in spans.items():
+            stop = start + sum(len(p) for p in parts)
+            out[task], start = slice(start, stop), stop
+        return out, torch.cat([p for parts in spans.values() for p in parts]).to(self.device)
 
     def shard(self, rows: list[dict[str, list[int]]], plan: list[list[int]] | None = None) -> dict[str, Tensor] | None:
         """This rank's share of `rows` on the device, padded (`collate`) or, under data.packing, packed (`pack`) by

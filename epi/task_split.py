@@ -6,19 +6,22 @@ task-homogeneous micro-batches and puts the shielded gradients back after each t
 (`task_split=micro_batches`): correct, but on a small batch each micro-batch of one or two examples
 costs nearly a whole batch (SmolLM2 at batch 8: 1.35x a step of `none`).
 
-The gradient of a linear weight is a sum over rows, dW = Σ_rows dYᵀ·X, and the examples of a batch are
-independent (no row attends to another), so the backward of the whole batch already holds every task's
-dY and X. Here each linear layer whose weight has exclusive coordinates runs its forward with the weight
+The gradient of a linear weight is a sum over token rows, dW = Σ_tokens dYᵀ·X, and the examples of a batch are
+independent (no token attends to another example's), so the backward of the whole batch already holds every
+task's dY and X. Here each linear layer whose weight has exclusive coordinates runs its forward with the weight
 detached (autograd still computes dX through it, but not dW), keeps X, and when dY arrives sums
-dYᵀ·X task by task over the task's rows, each exclusive coordinate its owners' terms only (the engine's
-`ownership`), then adds the result to the weight's `.grad`. The same products as one weight gradient (the rows
-are split, not repeated), one forward and one backward of the whole batch, and the result equals the
-micro-batch path's to float rounding (the sums run in another order; `tests/test_exclusive.py`).
+dYᵀ·X task by task over the task's tokens, each exclusive coordinate its owners' terms only (the engine's
+`ownership`), then adds the result to the weight's `.grad`. A task's tokens are rows of the layer's input with
+its batch and sequence dimensions flattened: whole padded rows (a slice, no copy) or, under `data.packing`, the
+spans its examples fill in rows that mix tasks (the rows gathered task by task, once per layer). The same
+products as one weight gradient (the rows are split, not repeated), one forward and one backward of the whole
+batch, and the result equals the micro-batch path's to float rounding (the sums run in another order;
+`tests/test_exclusive.py`).
 
 It runs where that reasoning holds: one process (DDP and FSDP reduce gradients in autograd hooks that
 a hand-written `.grad` would bypass), eager (no `schedule.compile`), no activation checkpointing (its
 recompute would run the forward twice), and every exclusive coordinate in the weight or bias of a plain
-`nn.Linear` whose input rows are the batch's examples (the default `include` isolates nothing else; an LM
+`nn.Linear` whose input holds the batch's tokens (the default `include` isolates nothing else; an LM
 head under `schedule.lm_head=trained` sees the trained positions instead). Otherwise `rows_unavailable` says why and the
 trainer runs micro-batches.
 """
@@ -41,11 +44,16 @@ Layers = dict[nn.Linear, dict[str, str]]  # a plain nn.Linear -> {"weight" | "bi
 
 @dataclass(frozen=True)
 class RowSplit:
-    """How one micro-batch's backward is split: the layers whose gradients are summed per task, and the rows
-    `(start, stop)` of each task's examples in the batch (contiguous, along dim 0 of every layer's input)."""
+    """How one micro-batch's backward is split: the layers whose gradients are summed per task, and each task's
+    tokens, tasks in summation order. Every layer's input (and its output's gradient) is flattened to `count` rows
+    of (tokens, features); with `order` (an index tensor on the batch's device) its rows are first gathered in that
+    order, once per layer, so that each task's tokens are the slice `tokens[task]` of them (packed rows, which mix
+    tasks); without it they are slices of the flattened rows themselves (padded rows ordered by task: no copy)."""
 
     layers: Layers
-    rows: dict[str, tuple[int, int]]
+    tokens: dict[str, slice]
+    count: int
+    order: Tensor | None = None
 
 
 def linear_layers(model: nn.Module, names: set[str]) -> Layers:
@@ -85,27 +93,26 @@ def rows_unavailable(model: nn.Module, owned: set[str], world: int, compiled: bo
 @contextmanager
 def split_by_rows(split: RowSplit, ownership: dict[str, Ownership]) -> Iterator[None]:
     """Within the block, a forward and backward of one batch leaves in `.grad` of each parameter of
-    `split.layers` the sum over tasks of that task's gradient (from its rows `split.rows[task]`), each
-    exclusive coordinate its owners' terms only: `ownership[name]` is the engine's `ownership(list(split.rows))`.
+    `split.layers` the sum over tasks of that task's gradient (from its tokens `split.tokens[task]`), each
+    exclusive coordinate its owners' terms only: `ownership[name]` is the engine's `ownership(list(split.tokens))`.
     Every other parameter's gradient is autograd's, unchanged."""
     try:
         for module, attrs in split.layers.items():
-            module.forward = _split_forward(module, attrs, ownership, split.rows)  # an instance attribute shadows nn.Linear.forward
+            module.forward = _split_forward(module, attrs, ownership, split)  # an instance attribute shadows nn.Linear.forward
         yield
     finally:
         for module in split.layers:
             vars(module).pop("forward", None)
 
 
-def _split_forward(module: nn.Linear, attrs: dict[str, str], ownership: dict[str, Ownership],
-                   ranges: dict[str, tuple[int, int]]):
+def _split_forward(module: nn.Linear, attrs: dict[str, str], ownership: dict[str, Ownership], split: RowSplit):
     def forward(x: Tensor) -> Tensor:
         weight, bias = module.weight, module.bias
         y = nn.functional.linear(x, weight.detach() if "weight" in attrs else weight,
                                  bias.detach() if "bias" in attrs else bias)
         if torch.is_grad_enabled():
             saved = x.detach()
-            y.register_hook(lambda dy: _accumulate(module, attrs, saved, dy, ownership, ranges))
+            y.register_hook(lambda dy: _accumulate(module, attrs, saved, dy, ownership, split))
         return y
 
     return forward
@@ -113,8 +120,8 @@ def _split_forward(module: nn.Linear, attrs: dict[str, str], ownership: dict[str
 
 @torch.no_grad()
 def _accumulate(module: nn.Linear, attrs: dict[str, str], x: Tensor, dy: Tensor,
-                ownership: dict[str, Ownership], ranges: dict[str, tuple[int, int]]) -> None:
-    """dW (and db) summed task by task over each task's rows, each exclusive coordinate its owners' terms only.
+                ownership: dict[str, Ownership], split: RowSplit) -> None:
+    """dW (and db) summed task by task over each task's tokens, each exclusive coordinate its owners' terms only.
 
     The terms go into one running sum in place (`addmm_`: no weight-sized temporary and extra add per task), which is
     mended at the owned coordinates only where `Ownership` says: zeroed before a coordinate's first owner in the batch,
@@ -122,13 +129,16 @@ def _accumulate(module: nn.Linear, attrs: dict[str, str], x: Tensor, dy: Tensor,
     the end. The sums run in the same order as with each task's term shielded from what it does not own, so the result
     is the same, bit for bit, at about a third of the coordinates read and written. Read and written with `take` and
     `put_` (flat indices, each once): on CPU `index_copy_` and `index_fill_` cost 4-5x as much (`bench/RESULTS.md`)."""
-    if x.shape[0] != max(stop for _, stop in ranges.values()):
-        raise RuntimeError(f"task_split=rows: a linear layer's input has {x.shape[0]} rows, not the batch's examples")
+    flat_dy, flat_x = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+    if flat_x.shape[0] != split.count:
+        raise RuntimeError(f"task_split=rows: a linear layer's input holds {flat_x.shape[0]} tokens, not the batch's {split.count}")
+    if split.order is not None:  # one gather each (`index_select`: on CPU a third to a half of what advanced indexing costs)
+        flat_dy, flat_x = flat_dy.index_select(0, split.order), flat_x.index_select(0, split.order)
     totals: dict[str, Tensor] = {}
     saved: list[tuple[Tensor, Tensor, Tensor]] = []  # (running sum, coordinates, their owners' sum)
-    for j, (start, stop) in enumerate(ranges.values()):
-        rows_dy = dy[start:stop].reshape(-1, dy.shape[-1])
-        rows_x = x[start:stop].reshape(-1, x.shape[-1]).to(dy.dtype)  # under autocast: the bf16 input the product used
+    for j, tokens in enumerate(split.tokens.values()):
+        rows_dy = flat_dy[tokens]
+        rows_x = flat_x[tokens].to(dy.dtype)  # under autocast: the bf16 input the product used
 
         def term(attr: str) -> Tensor:  # this task's gradient of `attr`, in the parameter's dtype
             value = rows_dy.t().mm(rows_x) if attr == "weight" else rows_dy.sum(0)

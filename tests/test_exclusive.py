@@ -266,45 +266,54 @@ class TwoLinears(nn.Module):
         return self.down(torch.tanh(self.up(x)))
 
 
-def test_split_by_rows_gives_each_coordinate_its_owners_gradient_only() -> None:
-    """The batch's rows 0-2 are task a's, 3-4 task b's: one backward of all five under `split_by_rows` leaves
-    the gradient the micro-batch path (one backward per task, shielded coordinates put back) leaves."""
+@pytest.mark.parametrize("layout", ["rows", "spans"])
+def test_split_by_rows_gives_each_coordinate_its_owners_gradient_only(layout: str) -> None:
+    """Task a's tokens are the batch's rows 0-2 and b's rows 3-4 (`rows`: slices of the flattened tokens), or spans
+    that alternate within the rows, as packed rows that mix tasks give (`spans`: the rows gathered in task order,
+    each task a slice of them): one backward of all fifteen tokens under `split_by_rows` leaves the gradient the
+    micro-batch path (one backward per task, shielded coordinates put back) leaves."""
     from epi.task_split import RowSplit, linear_layers, split_by_rows
 
     torch.manual_seed(0)
-    model = TwoLinears()
+    model = TwoLinears()  # token by token: a task's loss is the loss at its tokens
     x, y = torch.randn(5, 3, 6), torch.randn(5, 3, 4)
-    rows = {"a": (0, 3), "b": (3, 5)}
+    at = {"a": torch.tensor([0, 1, 4, 5, 6, 10, 11]), "b": torch.tensor([2, 3, 7, 8, 9, 12, 13, 14])}  # spans
+    if layout == "rows":
+        at, tokens, order = {"a": slice(0, 9), "b": slice(9, 15)}, {"a": slice(0, 9), "b": slice(9, 15)}, None
+    else:
+        tokens, order = {"a": slice(0, 7), "b": slice(7, 15)}, torch.cat([at["a"], at["b"]])
     gen = torch.Generator().manual_seed(1)
     owned = {task: {"up.weight": torch.rand(8, 6, generator=gen) < 0.3, "down.weight": torch.rand(4, 8, generator=gen) < 0.3,
-                    "down.bias": torch.rand(4, generator=gen) < 0.5} for task in rows}
+                    "down.bias": torch.rand(4, generator=gen) < 0.5} for task in tokens}
     engine = IsolatedOptimizer(torch.optim.AdamW(model.parameters()), dict(model.named_parameters()))
     engine.set_exclusive(owned)
 
-    def loss(lo: int, hi: int) -> torch.Tensor:
-        return ((model(x[lo:hi]) - y[lo:hi]) ** 2).sum()
+    def loss(at: slice | torch.Tensor) -> torch.Tensor:
+        return ((model(x).reshape(-1, 4)[at] - y.reshape(-1, 4)[at]) ** 2).sum()
 
-    for task, (lo, hi) in rows.items():  # the reference: one backward per task
+    for task, where in at.items():  # the reference: one backward per task
         engine.begin_task(task)
-        loss(lo, hi).backward()
+        loss(where).backward()
         engine.end_task(task)
     reference = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     layers = linear_layers(model, {name for masks in owned.values() for name in masks})
-    with split_by_rows(RowSplit(layers, rows), engine.ownership(list(rows))):
-        loss(0, 5).backward()
+    with split_by_rows(RowSplit(layers, tokens, 15, order), engine.ownership(list(tokens))):
+        loss(slice(None)).backward()
     assert "forward" not in vars(model.up)  # the split forward is gone after the block
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, reference[name], msg=name)
     alone = {}  # and the check does not pass vacuously: task a's gradient alone differs where b's would add
-    for task, (lo, hi) in rows.items():
+    for task, where in at.items():
         model.zero_grad(set_to_none=True)
-        loss(lo, hi).backward()
+        loss(where).backward()
         alone[task] = model.up.weight.grad.clone()
     only_a = owned["a"]["up.weight"] & ~owned["b"]["up.weight"]
     torch.testing.assert_close(reference["up.weight"][only_a], alone["a"][only_a])
     assert not torch.allclose(reference["up.weight"][only_a], (alone["a"] + alone["b"])[only_a])
-
+    with pytest.raises(RuntimeError, match="holds 15 tokens, not the batch's 14"):  # a split made for another batch
+        with split_by_rows(RowSplit(layers, tokens, 14, order), engine.ownership(list(tokens))):
+            loss(slice(None)).backward()
 
 
 @pytest.mark.parametrize("order", [("c", "e", "a", "b"), ("b", "a", "c", "e"), ("e", "c", "b", "a")])
@@ -320,6 +329,7 @@ def test_split_by_rows_sums_each_coordinates_owners_in_any_order_and_mends_only_
     model = TwoLinears()
     x, y = torch.randn(8, 3, 6), torch.randn(8, 3, 4)
     rows = dict(zip(order, [(0, 2), (2, 3), (3, 6), (6, 8)]))
+    tokens = {task: slice(3 * lo, 3 * hi) for task, (lo, hi) in rows.items()}  # 3 tokens a row
     gen = torch.Generator().manual_seed(2)
     owned = {t: {"up.weight": torch.rand(8, 6, generator=gen) < 0.4, "down.weight": torch.rand(4, 8, generator=gen) < 0.4,
                  "down.bias": torch.rand(4, generator=gen) < 0.5} for t in "abcd"}
@@ -336,7 +346,7 @@ def test_split_by_rows_sums_each_coordinates_owners_in_any_order_and_mends_only_
     reference = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     sets = engine.ownership(list(rows))
-    with split_by_rows(RowSplit(linear_layers(model, set(owned["a"])), rows), sets):
+    with split_by_rows(RowSplit(linear_layers(model, set(owned["a"])), tokens, 24), sets):
         loss(0, 8).backward()
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, reference[name], msg=name)

@@ -29,10 +29,9 @@ def examples(vocab: int, seed: int = 0) -> list[dict[str, list[int]]]:
     return out
 
 
-def test_plan_rows_packs_first_fit_decreasing_and_never_mixes_keys() -> None:
+def test_plan_rows_packs_first_fit_decreasing() -> None:
     # first-fit decreasing at width 8 needs rows [6, 1] [4, 4] [3]: 3 x 8 cells; balanced at width 7: 3 x 7
     assert plan_rows([4, 4, 3, 6, 1], width=8) == [[3, 4], [0, 2], [1]]
-    assert plan_rows([2, 2, 2, 2], width=8, keys=["a", "b", "a", "b"]) == [[0, 2], [1, 3]]
     assert sorted(i for row in plan_rows([5, 3, 7, 1, 2, 6], width=8) for i in row) == list(range(6))  # each example once
     with pytest.raises(ValueError, match="does not fit"):
         plan_rows([9], width=8)
@@ -43,14 +42,10 @@ def test_plan_rows_balances_the_rows_so_the_last_one_is_not_left_part_empty() ->
     g = torch.Generator().manual_seed(0)
     for _ in range(50):
         lengths = torch.randint(20, 61, (16,), generator=g).tolist()
-        keys = [("a", "b")[i % 2] for i in range(16)]
-        for k in (None, keys):
-            plan = plan_rows(lengths, 128, k)
-            sums = [sum(lengths[i] for i in row) for row in plan]
-            assert sorted(i for row in plan for i in row) == list(range(16)) and max(sums) <= 128
-            assert k is None or all(len({k[i] for i in row}) == 1 for row in plan)
-            if k is None:
-                assert 1 - sum(lengths) / (len(plan) * max(sums)) < 0.08, (lengths, plan)
+        plan = plan_rows(lengths, 128)
+        sums = [sum(lengths[i] for i in row) for row in plan]
+        assert sorted(i for row in plan for i in row) == list(range(16)) and max(sums) <= 128
+        assert 1 - sum(lengths) / (len(plan) * max(sums)) < 0.08, (lengths, plan)
 
 
 def test_pack_restarts_positions_and_drops_each_examples_first_label() -> None:
@@ -147,10 +142,11 @@ def test_isolation_stays_bit_exact_on_packed_batches(tmp_path: Path) -> None:
     assert any(int(m.sum()) for _, masks in trainer.strategy.history for m in masks.values())
 
 
-def test_exclusive_rows_on_packed_batches_hold_one_task_each_and_train_like_unpacked(tmp_path: Path) -> None:
-    """Exclusive isolation splits the packed batch by rows: each packed row holds one task's examples, the row
-    split ran (no fallback), a coordinate whose owners are absent from a step's batch is bit-identical after it
-    (`Watched`), and the model equals the unpacked run's to float tolerance."""
+def test_exclusive_isolation_packs_rows_that_mix_tasks_and_splits_them_by_each_tasks_tokens(tmp_path: Path) -> None:
+    """Exclusive isolation packs a micro-batch as any run does, its rows mixing tasks, and splits the backward by
+    each task's tokens: every task's tokens are exactly the spans its examples fill (the padding after a row's last
+    example in none), the row split ran (no fallback), a coordinate whose owners are absent from a step's batch is
+    bit-identical after it (`Watched`), and the model equals the unpacked run's to float tolerance."""
     common = [*EPI_FAST, "strategy.mode=exclusive", "isolation.task_split=rows", "schedule.steps=8"]
     models = {}
     for packing in ("true", "false"):
@@ -170,10 +166,24 @@ def test_exclusive_rows_on_packed_batches_hold_one_task_each_and_train_like_unpa
         models[packing] = trainer.model.state_dict()
         if packing == "true":
             assert split and all(why is None for why in trainer.stepper.rows_why.values())  # the row split ran on packed batches
+            mixed = 0
             for micro in split:
-                ranges = sorted(micro.split.rows.values())  # every packed row belongs to exactly one task
-                assert ranges[0][0] == 0 and ranges[-1][1] == micro.batch["input_ids"].shape[0]
-                assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+                ids, positions = micro.batch["input_ids"], micro.batch["position_ids"].reshape(-1)
+                owner = torch.full((ids.numel(),), -1)
+                assert micro.split.order is not None  # the rows are gathered task by task
+                for t, tokens in enumerate(micro.split.tokens.values()):
+                    at = micro.split.order[tokens]
+                    assert bool((owner[at] == -1).all())  # no token is two tasks'
+                    owner[at] = t
+                assert micro.split.count == ids.numel() and list(micro.split.tokens) == sorted(micro.split.tokens)
+                starts = (positions == 0).nonzero().squeeze(1).tolist() + [ids.numel()]
+                for lo, hi in zip(starts, starts[1:]):  # an example's span is one task's; only a row's padding is none's
+                    span = owner[lo:hi]
+                    assert bool((span == span[0]).all()), (lo, hi)
+                    if span[0] == -1:
+                        assert bool((ids.reshape(-1)[lo:hi] == trainer.stepper.pad_id).all()) and hi % ids.shape[1] == 0
+                mixed += sum(len(set(row.tolist()) - {-1}) > 1 for row in owner.reshape(ids.shape))
+            assert mixed > 0  # rows that hold two tasks' examples: the packing exclusive isolation keeps
     for name, value in models["false"].items():  # float rounding only (the packed rows sum in another order)
         assert float((models["true"][name] - value).norm() / value.norm()) < 1e-4, name
 

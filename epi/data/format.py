@@ -221,7 +221,7 @@ def _first_fit(order: list[int], lengths: list[int], width: int) -> list[list[in
     return rows
 
 
-def plan_rows(lengths: list[int], width: int, keys: list[str] | None = None) -> list[list[int]]:
+def plan_rows(lengths: list[int], width: int) -> list[list[int]]:
     """Packed rows as lists of example indices, each row at most `width` tokens, with as few cells (rows x the
     longest row) as the search finds.
 
@@ -230,19 +230,15 @@ def plan_rows(lengths: list[int], width: int, keys: list[str] | None = None) -> 
     also balanced: for the fewest rows first-fit needs and one or two more, the narrowest row width at which
     first-fit still needs no more rows (a bisection), and the plan with the fewest cells is kept. The loss is a
     sum over tokens, so the order within a micro-batch changes nothing but float rounding; the micro-batch's
-    examples, and so the sampler's order and mix across steps, are those drawn. Under `keys` (tasks, for
-    exclusive isolation) a row holds one key's examples, and the keys' rows follow in the order the keys first
-    appear."""
+    examples, and so the sampler's order and mix across steps, are those drawn. A row mixes tasks (exclusive
+    isolation splits the backward by each task's tokens, not its rows: `epi.task_split`)."""
     for n in lengths:
         if n > width:
             raise ValueError(f"an example of {n} tokens does not fit a packed row of {width}")
-    groups: dict[str, list[int]] = {}
-    for i in range(len(lengths)):
-        groups.setdefault(keys[i] if keys is not None else "", []).append(i)
-    orders = [sorted(members, key=lambda i: -lengths[i]) for members in groups.values()]  # stable: drawn order on ties
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: drawn order on ties
 
     def fill(w: int) -> list[list[int]]:
-        return [row for order in orders for row in _first_fit(order, lengths, w)]
+        return _first_fit(order, lengths, w)
 
     def cells(rows: list[list[int]]) -> int:
         return len(rows) * max(sum(lengths[i] for i in row) for row in rows)
