@@ -170,8 +170,6 @@ class Options:
     n_train: int | None = None  # data.n_train of the project's trainers (None: bench_trainer's N_TRAIN)
     packing: bool = False  # the project's sides on the stream's task-mixed batches, packed; `trainer` pads them, in stream order
     attention: str | None = None  # model.attn_implementation of every side (None: the model group's, sdpa)
-    packing: bool = False  # the project's sides on task-mixed batches in stream order, packed; `trainer` padded, in stream order
-    attention: str | None = None  # model.attn_implementation of every side (None: the model group's, sdpa)
 
 
 class EPISide(ProjectSide):

@@ -45,7 +45,7 @@ tensor_bytes = nbytes  # the name bench_gpu.py imports
 def build(model: str, strategy: str, refresh_every: int, batch_size: int, workdir: Path, mode: str = "freeze",
           task_split: str = "rows", packing: bool = False) -> Trainer:
     overrides = [f"model={model}", f"strategy={strategy}", "logger=jsonl", "device=cpu", "data.n_train=512", "data.n_val=8",
-                 "data.n_test=8", f"schedule.batch_size={batch_size}", f"isolation.task_split={task_split}", f"data.packing={packing}"]
+                 "data.n_test=8", f"schedule.batch_size={batch_size}", f"isolation.task_split={task_split}", f"data.packing={str(packing).lower()}"]
     if strategy != "none":
         overrides += ["strategy.warmup=1", f"strategy.refresh_every={refresh_every}", f"strategy.mode={mode}"]
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):

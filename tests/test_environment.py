@@ -25,7 +25,7 @@ HOSTILE = {
 # A W&B line printed first broke this one (WANDB_MODE=offline); a full Hydra traceback would break the one-line check;
 # a rank or a SLURM requeue in the environment would change what train.py does with its directory.
 TESTS = [
-    "tests/test_bench_gpu.py::test_quick_prints_every_side_and_the_ratios",
+    "tests/test_bench_gpu.py::test_quick_prints_every_side_and_the_ratios[False]",
     "tests/test_errors.py::test_cli_exits_non_zero_with_one_line",
     "tests/test_rundir.py::test_a_second_holder_is_refused_with_the_first_ones_pid",
 ]
