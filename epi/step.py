@@ -12,8 +12,8 @@ exactly as the run does: same clipping, accumulation, precision and data paralle
 from __future__ import annotations
 
 import inspect
-import itertools
 import math
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from epi.components import build
 from epi.config import RunConfig
-from epi.data.format import IGNORE_INDEX, collate, pack, plan_rows
+from epi.data.format import IGNORE_INDEX, collate, pack, packed_layout, plan_rows
 from epi.data.mixture import MixtureSampler
 from epi.errors import TrainingDiverged, UserError
 from epi.logging import RunLogger
@@ -308,27 +308,18 @@ class Stepper:
     def _task_tokens(self, tasks: list[str], rows: list[dict[str, list[int]]], plan: list[list[int]] | None,
                      width: int) -> tuple[dict[str, slice], Tensor | None]:
         """Each task's tokens in the micro-batch's (rows x `width`) token grid flattened (`RowSplit`), tasks in sorted
-        order (`tasks` is sorted). Padded: a task's examples are whole rows, one after another, a slice of the grid. Packed
-        (`plan`): the spans its examples fill in rows that mix tasks, gathered task by task in `order`, each task a
-        slice of that; the padding after a row's last example is in no task's (its tokens carry no gradient)."""
+        order (`tasks` is sorted). Padded: a task's examples are whole rows, one after another, a slice of the grid.
+        Packed (`plan`): the spans its examples fill in rows that mix tasks (`packed_layout`), gathered task by task
+        in `order`, each task a slice of that; the padding after a row's last example is in no task's (its tokens
+        carry no gradient)."""
         if plan is None:
-            out, start = {}, 0
-            for task, group in itertools.groupby(tasks):
-                stop = start + len(list(group))
-                out[task], start = slice(start * width, stop * width), stop
-            return out, None
+            return _consecutive({task: n * width for task, n in Counter(tasks).items()}), None
         spans: dict[str, list[Tensor]] = {task: [] for task in tasks}
-        for r, row in enumerate(plan):
-            first = r * width
-            for i in row:
-                n = len(rows[i]["input_ids"])
-                spans[tasks[i]].append(torch.arange(first, first + n))
-                first += n
-        out, start = {}, 0
-        for task, parts in spans.items():
-            stop = start + sum(len(p) for p in parts)
-            out[task], start = slice(start, stop), stop
-        return out, torch.cat([p for parts in spans.values() for p in parts]).to(self.device)
+        lengths = [len(x["input_ids"]) for x in rows]
+        for r, start, i in packed_layout(plan, lengths):
+            spans[tasks[i]].append(torch.arange(r * width + start, r * width + start + lengths[i]))
+        order = torch.cat([span for parts in spans.values() for span in parts]).to(self.device)
+        return _consecutive({task: sum(len(span) for span in parts) for task, parts in spans.items()}), order
 
     def shard(self, rows: list[dict[str, list[int]]], plan: list[list[int]] | None = None) -> dict[str, Tensor] | None:
         """This rank's share of `rows` on the device, padded (`collate`) or, under data.packing, packed (`pack`) by
@@ -372,3 +363,10 @@ class Stepper:
             chunks += [(task, mine[k : k + size]) for k in range(0, len(mine), size)]
         return chunks
 
+
+def _consecutive(counts: dict[str, int]) -> dict[str, slice]:
+    """Back-to-back slices of the given sizes, in the dict's order."""
+    out, start = {}, 0
+    for key, n in counts.items():
+        out[key], start = slice(start, start + n), start + n
+    return out

@@ -14,6 +14,7 @@ a newline, and a reply is its text and EOS.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -259,6 +260,17 @@ def plan_rows(lengths: list[int], width: int) -> list[list[int]]:
     return best
 
 
+def packed_layout(plan: list[list[int]], lengths: list[int]) -> Iterator[tuple[int, int, int]]:
+    """Where `pack` puts each example: (row, first token in the row, example index), row by row. The one place the
+    layout is spelled, for `pack` and for whoever needs an example's tokens in the packed batch (exclusive isolation's
+    per-task tokens, `epi.step`)."""
+    for r, row in enumerate(plan):
+        start = 0
+        for i in row:
+            yield r, start, i
+            start += lengths[i]
+
+
 def pack(batch: list[dict[str, list[int]]], plan: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Examples packed into the rows `plan` lists (indices into `batch`, from `plan_rows`), for a loss equal to `collate`'s.
 
@@ -267,19 +279,19 @@ def pack(batch: list[dict[str, list[int]]], plan: list[list[int]], pad_id: int) 
     boundary (SDPA on the CPU, FlashAttention's variable-length path where it is the attention). The first label of
     every example is IGNORE_INDEX: unpacked it is never a target either, and here it would be the previous
     example's last prediction."""
-    longest = max(sum(len(batch[i]["input_ids"]) for i in row) for row in plan)
+    lengths = [len(x["input_ids"]) for x in batch]
+    ends = [sum(lengths[i] for i in row) for row in plan]
+    longest = max(ends)
     input_ids = torch.full((len(plan), longest), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(plan), longest), dtype=torch.long)
     labels = torch.full((len(plan), longest), IGNORE_INDEX, dtype=torch.long)
-    for r, row in enumerate(plan):
-        start = 0
-        for i in row:
-            ids, n = batch[i]["input_ids"], len(batch[i]["input_ids"])
-            input_ids[r, start : start + n] = torch.tensor(ids, dtype=torch.long)
-            position_ids[r, start : start + n] = torch.arange(n)
-            labels[r, start + 1 : start + n] = torch.tensor(batch[i]["labels"][1:], dtype=torch.long)
-            start += n
-        position_ids[r, start:] = torch.arange(longest - start)  # the padding: a sequence of its own
+    for r, start, i in packed_layout(plan, lengths):
+        n = lengths[i]
+        input_ids[r, start : start + n] = torch.tensor(batch[i]["input_ids"], dtype=torch.long)
+        position_ids[r, start : start + n] = torch.arange(n)
+        labels[r, start + 1 : start + n] = torch.tensor(batch[i]["labels"][1:], dtype=torch.long)
+    for r, end in enumerate(ends):
+        position_ids[r, end:] = torch.arange(longest - end)  # the padding: a sequence of its own
     if (labels == IGNORE_INDEX).all():
         raise ValueError("batch has no trained label (all IGNORE_INDEX): the loss would silently be 0")
     return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
