@@ -64,6 +64,7 @@ class StepResult:
     lr: float  # the learning rate this step applied
     tokens: int  # tokens in the global batch, padding excluded
     trained_tokens: int  # of which carry loss
+    cells: int  # the global batch's rows x width over every micro-batch and rank, padding included
 
 
 @dataclass(frozen=True)
@@ -174,16 +175,18 @@ class Stepper:
         micro_batches, tokens, trained = self.draw_step(learner, step)
         self.charge(1, trained)  # every step of every learner, probes and skipped steps included
         loss_sum = torch.zeros((), device=self.device)
+        cells = sum(micro.batch["input_ids"].numel() for micro in micro_batches if micro.batch is not None)  # this rank's
         for micro in micro_batches:
             with self._shielding(learner, micro):
                 token_losses, counted = self.backward(learner, micro.batch, trained)
             if counted:
                 loss_sum += token_losses.detach()  # stays on the device until the one check below
+        totals = torch.stack([loss_sum, loss_sum.new_full((), cells)])  # new_full: a kernel argument, no copy that syncs
         if self.world > 1:
-            dist.all_reduce(loss_sum)  # the logged loss is the global batch's, not this rank's shard's
+            dist.all_reduce(totals)  # the logged loss and cells are the global batch's, not this rank's shard's
         params = list(learner.named_params.values())
         raw_norm = grad_norm(params)
-        loss, raw = (torch.stack([loss_sum / trained, raw_norm.float()])).tolist()  # the step's one host sync
+        loss, raw, all_cells = (torch.stack([totals[0] / trained, raw_norm.float(), totals[1]])).tolist()  # the step's one host sync
         scheduler = learner.scheduler
         lr = scheduler.get_last_lr()[0]  # the lr this step applies
         if not (math.isfinite(loss) and math.isfinite(raw)):
@@ -191,7 +194,7 @@ class Stepper:
             learner.optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             hooks.after_step(step)
-            return StepResult(loss, raw, lr, tokens, trained)
+            return StepResult(loss, raw, lr, tokens, trained, round(all_cells))
 
         hooks.after_backward(step)
         learner.optimizer.hide_isolated_grads()
@@ -203,7 +206,7 @@ class Stepper:
         scheduler.step()
         learner.optimizer.zero_grad(set_to_none=True)
         hooks.after_step(step)
-        return StepResult(loss, norm, lr, tokens, trained)
+        return StepResult(loss, norm, lr, tokens, trained, round(all_cells))
 
     def _non_finite(self, learner: Learner, step: int, loss: float, grad_norm: float, lr: float) -> None:
         """`schedule.nonfinite`: `stop` ends the run before the bad update (NonFiniteUpdate); `skip` drops the update

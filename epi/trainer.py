@@ -216,6 +216,7 @@ class Trainer:
                         self.logger.log(step, "train", {
                             "loss": out.loss, "grad_norm": float(out.grad_norm), "lr": out.lr,
                             "tokens_per_s": out.tokens / seconds, "trained_tokens": out.trained_tokens,
+                            "padding": 1 - out.tokens / out.cells,  # what data.packing removes (docs/performance.md)
                             "skipped_steps": self.stepper.skipped,
                         })
                     if s.eval_every and step % s.eval_every == 0 and step < self.total_steps:

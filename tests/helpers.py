@@ -244,7 +244,7 @@ def recorded(tmp_path: Path, *overrides: str):
 
 def two_ranks_and_one_process(tmp_path: Path, common: list[str]) -> None:
     """Runs `common` under torchrun with 2 gloo ranks and as one process, and checks the logged losses
-    (the global batch's) and the final weights agree to float tolerance."""
+    (the global batch's) and the final weights agree to float tolerance, and the logged padding is the global batch's."""
     from safetensors.torch import load_file
 
     from epi.logging import read_metrics
@@ -260,12 +260,14 @@ def two_ranks_and_one_process(tmp_path: Path, common: list[str]) -> None:
 
     train(make_cfg(*common), tmp_path / "one")  # the one process in this one: the torchrun above is the CLI's path
 
-    def losses(run: str) -> list[float]:
-        return [e["value"] for e in read_metrics(tmp_path / run) if e["split"] == "train" and e["metric"] == "loss"]
+    def logged(run: str, metric: str) -> list[float]:
+        return [e["value"] for e in read_metrics(tmp_path / run) if e["split"] == "train" and e["metric"] == metric]
 
     steps = next(int(o.split("=")[1]) for o in reversed(common) if o.startswith("schedule.steps="))
-    assert len(losses("ddp")) == steps
-    assert losses("ddp") == pytest.approx(losses("one"), rel=1e-5)  # the global batch's loss, not rank 0's shard
+    assert len(logged("ddp", "loss")) == len(logged("ddp", "padding")) == steps
+    assert logged("ddp", "loss") == pytest.approx(logged("one", "loss"), rel=1e-5)  # the global batch's loss, not rank 0's shard
+    for ddp, one in zip(logged("ddp", "padding"), logged("one", "padding")):  # the global batch's cells: each rank pads
+        assert 0 <= ddp <= one  # its own share to its own longest example, so never more than one process's batch
     a, b = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("ddp", "one"))
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)

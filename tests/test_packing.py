@@ -11,6 +11,7 @@ import torch
 
 from epi.data.format import IGNORE_INDEX, collate, pack, plan_rows
 from epi.errors import UserError
+from epi.logging import read_metrics
 from epi.loss import CausalLMLoss
 from epi.models import build_model
 from epi.trainer import Trainer
@@ -200,3 +201,18 @@ def test_a_packed_run_logs_the_realised_mixture_and_trains_like_an_unpacked_one(
         runs[packing] = (losses, trainer.learner.realised, trainer.stepper.compute)
     assert runs["true"][1] == runs["false"][1] and runs["true"][2] == runs["false"][2]  # examples, tokens, compute: as before
     assert runs["true"][0] == pytest.approx(runs["false"][0], rel=1e-4)
+
+
+def test_each_step_logs_the_share_of_its_cells_that_is_padding_which_packing_removes(tmp_path: Path) -> None:
+    """train/padding = 1 - tokens / (rows x width over the step's micro-batches): zero for one example a row, and
+    lower packed than padded on the same examples (the built-in mix pads about 45% at batch 16)."""
+    padding = {}
+    for name, overrides in {"padded": ["data.packing=false"], "packed": ["data.packing=true"],
+                            "one a row": ["data.packing=false", "schedule.batch_size=1"]}.items():
+        run_dir = tmp_path / name.replace(" ", "_")
+        run_dir.mkdir()
+        Trainer(make_cfg("strategy=none", "schedule.steps=3", "schedule.log_every=1", *overrides), run_dir).fit()
+        padding[name] = [e["value"] for e in read_metrics(run_dir) if e["split"] == "train" and e["metric"] == "padding"]
+    assert len(padding["padded"]) == 3 and padding["one a row"] == [0.0, 0.0, 0.0]
+    for padded, packed in zip(padding["padded"], padding["packed"]):
+        assert 0 <= packed < padded and padded > 0.2
