@@ -28,8 +28,9 @@ def test_grad_accum_equals_one_batch_k_times_larger(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
-    two_ranks_and_one_process(tmp_path, [*TINY, "strategy=none", "schedule.steps=3", "schedule.batch_size=8"])
+@pytest.mark.parametrize("packing", ["false", "true"])  # packed: each rank packs its own share of the batch
+def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path: Path, packing: str) -> None:
+    two_ranks_and_one_process(tmp_path, [*TINY, "strategy=none", "schedule.steps=3", "schedule.batch_size=8", f"data.packing={packing}"])
 
 
 def test_logged_lr_is_the_one_the_step_applied(tmp_path: Path) -> None:
