@@ -248,11 +248,12 @@ def test_random_exclusive_draws_a_mask_per_task(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_ranks_equal_one_process_under_exclusive_isolation(tmp_path: Path) -> None:
+@pytest.mark.parametrize("packing", ["false", "true"])
+def test_two_ranks_equal_one_process_under_exclusive_isolation(tmp_path: Path, packing: str) -> None:
     """Task micro-batches sharded over 2 gloo ranks (a rank with no example of a task runs a zero-weight batch,
-    so DDP's all-reduce still pairs up) train what one process trains."""
-    two_ranks_and_one_process(tmp_path, [*TINY, "strategy=epi", "strategy.mode=exclusive", "strategy.warmup=1",
-                                         "strategy.refresh_every=2", "strategy.p=0.1", "schedule.steps=4", "schedule.batch_size=8"])
+    so DDP's all-reduce still pairs up) train what one process trains (its row split: rows that mix tasks when packed)."""
+    two_ranks_and_one_process(tmp_path, [*TINY, "strategy=epi", "strategy.mode=exclusive", "strategy.warmup=1", "strategy.refresh_every=2",
+                                         "strategy.p=0.1", "schedule.steps=4", "schedule.batch_size=8", f"data.packing={packing}"])
 
 
 # --- isolation.task_split: one backward split by rows against one backward per task -------------
