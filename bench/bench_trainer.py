@@ -252,6 +252,8 @@ def sync(device: torch.device) -> None:
 # ---------------------------------------------------------------- the work, from the project's config
 OVERRIDE_HELP = ("Hydra overrides of every project side, after the benchmark's own, e.g. model.name_or_path=DIR "
                  "model.gguf_file=null: the model group's architecture from a local directory")
+
+
 @dataclass(frozen=True)
 class Work:
     """What every side must do alike."""
@@ -546,8 +548,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (default: the cores available)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the +compile rung (and compile in the rungs after it)")
     parser.add_argument("--quick", action="store_true", help="tiny only, 2 steps, 1 repeat: a smoke test")
-    parser.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
-                        help=OVERRIDE_HELP)
+    parser.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE", help=OVERRIDE_HELP)
     args = parser.parse_args()
     if args.quick:
         args.models, args.steps, args.repeats = ["tiny"], 2, 1
