@@ -442,8 +442,16 @@ class TRLSide(HFSide):
         return SFTTrainer(model=self.model, args=args, train_dataset=dataset, processing_class=self.project.tokenizer, callbacks=[clock])
 
 
-def trl_available() -> bool:
-    return importlib.util.find_spec("trl") is not None
+def trl_unavailable() -> str | None:
+    """Why TRL's SFTTrainer cannot run here, or None: not installed, or installed but not importable (a dependency of
+    another version, say), which would otherwise end the benchmark at its `trl` side after the others had run."""
+    if importlib.util.find_spec("trl") is None:
+        return "not installed"
+    try:
+        getattr(importlib.import_module("trl"), "SFTTrainer")  # TRL imports lazily: reading the name imports the trainer
+    except Exception as e:  # noqa: BLE001 - whatever breaks the import, the other sides still run
+        return f"installed but not importable ({type(e).__name__}: {e})"
+    return None
 
 
 def rungs_for(work: Work, chat_template: bool) -> dict[str, list[str]]:
@@ -528,7 +536,7 @@ def table(work: Work, params: int, results: dict[str, Summary]) -> list[str]:
 
 def versions() -> str:
     parts = [f"torch {torch.__version__}", f"transformers {transformers.__version__}"]
-    if trl_available():
+    if trl_unavailable() is None:
         import trl
 
         parts.append(f"trl {trl.__version__}")
@@ -561,8 +569,8 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device)
     sides = list(args.sides)
-    if "trl" in sides and not trl_available():
-        print("TRL: not installed")
+    if "trl" in sides and (why := trl_unavailable()):
+        print(f"TRL: {why}; the trl side is left out")
         sides.remove("trl")
     print(f"{versions()}; {device.type}, {args.threads} threads, {args.precision}, max_len {args.max_len}, "
           f"{args.repeats} repeats (medians), data.n_train={N_TRAIN}; load average {os.getloadavg()[0]:.2f} at the start "

@@ -7,6 +7,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -40,4 +41,19 @@ def test_quick_prints_the_table() -> None:
     assert packed["packed"][6] == "–" and all(c[6].endswith("x") for name, c in packed.items() if name != "packed")
     assert float(packed["packed"][5].rstrip("%")) < float(packed["+fused-adamw"][5].rstrip("%")), packed  # less padding
     if "trl" not in rows:
-        assert "TRL: not installed" in lines
+        assert "TRL: not installed; the trl side is left out" in lines
+
+
+def test_a_trl_that_does_not_import_is_named_and_left_out(tmp_path: Path) -> None:
+    """An installed TRL whose import fails (a dependency of another version) is reported before any side runs,
+    not met at the `trl` side after the others have run."""
+    (tmp_path / "trl").mkdir()
+    (tmp_path / "trl" / "__init__.py").write_text("raise ImportError('datasets needs pyarrow>=24')\n")
+    code = (f"import sys; sys.path[:0] = [{str(tmp_path)!r}, {str(ROOT / 'bench')!r}]; "
+            "from bench_trainer import trl_unavailable, versions; print(trl_unavailable()); print(versions())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    why, versions = out.stdout.splitlines()[-2:]
+    assert why == "installed but not importable (ImportError: datasets needs pyarrow>=24)", out.stdout
+    assert versions.startswith("torch ") and "trl" not in versions, versions
