@@ -49,10 +49,9 @@ def test_a_trl_that_does_not_import_is_named_and_left_out(tmp_path: Path) -> Non
     not met at the `trl` side after the others have run."""
     (tmp_path / "trl").mkdir()
     (tmp_path / "trl" / "__init__.py").write_text("raise ImportError('datasets needs pyarrow>=24')\n")
-    code = (f"import sys; sys.path[:0] = [{str(tmp_path)!r}, {str(ROOT / 'bench')!r}]; "
-            "from bench_trainer import trl_unavailable, versions; print(trl_unavailable()); print(versions())")
+    code = "from bench_trainer import trl_unavailable, versions; print(trl_unavailable()); print(versions())"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT / "bench")])})
     assert out.returncode == 0, out.stderr[-2000:]
     why, versions = out.stdout.splitlines()[-2:]
     assert why == "installed but not importable (ImportError: datasets needs pyarrow>=24)", out.stdout
