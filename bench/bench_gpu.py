@@ -171,7 +171,6 @@ class Options:
     compile: bool  # schedule.compile=true on the project's sides
     n_train: int | None = None  # data.n_train of the project's trainers (None: bench_trainer's N_TRAIN)
     packing: bool = False  # the project's sides on the stream's task-mixed batches, packed; `trainer` pads them, in stream order
-    attention: str | None = None  # model.attn_implementation of every side (None: the model group's, sdpa)
 
 
 class EPISide(ProjectSide):
@@ -224,8 +223,7 @@ def project_overrides(spec: ModelSpec, options: Options) -> list[str]:
     under `packing` the stream's task-mixed batches packed (bench_trainer's `packed` side)."""
     batches = ["schedule.group_by_length=0", "data.packing=true"] if options.packing else [f"schedule.group_by_length={GROUP}"]
     best = ["optimizer.fused=true", *batches] + (["schedule.compile=true"] if options.compile else [])
-    attention = [f"model.attn_implementation={options.attention}"] if options.attention else []
-    return [*spec.overrides, *best, *attention, *([f"data.n_train={options.n_train}"] if options.n_train else [])]
+    return [*spec.overrides, *best, *([f"data.n_train={options.n_train}"] if options.n_train else [])]
 
 
 def make_sides(spec: ModelSpec, work: Work, options: Options, run_dir: Path) -> tuple[Trainer, list[Side]]:
@@ -359,7 +357,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--peak-flops", type=float, default=None, help="the device's peak FLOP/s for MFU (default: PEAK_BF16_FLOPS on CUDA)")
     parser.add_argument("--packing", action="store_true",
                         help="the project's sides on task-mixed batches in stream order, packed (data.packing=true); trainer padded, in stream order")
-    parser.add_argument("--attention", default=None, help="model.attn_implementation of every side, e.g. flex_attention on CUDA (default: sdpa)")
+    parser.add_argument("--attention", default=None,
+                        help="model.attn_implementation of every side, e.g. flex_attention on CUDA (default: sdpa); an --override of that key")
     parser.add_argument("--quick", action="store_true", help="tiny only, 2 steps, 1 repeat, 1 refresh, 64 examples per task: a smoke test")
     parser.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE", help=OVERRIDE_HELP)
     args = parser.parse_args()
@@ -378,7 +377,8 @@ def main() -> None:
     batch_size = args.batch_size or (64 if device.type == "cuda" else 16)
     peak = peak_flops(device, precision, args.peak_flops)
     options = Options(args.refresh_every, args.refreshes, args.cpi_fraction, args.compile, n_train=64 if args.quick else None,
-                      packing=args.packing, attention=args.attention)
+                      packing=args.packing)
+    overrides = (*args.override, *([f"model.attn_implementation={args.attention}"] if args.attention else []))  # every side's
     against = f"{peak:.3g} FLOP/s" if peak else "n/a" + (" (an unlisted GPU: give --peak-flops)" if bf16 and precision == "bf16" else "")
     print(f"{versions()}; device {device_name(device)} ({device.type}), {args.threads} threads, {precision}, batch {batch_size}, "
           f"max_len {args.max_len}, {args.repeats} repeats (medians), compile {'on' if args.compile else 'off'}, "
@@ -389,7 +389,7 @@ def main() -> None:
     for label in args.models:
         steps = args.steps or (20 if device.type == "cuda" or label == "tiny" else 4)
         work = Work(MODELS[label].group, batch_size, args.max_len, precision, steps, device, compile=args.compile,
-                    overrides=tuple(args.override))
+                    overrides=overrides)
         result = bench(label, work, options, args.repeats)
         print("\n".join(table(result, work, peak)), flush=True)
         print("\n".join(ratio_lines(result, args.refresh_every)), flush=True)
