@@ -534,9 +534,11 @@ def table(work: Work, params: int, results: dict[str, Summary]) -> list[str]:
     return rows
 
 
-def versions() -> str:
+def versions(with_trl: bool = False) -> str:
+    """torch's and transformers' versions, and TRL's where the run times it (`with_trl`: its side runs, so it imports; a
+    script that runs no TRL side does not pay the seconds its trainer's import takes)."""
     parts = [f"torch {torch.__version__}", f"transformers {transformers.__version__}"]
-    if trl_unavailable() is None:
+    if with_trl:
         import trl
 
         parts.append(f"trl {trl.__version__}")
@@ -572,7 +574,7 @@ def main() -> None:
     if "trl" in sides and (why := trl_unavailable()):
         print(f"TRL: {why}; the trl side is left out")
         sides.remove("trl")
-    print(f"{versions()}; {device.type}, {args.threads} threads, {args.precision}, max_len {args.max_len}, "
+    print(f"{versions(with_trl='trl' in sides)}; {device.type}, {args.threads} threads, {args.precision}, max_len {args.max_len}, "
           f"{args.repeats} repeats (medians), data.n_train={N_TRAIN}; load average {os.getloadavg()[0]:.2f} at the start "
           "(other processes on these cores slow every side, unevenly)")
     header = "| model | params | batch | side | trained tok/s | tok/s | s/step | padding | peak memory | project / side |"
