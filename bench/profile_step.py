@@ -44,7 +44,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 # `python bench/profile_step.py` puts bench/ first on the import path, as for any script.
-from bench_trainer import Work, project_trainer, stream
+from bench_trainer import OVERRIDE_HELP, Work, project_trainer, stream
 from epi.data.format import collate, pack, plan_rows
 from epi.step import StepResult
 
@@ -149,14 +149,17 @@ def main() -> None:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--steps", type=int, default=20, help="steps per measurement (after 3 warm-up steps)")
     parser.add_argument("--compile", action="store_true", help="also time the decoder under torch.compile")
+    parser.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE", help=OVERRIDE_HELP)
     parser.add_argument("--packing", action="store_true", help="instead: data.packing's gain over the padded step, part by part")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}; cpu, {args.threads} threads, {args.precision}, batch {args.batch_size}, "
-          f"max_len {args.max_len}; load average {os.getloadavg()[0]:.2f} at the start")
+          f"max_len {args.max_len}; load average {os.getloadavg()[0]:.2f} at the start"
+          + (f"; overrides: {' '.join(args.override)}" if args.override else ""))
     for model in args.models:
-        work = Work(model, args.batch_size, args.max_len, args.precision, 4 * args.steps + 3, torch.device("cpu"))
+        work = Work(model, args.batch_size, args.max_len, args.precision, 4 * args.steps + 3, torch.device("cpu"),
+                    overrides=tuple(args.override))
         with tempfile.TemporaryDirectory() as tmp:
             if args.packing:
                 packing_parts(work, Path(tmp), args.steps)

@@ -17,10 +17,12 @@ pytestmark = pytest.mark.slow
 
 def test_packing_parts_multiply_to_the_step_ratio_and_bound_it(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "profile_step.py"), "--packing", "--steps", "2", "--threads", "1"],
+        [sys.executable, str(ROOT / "bench" / "profile_step.py"), "--packing", "--steps", "2", "--threads", "1",
+         "--override", "model.num_layers=1"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]  # among others: the steps drew the batches timed alone
+    assert proc.stdout.splitlines()[0].endswith("; overrides: model.num_layers=1"), proc.stdout
     rows = dict(re.findall(r"^\| (padded|packed) \| (\d+) \| [\d.]+% \|", proc.stdout, re.M))
     assert set(rows) == {"padded", "packed"} and int(rows["packed"]) < int(rows["padded"]), proc.stdout
     rest = re.search(r"of which [\d.]+ s is not forward and backward \(([\d.]+)%", proc.stdout)
