@@ -121,17 +121,19 @@ def packing_parts(work: Work, tmp: Path, n: int) -> None:
         if result.cells != batches["padded"]["input_ids"].numel():
             raise RuntimeError("the trainer's step drew another batch than the one timed alone")
         whole.append(seconds)
-    # what a step does besides its forward and backward, per step: robust to a slow forward or step (the median)
-    rest = max(0.0, statistics.median(w - fb for w, (_, fb) in zip(whole, parts["padded"]))) * n
-    cells = {name: sum(c for c, _ in run) for name, run in parts.items()}
-    fb = {name: sum(t for _, t in run) for name, run in parts.items()}
+    # per step, means over the batches; the rest (what a step does besides its forward and backward) the median,
+    # robust to one slow forward or step
+    rest = max(0.0, statistics.median(w - fb for w, (_, fb) in zip(whole, parts["padded"])))
+    cells = {name: statistics.mean(c for c, _ in run) for name, run in parts.items()}
+    fb = {name: statistics.mean(t for _, t in run) for name, run in parts.items()}
     per_cell = {name: fb[name] / cells[name] for name in parts}
+    tokens /= n
     print(f"\n{work.model}, data.packing, batch {work.batch_size}, max_len {work.max_len}, {n} batches:")
     print("| layout | cells/step | padding | forward + backward (s/step) | per 1000 cells (s) |\n|---|---:|---:|---:|---:|")
     for name in parts:
-        print(f"| {name} | {cells[name] / n:.0f} | {1 - tokens / cells[name]:.1%} | {fb[name] / n:.4f} | {per_cell[name] * 1e3:.4f} |")
-    print(f"{work.model}: whole padded step {sum(whole) / n:.4f} s, of which {rest / n:.4f} s is not forward and backward "
-          f"({rest / sum(whole):.1%}: optimizer, clipping, collation, the loop)")
+        print(f"| {name} | {cells[name]:.0f} | {1 - tokens / cells[name]:.1%} | {fb[name]:.4f} | {per_cell[name] * 1e3:.4f} |")
+    print(f"{work.model}: whole padded step {statistics.mean(whole):.4f} s, of which {rest:.4f} s is not forward and backward "
+          f"({rest / statistics.mean(whole):.1%}: optimizer, clipping, collation, the loop)")
     removed, dearer = cells["padded"] / cells["packed"], per_cell["packed"] / per_cell["padded"]
     padded_step = fb["padded"] + rest  # the step as its parts: forward and backward, and the rest
     step = padded_step / (fb["packed"] + rest)
